@@ -1,0 +1,44 @@
+# hotslot — the two commands are `make demo` and `make test`; both set themselves up.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Overridable: `make install TORCH_SPEC='torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124'`
+TORCH_SPEC ?= torch==2.13.0
+PROTO_OUT := libs/proto
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: install protos protos-check lint test test-fast demo clean
+
+$(BIN)/.installed: pyproject.toml package.json
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	npm install --silent --no-audit --no-fund
+	touch $@
+
+install: $(BIN)/.installed
+
+# Regenerates every *_pb2.py, *_pb2_grpc.py and *.pyi under libs/proto from protos/.
+protos: $(BIN)/.installed
+	rm -rf $(PROTO_OUT)/hotslot
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) $(PROTO_FILES)
+
+# Fails when the generated code differs from what `make protos` would write.
+protos-check: $(BIN)/.installed
+	$(BIN)/python tools/check_protos.py
+
+lint: $(BIN)/.installed
+	npx --no-install buf lint
+	$(BIN)/ruff check .
+	$(BIN)/python tools/check_protos.py
+
+test: lint
+	$(BIN)/pytest -q
+
+demo: $(BIN)/.installed
+	$(BIN)/hotslot demo
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache

@@ -1,0 +1,1 @@
+"""The `hotslot` command line."""

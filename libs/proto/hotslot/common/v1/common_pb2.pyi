@@ -1,0 +1,131 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
+    MODEL_KIND_DIFFUSERS_PIPELINE: _ClassVar[ModelKind]
+    MODEL_KIND_LORA_ADAPTER: _ClassVar[ModelKind]
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_ACTIVE: _ClassVar[Tier]
+    TIER_STANDBY: _ClassVar[Tier]
+    TIER_HOST: _ClassVar[Tier]
+    TIER_LOCAL_DISK: _ClassVar[Tier]
+    TIER_BACKING_STORE: _ClassVar[Tier]
+MODEL_KIND_UNSPECIFIED: ModelKind
+MODEL_KIND_DIFFUSERS_PIPELINE: ModelKind
+MODEL_KIND_LORA_ADAPTER: ModelKind
+TIER_UNSPECIFIED: Tier
+TIER_ACTIVE: Tier
+TIER_STANDBY: Tier
+TIER_HOST: Tier
+TIER_LOCAL_DISK: Tier
+TIER_BACKING_STORE: Tier
+
+class ModelRef(_message.Message):
+    __slots__ = ("model_id", "revision")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class FileEntry(_message.Message):
+    __slots__ = ("path", "size_bytes", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class Component(_message.Message):
+    __slots__ = ("name", "library", "class_name")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIBRARY_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    library: str
+    class_name: str
+    def __init__(self, name: _Optional[str] = ..., library: _Optional[str] = ..., class_name: _Optional[str] = ...) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("files", "pipeline_class", "components", "total_bytes", "digest")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    pipeline_class: str
+    components: _containers.RepeatedCompositeFieldContainer[Component]
+    total_bytes: int
+    digest: str
+    def __init__(self, files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., pipeline_class: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class GenerationParams(_message.Message):
+    __slots__ = ("prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "seed", "num_images")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    num_images: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type", "width", "height", "seed")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    seed: int
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class PhaseTimings(_message.Message):
+    __slots__ = ("queue", "ensure", "read", "materialize", "swap", "denoise", "encode", "total")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    ENSURE_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    MATERIALIZE_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FIELD_NUMBER: _ClassVar[int]
+    DENOISE_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    queue: _duration_pb2.Duration
+    ensure: _duration_pb2.Duration
+    read: _duration_pb2.Duration
+    materialize: _duration_pb2.Duration
+    swap: _duration_pb2.Duration
+    denoise: _duration_pb2.Duration
+    encode: _duration_pb2.Duration
+    total: _duration_pb2.Duration
+    def __init__(self, queue: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ensure: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., read: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., materialize: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., swap: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., denoise: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., encode: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
