@@ -1,0 +1,1 @@
+"""hotslot's services: registry, storage_cache, executor, router."""

@@ -1,0 +1,1 @@
+"""model-registry: the catalogue of models with checksummed manifests."""

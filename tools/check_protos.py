@@ -1,0 +1,41 @@
+"""Fails when the generated code under libs/proto differs from what `make protos` would write from protos/."""
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATED = ROOT / "libs" / "proto"
+
+
+def main() -> int:
+    protos = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto"))
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"),
+             f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos],
+            check=True,
+        )
+        fresh = {p.relative_to(tmp) for p in Path(tmp).rglob("*") if p.is_file()}
+        current = {
+            p.relative_to(GENERATED) for p in GENERATED.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        }
+        problems = [f"missing (run `make protos`): libs/proto/{p}" for p in sorted(fresh - current)]
+        problems += [f"stale, no .proto makes it: libs/proto/{p}" for p in sorted(current - fresh)]
+        problems += [
+            f"differs from its .proto (run `make protos`): libs/proto/{p}"
+            for p in sorted(fresh & current)
+            if not filecmp.cmp(Path(tmp) / p, GENERATED / p, shallow=False)
+        ]
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print(f"generated code is up to date ({len(fresh)} files)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
