@@ -20,7 +20,6 @@ from hotslot.manifest import scan_model_dir, validate_model_id, validate_relativ
 from .store import KIND_LORA, KIND_PIPELINE, ModelRecord, ModelStore
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
 
 LABEL_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 MAX_LABEL_VALUE_CHARS = 256
@@ -52,6 +51,7 @@ class RegistryCore:
         default_page_size: int = 100,
         max_page_size: int = 1000,
         watch_queue_size: int = 1024,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.store = store
         self.models_root = Path(models_root)
@@ -60,6 +60,7 @@ class RegistryCore:
         self.max_page_size = max_page_size
         self.watch_queue_size = watch_queue_size
         self._watchers: set[asyncio.Queue[ModelEvent | None]] = set()
+        self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
 
     # -- register ----------------------------------------------------------------------------------------
     async def register(
@@ -79,7 +80,7 @@ class RegistryCore:
             raise InvalidArgument.field("base_model_id", f"must be empty for a {kind}")
         validate_labels(labels)
         source = validate_relative_path(source, "source").as_posix()
-        with tracer.start_as_current_span("registry.scan") as span:
+        with self._tracer.start_as_current_span("registry.scan") as span:
             span.set_attribute("hotslot.model_id", model_id)
             span.set_attribute("hotslot.source", source)
             manifest = await asyncio.to_thread(
@@ -105,7 +106,7 @@ class RegistryCore:
         stored, created = await asyncio.to_thread(self.store.add_revision, record)
         log.info(
             "registered model",
-            extra={"model_id": model_id, "revision": stored.revision, "created": created,
+            extra={"model_id": model_id, "revision": stored.revision, "new_revision": created,
                    "files": len(manifest.files), "bytes": manifest.total_bytes},
         )
         if created:
