@@ -38,7 +38,7 @@ test: lint
 	$(BIN)/pytest -q
 
 demo: $(BIN)/.installed
-	$(BIN)/hotslot demo
+	$(BIN)/python tools/demo.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache

@@ -1,0 +1,201 @@
+"""The gRPC server every service runs: its servicers plus health and reflection, tracing and error mapping
+around every call, and a graceful shutdown on SIGTERM/SIGINT (health NOT_SERVING first, then a bounded grace)."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+
+from hotslot.bootstrap.interceptors import ErrorMappingInterceptor
+from hotslot.bootstrap.logging import configure_logging
+from hotslot.bootstrap.settings import ServiceSettings, format_address
+from hotslot.bootstrap.telemetry import (
+    TracingServerInterceptor,
+    configure_tracing,
+    message_size_options,
+    shutdown_tracing,
+)
+
+log = logging.getLogger(__name__)
+
+HealthServicer = health_aio.HealthServicer
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass
+class ServiceRegistration:
+    """One gRPC service a server hosts."""
+
+    full_name: str
+    """Fully-qualified service name, e.g. pb.DESCRIPTOR.services_by_name["RegistryService"].full_name; the name
+    health and reflection report it under."""
+    servicer: object
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+    """The generated add_<Service>Servicer_to_server."""
+
+
+async def create_server(
+    address: str,
+    registrations: list[ServiceRegistration],
+    *,
+    settings: ServiceSettings,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
+    """Builds (does not start) a server bound to `address` ("127.0.0.1:0" or "[::]:0" picks a free port) hosting
+    `registrations`, the grpc.health.v1 service (SERVING for "" and each service) and reflection. Returns the
+    server, the bound port and the health servicer."""
+    server = grpc.aio.server(
+        # Tracing first, so errors are mapped while the server span is current and land on it.
+        interceptors=[TracingServerInterceptor(tracer_provider), ErrorMappingInterceptor()],
+        options=message_size_options(settings.max_message_bytes),
+    )
+    names = [registration.full_name for registration in registrations]
+    for registration in registrations:
+        registration.add_to_server(registration.servicer, server)
+
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in (health.OVERALL_HEALTH, *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {address}: {error}") from error
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, health_servicer
+
+
+async def run_server(
+    registrations: list[ServiceRegistration],
+    *,
+    settings: ServiceSettings,
+    service_name: str,
+    on_started: Callable[[int], Awaitable[None] | None] | None = None,
+    on_shutdown: Iterable[Callable[[], Awaitable[None] | None]] = (),
+    tracer_provider: trace.TracerProvider | None = None,
+) -> None:
+    """Serves `registrations` until SIGTERM or SIGINT, then shuts down gracefully.
+
+    Logs `hotslot <service_name> listening on <host>:<port>` at INFO once the port is bound (launchers parse it)
+    and calls `on_started(port)`. On the first signal: every health status turns NOT_SERVING (load balancers stop
+    sending), the `on_shutdown` hooks run in order (e.g. end watch streams so they do not hold the grace), then
+    in-flight RPCs get `settings.shutdown_grace_s` before they are cancelled. A second signal cancels them now.
+
+    Configures logging from `settings`. Without `tracer_provider` it builds one from the OTEL_* variables, makes
+    it the global provider (so core code using trace.get_tracer() is exported) and flushes it at the end; a
+    provider passed in is used as is and left to the caller."""
+    configure_logging(service_name, settings.log_level, settings.log_format)
+    owns_provider = tracer_provider is None
+    if tracer_provider is None:
+        tracer_provider = configure_tracing(
+            settings.otel_service_name or os.environ.get("OTEL_SERVICE_NAME") or f"hotslot-{service_name}"
+        )
+        trace.set_tracer_provider(tracer_provider)
+
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    stop_now = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not stop_requested.is_set():
+            log.info("%s received; shutting down (grace %.1f s)", name, settings.shutdown_grace_s)
+            stop_requested.set()
+        else:
+            log.warning("%s received again; cancelling in-flight RPCs now", name)
+            stop_now.set()
+
+    installed: list[int] = []
+    try:
+        server, port, health_servicer = await create_server(
+            settings.address, registrations, settings=settings, tracer_provider=tracer_provider
+        )
+        for signum in _SIGNALS:
+            try:
+                loop.add_signal_handler(signum, on_signal, signum)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                # Not the main thread, or a platform without loop signal handlers: whoever runs us stops us.
+                log.debug("cannot handle %s here; relying on cancellation", signal.Signals(signum).name)
+
+        try:
+            await server.start()
+            log.info("hotslot %s listening on %s", service_name, format_address(settings.host, port))
+            if on_started is not None:
+                result = on_started(port)
+                if inspect.isawaitable(result):
+                    await result
+            # Not raced against server.wait_for_termination(): cancelling that cancels the server's own
+            # shutdown future, and the server.stop() below then fails with CancelledError.
+            await stop_requested.wait()
+        finally:
+            await _shut_down(server, health_servicer, list(on_shutdown), settings.shutdown_grace_s, stop_now)
+            log.info("hotslot %s stopped", service_name)
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+        if owns_provider:
+            shutdown_tracing(tracer_provider)
+
+
+async def _run_hooks(hooks: list[Callable[[], Awaitable[None] | None]]) -> None:
+    for hook in hooks:
+        try:
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            # One failing hook must not keep the others (or the server's stop) from running.
+            log.exception("shutdown hook %r failed", hook)
+
+
+async def _shut_down(
+    server: grpc.aio.Server,
+    health_servicer: HealthServicer,
+    hooks: list[Callable[[], Awaitable[None] | None]],
+    grace_s: float,
+    stop_now: asyncio.Event,
+) -> None:
+    """NOT_SERVING first (so balancers stop sending while we still answer), then the hooks, then server.stop(grace).
+    `stop_now` (the second signal) or cancellation of our task cuts the hooks and the grace short: a second
+    server.stop(None) while the graceful one waits cancels the in-flight RPCs at once."""
+    await health_servicer.enter_graceful_shutdown()
+    hurry = asyncio.ensure_future(stop_now.wait())
+    graceful: asyncio.Future[None] | None = None
+    try:
+        hooks_done = asyncio.ensure_future(_run_hooks(hooks))
+        try:
+            await asyncio.wait({hooks_done, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not hooks_done.done():
+                log.warning("shutdown hooks cut short")
+                hooks_done.cancel()
+        graceful = asyncio.ensure_future(server.stop(grace_s))
+        await asyncio.wait({graceful, hurry}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hurry.cancel()
+        if graceful is None or not graceful.done():
+            await server.stop(None)
+        if graceful is not None:
+            await graceful
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Runs `main()` on a fresh event loop: the entry point of a service's CLI command."""
+    asyncio.run(main())
