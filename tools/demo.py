@@ -3,7 +3,6 @@ model-registry as its own process, registers the family over gRPC and prints wha
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
