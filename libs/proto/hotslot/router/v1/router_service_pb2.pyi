@@ -94,9 +94,11 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("executors", "router_queue_depth")
+    __slots__ = ("executors", "router_queue_depth", "unreachable_addresses")
     EXECUTORS_FIELD_NUMBER: _ClassVar[int]
     ROUTER_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     executors: _containers.RepeatedCompositeFieldContainer[_executor_service_pb2.ExecutorStatus]
     router_queue_depth: int
-    def __init__(self, executors: _Optional[_Iterable[_Union[_executor_service_pb2.ExecutorStatus, _Mapping]]] = ..., router_queue_depth: _Optional[int] = ...) -> None: ...
+    unreachable_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, executors: _Optional[_Iterable[_Union[_executor_service_pb2.ExecutorStatus, _Mapping]]] = ..., router_queue_depth: _Optional[int] = ..., unreachable_addresses: _Optional[_Iterable[str]] = ...) -> None: ...

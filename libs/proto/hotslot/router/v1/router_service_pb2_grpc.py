@@ -116,7 +116,7 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetClusterStatus(self, request, context):
-        """Returns every known executor with what it holds and its queue depth.
+        """Returns every connected executor with what it holds and its queue depth, and the addresses it cannot reach.
         Returns OK always.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -1,0 +1,226 @@
+"""gRPC adapters behind the router's downstream interfaces: executor and registry clients over traced channels.
+Failures come back as hotslot errors with the downstream's status code and message, so the core never sees
+grpc."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from hotslot import errors
+from hotslot.common.v1 import common_pb2
+from hotslot.executor.v1 import executor_service_pb2 as executor_pb
+from hotslot.executor.v1 import executor_service_pb2_grpc as executor_grpc
+from hotslot.registry.v1 import registry_service_pb2 as registry_pb
+from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
+
+from .downstream import (
+    ExecutorClient,
+    ExecutorConnector,
+    ExecutorUnavailable,
+    GenerateCall,
+    ModelCatalog,
+    ProgressEvent,
+    ResultEvent,
+    StreamEvent,
+)
+from .placement import ExecutorSnapshot, HeldModel, Tier
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+_ERROR_BY_CODE: dict[grpc.StatusCode, type[errors.HotslotError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DATA_LOSS: errors.DataLoss,
+    grpc.StatusCode.CANCELLED: errors.Cancelled,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+}
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError, peer: str) -> errors.HotslotError:
+    """The hotslot error for a failed downstream call: same code and message, with the BadRequest and RetryInfo
+    details kept. Codes with no hotslot class (INTERNAL, UNKNOWN, UNIMPLEMENTED, ...) become a plain HotslotError
+    (UNKNOWN) whose message names the peer and its code; the peer's message is safe to repeat, since every hotslot
+    service hides internals behind it already."""
+    code = error.code()
+    message = error.details() or f"{peer} answered {code.name}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ExecutorUnavailable(message)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return errors.InvalidArgument(message, _violations(error))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return errors.ResourceExhausted(message, _retry_after_s(error))
+    cls = _ERROR_BY_CODE.get(code)
+    if cls is None:
+        return errors.HotslotError(f"{peer} failed with {code.name}: {message}")
+    return cls(message)
+
+
+def _rich_details(error: grpc.aio.AioRpcError, detail_type: type) -> list[Any]:
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # details that do not match code and message: ignore them rather than fail the call
+        return []
+    found = []
+    for any_detail in status.details if status is not None else ():
+        detail = detail_type()
+        if any_detail.Unpack(detail):
+            found.append(detail)
+    return found
+
+
+def _violations(error: grpc.aio.AioRpcError) -> list[errors.FieldViolation]:
+    return [
+        errors.FieldViolation(violation.field, violation.description)
+        for bad_request in _rich_details(error, error_details_pb2.BadRequest)
+        for violation in bad_request.field_violations
+    ]
+
+
+def _retry_after_s(error: grpc.aio.AioRpcError) -> float | None:
+    for info in _rich_details(error, error_details_pb2.RetryInfo):
+        return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+def snapshot_from_proto(status: executor_pb.ExecutorStatus, address: str) -> ExecutorSnapshot:
+    """Placement's view of an ExecutorStatus. The message is kept as `raw` for GetClusterStatus, with the address
+    filled in when the executor left it empty."""
+    if not status.address:
+        status.address = address
+    return ExecutorSnapshot(
+        executor_id=status.executor_id or address,
+        address=status.address,
+        ready=status.state == executor_pb.EXECUTOR_STATE_READY,
+        models=tuple(
+            HeldModel(held.model.model_id, held.model.revision, _tier(held.tier), held.size_bytes)
+            for held in status.models
+        ),
+        queue_depth=status.queue_depth,
+        queue_capacity=status.queue_capacity,
+        version=status.version,
+        raw=status,
+    )
+
+
+def _tier(value: int) -> Tier:
+    try:
+        return Tier(value)
+    except ValueError:  # a tier newer than this router: never preferred
+        return Tier.UNSPECIFIED
+
+
+class GrpcExecutorClient(ExecutorClient):
+    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
+        self.address = address
+        self._channel = channel
+        self._stub = executor_grpc.ExecutorServiceStub(channel)
+
+    async def watch_status(self) -> AsyncIterator[ExecutorSnapshot]:
+        call = self._stub.WatchStatus(executor_pb.WatchStatusRequest())
+        try:
+            async for response in call:
+                yield snapshot_from_proto(response.status, self.address)
+        except grpc.aio.AioRpcError as error:
+            raise ExecutorUnavailable(f"status stream of {self.address} broke: {error.code().name}") from None
+        finally:
+            call.cancel()
+
+    async def generate(self, call: GenerateCall, timeout_s: float | None) -> executor_pb.GenerateResponse:
+        request = executor_pb.GenerateRequest(
+            model=common_pb2.ModelRef(model_id=call.model_id, revision=call.revision),
+            params=call.params,
+            request_id=call.request_id,
+        )
+        try:
+            return await self._stub.Generate(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"executor at {self.address}") from None
+
+    async def generate_stream(self, call: GenerateCall, timeout_s: float | None) -> AsyncIterator[StreamEvent]:
+        request = executor_pb.GenerateStreamRequest(
+            model=common_pb2.ModelRef(model_id=call.model_id, revision=call.revision),
+            params=call.params,
+            request_id=call.request_id,
+        )
+        rpc = self._stub.GenerateStream(request, timeout=timeout_s)
+        try:
+            async for response in rpc:
+                kind = response.WhichOneof("event")
+                if kind == "result":
+                    yield ResultEvent(response.result)
+                elif kind is not None:
+                    yield ProgressEvent(kind, getattr(response, kind))
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"executor at {self.address}") from None
+        finally:
+            rpc.cancel()
+
+    async def preload(self, model_id: str, revision: int, timeout_s: float | None) -> executor_pb.PreloadResponse:
+        request = executor_pb.PreloadRequest(model=common_pb2.ModelRef(model_id=model_id, revision=revision))
+        try:
+            return await self._stub.Preload(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"executor at {self.address}") from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class GrpcExecutorConnector(ExecutorConnector):
+    def __init__(self, channel_factory: ChannelFactory) -> None:
+        self._channel_factory = channel_factory
+
+    def connect(self, address: str) -> GrpcExecutorClient:
+        return GrpcExecutorClient(address, self._channel_factory(address))
+
+
+# Codes that mean "the registry is not there right now".
+_REGISTRY_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+class GrpcModelCatalog(ModelCatalog):
+    def __init__(self, address: str, *, timeout_s: float, channel_factory: ChannelFactory) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel_factory = channel_factory
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: registry_grpc.RegistryServiceStub | None = None
+
+    def _registry(self) -> registry_grpc.RegistryServiceStub:
+        if self._stub is None:
+            # Created on first use: a grpc.aio channel must be made with the event loop running.
+            self._channel = self._channel_factory(self.address)
+            self._stub = registry_grpc.RegistryServiceStub(self._channel)
+        return self._stub
+
+    async def list_models(self, request: registry_pb.ListModelsRequest) -> registry_pb.ListModelsResponse:
+        try:
+            return await self._registry().ListModels(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+
+    async def get_model(self, model_id: str, revision: int) -> registry_pb.Model:
+        request = registry_pb.GetModelRequest(model_id=model_id, revision=revision)
+        try:
+            return (await self._registry().GetModel(request, timeout=self.timeout_s)).model
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+
+    def _error(self, error: grpc.aio.AioRpcError) -> errors.HotslotError:
+        if error.code() in _REGISTRY_UNREACHABLE:
+            # Not ExecutorUnavailable: a registry outage is no reason to try another executor.
+            return errors.Unavailable(f"registry at {self.address} unreachable ({error.code().name})")
+        return error_from_rpc(error, f"registry at {self.address}")
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()

@@ -1,0 +1,313 @@
+"""Router domain logic: admits requests into a bounded queue, places each on an executor, passes the client's
+deadline on, retries once elsewhere when the executor dies, and passes catalogue calls to the registry. No
+transport code here: executors and the registry are reached through the interfaces in downstream.py."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from opentelemetry import trace
+
+from hotslot.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+
+from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, ProgressEvent, ResultEvent
+from .membership import ExecutorLink, ExecutorMembership, Slot
+from .placement import Placement, held_anywhere
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """An executor's GenerateResponse and how the router got it."""
+
+    result: Any
+    attempted_executor_ids: tuple[str, ...]
+    placement_reason: str
+    router_queue_s: float
+    """Time the request waited in the router for an executor slot, over all attempts."""
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    executor_id: str
+    result: Any
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    executors: list[Any]
+    """Each connected executor's latest status message, ordered by id."""
+    router_queue_depth: int
+    unreachable_addresses: list[str]
+
+
+@dataclass(eq=False)
+class _Waiter:
+    model_id: str
+    revision: int
+    exclude: frozenset[str]
+    future: asyncio.Future[tuple[Slot, str]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class RouterCore:
+    """Requests that find no executor with room wait in a FIFO queue of at most `max_queue` for up to
+    `queue_timeout_s` (or the client's deadline); beyond the queue they are refused with `retry_after_s` as the
+    hint. A request whose executor fails with ExecutorUnavailable is placed again, away from the executors already
+    tried, up to `retry_attempts` times."""
+
+    def __init__(
+        self,
+        membership: ExecutorMembership,
+        catalog: ModelCatalog | None,
+        *,
+        max_queue: int = 256,
+        max_inflight_per_executor: int = 32,
+        queue_timeout_s: float = 30.0,
+        retry_after_s: float = 1.0,
+        retry_attempts: int = 1,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
+        self.membership = membership
+        self.catalog = catalog
+        self.placement = Placement(max_inflight_per_executor)
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.retry_after_s = retry_after_s
+        self.retry_attempts = retry_attempts
+        self._waiters: deque[_Waiter] = deque()
+        self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        membership.add_listener(self._admit_waiters)
+
+    # -- generate ----------------------------------------------------------------------------------------
+    async def generate(self, call: GenerateCall, time_remaining_s: float | None) -> Routed:
+        call, deadline = await self._prepare(call, time_remaining_s)
+        attempted: list[str] = []
+        queued_s = 0.0
+        while True:
+            slot, reason, waited_s = await self._acquire(call, attempted, deadline)
+            queued_s += waited_s
+            try:
+                result = await slot.link.client.generate(call, self._timeout(deadline))  # type: ignore[union-attr]
+            except ExecutorUnavailable as error:
+                self._retry_or_raise(call.model_id, call.request_id, attempted, error)
+                continue
+            finally:
+                self.membership.release(slot)
+            return Routed(result, tuple(attempted), reason, queued_s)
+
+    async def generate_stream(
+        self, call: GenerateCall, time_remaining_s: float | None
+    ) -> AsyncIterator[ProgressEvent | Routed]:
+        """Progress events, then one Routed. A stream that breaks before its result is retried like Generate:
+        progress of the failed attempt has then already been sent, so the client sees loading and step counts
+        start over on the new executor. Holding progress back until the result would make the stream useless as
+        progress, and a result is never sent twice because nothing is retried after it."""
+        call, deadline = await self._prepare(call, time_remaining_s)
+        attempted: list[str] = []
+        queued_s = 0.0
+        while True:
+            slot, reason, waited_s = await self._acquire(call, attempted, deadline)
+            queued_s += waited_s
+            try:
+                stream = slot.link.client.generate_stream(call, self._timeout(deadline))  # type: ignore[union-attr]
+                async with contextlib.aclosing(stream):
+                    async for event in stream:
+                        if isinstance(event, ResultEvent):
+                            yield Routed(event.payload, tuple(attempted), reason, queued_s)
+                            return
+                        yield event
+                raise ExecutorUnavailable(f"executor {slot.link.executor_id} ended the stream without a result")
+            except ExecutorUnavailable as error:
+                self._retry_or_raise(call.model_id, call.request_id, attempted, error)
+            finally:
+                self.membership.release(slot)
+
+    async def _prepare(self, call: GenerateCall, time_remaining_s: float | None) -> tuple[GenerateCall, float | None]:
+        if not call.model_id:
+            raise InvalidArgument.field("model.model_id", "is required")
+        if not call.request_id:
+            # Made here, not left to the executor, so a retried request keeps one id across executors.
+            call = replace(call, request_id=uuid.uuid4().hex)
+        deadline = None if time_remaining_s is None else asyncio.get_running_loop().time() + time_remaining_s
+        await self._check_registered(call.model_id, call.revision)
+        return call, deadline
+
+    def _retry_or_raise(self, model_id: str, request_id: str, attempted: list[str], error: ExecutorUnavailable) -> None:
+        """Returns when another attempt should be made; otherwise raises the executor's own error (not "no other
+        executor", which would hide why the request failed)."""
+        if len(attempted) > self.retry_attempts or not self._any_live(frozenset(attempted)):
+            raise error
+        log.warning(
+            "executor %s failed (%s); retrying elsewhere", attempted[-1], error.message,
+            extra={"request_id": request_id, "model_id": model_id, "attempted": list(attempted)},
+        )
+
+    # -- preload -----------------------------------------------------------------------------------------
+    async def preload(self, model_id: str, revision: int, time_remaining_s: float | None) -> Preloaded:
+        """Loads the model on the executor placement would pick. A preload does not compute, so queue room is not
+        required and nothing is counted in flight."""
+        if not model_id:
+            raise InvalidArgument.field("model.model_id", "is required")
+        await self._check_registered(model_id, revision)
+        deadline = None if time_remaining_s is None else asyncio.get_running_loop().time() + time_remaining_s
+        attempted: list[str] = []
+        while True:
+            choice = self.placement.choose(
+                model_id, revision, self.membership.placeable(), exclude=attempted, need_room=False
+            )
+            if choice is None:
+                raise self._no_executor(attempted)
+            link = choice.candidate
+            assert isinstance(link, ExecutorLink) and link.client is not None
+            attempted.append(link.executor_id)
+            try:
+                result = await link.client.preload(model_id, revision, self._timeout(deadline))
+            except ExecutorUnavailable as error:
+                self._retry_or_raise(model_id, "", attempted, error)
+                continue
+            return Preloaded(link.executor_id, result)
+
+    # -- registry passthrough ----------------------------------------------------------------------------
+    async def list_models(self, request: Any) -> Any:
+        return await self._catalog().list_models(request)
+
+    async def get_model(self, model_id: str, revision: int) -> Any:
+        return await self._catalog().get_model(model_id, revision)
+
+    def _catalog(self) -> ModelCatalog:
+        if self.catalog is None:
+            raise Unavailable("no registry is configured: set registry_address (HOTSLOT_ROUTER_REGISTRY_ADDRESS)")
+        return self.catalog
+
+    async def _check_registered(self, model_id: str, revision: int) -> None:
+        """A model no executor holds is about to be loaded somewhere: ask the registry first, so an unknown id is
+        refused with the registry's NOT_FOUND before it takes an executor's queue slot. Models already held are
+        known to exist and skip this hop. If the registry cannot answer, the executor (which asks it too) decides."""
+        if self.catalog is None or held_anywhere(model_id, revision, self.membership.placeable()):
+            return
+        try:
+            await self.catalog.get_model(model_id, revision)
+        except Unavailable as error:
+            log.warning("cannot check %s with the registry (%s); sending it on", model_id, error.message)
+
+    # -- cluster status ----------------------------------------------------------------------------------
+    def cluster_status(self) -> ClusterStatus:
+        return ClusterStatus(
+            executors=[link.snapshot.raw for link in self.membership.placeable()],  # type: ignore[union-attr]
+            router_queue_depth=len(self._waiters),
+            unreachable_addresses=self.membership.unreachable_addresses(),
+        )
+
+    # -- admission ---------------------------------------------------------------------------------------
+    async def _acquire(
+        self, call: GenerateCall, attempted: list[str], deadline: float | None
+    ) -> tuple[Slot, str, float]:
+        """Places the request and counts it in flight on the chosen executor, waiting in the router queue while
+        every executor is full. Appends the executor id to `attempted`. Returns (slot, reason, seconds waited)."""
+        exclude = frozenset(attempted)
+        choice = self.placement.choose(call.model_id, call.revision, self.membership.placeable(), exclude=exclude)
+        if choice is not None:
+            assert isinstance(choice.candidate, ExecutorLink)
+            slot, reason, waited = self.membership.reserve(choice.candidate), choice.reason, 0.0
+        else:
+            # A span only when the request really queues: the common case then costs no span of its own, and
+            # the placement lands as attributes on the RPC's span below.
+            with self._tracer.start_as_current_span("router.queue"):
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                slot, reason = await self._wait_for_room(_Waiter(call.model_id, call.revision, exclude), deadline)
+                waited = loop.time() - started
+        attempted.append(slot.link.executor_id)
+        span = trace.get_current_span()
+        span.set_attribute("hotslot.model_id", call.model_id)
+        span.set_attribute("hotslot.request_id", call.request_id)
+        span.set_attribute("hotslot.executor_id", slot.link.executor_id)
+        span.set_attribute("hotslot.placement_reason", reason)
+        span.set_attribute("hotslot.attempts", len(attempted))
+        return slot, reason, waited
+
+    async def _wait_for_room(self, waiter: _Waiter, deadline: float | None) -> tuple[Slot, str]:
+        if not self._any_live(waiter.exclude):
+            raise self._no_executor(waiter.exclude)
+        if len(self._waiters) >= self.max_queue:
+            raise ResourceExhausted(
+                f"every executor is busy and the router queue is full ({self.max_queue} waiting); "
+                f"retry in {self.retry_after_s:g} s",
+                retry_after_s=self.retry_after_s,
+            )
+        loop = asyncio.get_running_loop()
+        limit = self.queue_timeout_s
+        if deadline is not None:
+            limit = min(limit, deadline - loop.time())
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(max(limit, 0.0)):
+                return await waiter.future
+        except TimeoutError:
+            if deadline is not None and loop.time() >= deadline:
+                raise DeadlineExceeded("the deadline passed while the request waited for an executor") from None
+            raise ResourceExhausted(
+                f"no executor had room within {self.queue_timeout_s:g} s; retry in {self.retry_after_s:g} s",
+                retry_after_s=self.retry_after_s,
+            ) from None
+        except BaseException:
+            # Cancelled (client gone) after _admit_waiters reserved a slot for us but before we resumed: give the
+            # slot back, or the executor would look busier forever.
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.membership.release(future.result()[0])
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            waiter.future.cancel()
+
+    def _admit_waiters(self) -> None:
+        """Runs after every membership change: hands freed room to waiting requests, oldest first. Runs without
+        awaiting, so a slot is reserved in the same step it is found and nobody else can take it."""
+        if not self._waiters:
+            return
+        for waiter in list(self._waiters):
+            if waiter.future.done():
+                continue
+            choice = self.placement.choose(
+                waiter.model_id, waiter.revision, self.membership.placeable(), exclude=waiter.exclude
+            )
+            if choice is not None:
+                assert isinstance(choice.candidate, ExecutorLink)
+                slot = self.membership.reserve(choice.candidate)
+                self._waiters.remove(waiter)
+                waiter.future.set_result((slot, choice.reason))
+            elif not self._any_live(waiter.exclude):
+                self._waiters.remove(waiter)
+                waiter.future.set_exception(self._no_executor(waiter.exclude))
+
+    def _any_live(self, exclude: frozenset[str]) -> bool:
+        return any(link.live and link.executor_id not in exclude for link in self.membership.placeable())
+
+    def _no_executor(self, exclude) -> Unavailable:
+        known = len(self.membership.targets())
+        if exclude:
+            return ExecutorUnavailable(
+                f"no other executor is ready (tried {', '.join(exclude)}; {known} known)"
+            )
+        return Unavailable(f"no executor is ready ({known} known, {len(self.membership.unreachable_addresses())} "
+                           "unreachable)")
+
+    @staticmethod
+    def _timeout(deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise DeadlineExceeded("the deadline passed before the request reached an executor")
+        return remaining

