@@ -14,12 +14,12 @@ serve_app = typer.Typer(no_args_is_help=True, help="Run one hotslot service in t
 app.add_typer(serve_app, name="serve")
 app.add_typer(dev_app, name="dev")
 
-HostOpt = Annotated[str | None, typer.Option(help="Address to listen on. [env: HOTSLOT_<SERVICE>_HOST]")]
-PortOpt = Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one. [env: HOTSLOT_<SERVICE>_PORT]")]
-LogLevelOpt = Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR. [env: HOTSLOT_<SERVICE>_LOG_LEVEL]")]
-LogFormatOpt = Annotated[str | None, typer.Option(help="text or json. [env: HOTSLOT_<SERVICE>_LOG_FORMAT]")]
+HostOpt = Annotated[str | None, typer.Option(help="Address to listen on. \\[env: HOTSLOT_<SERVICE>_HOST]")]
+PortOpt = Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one. \\[env: HOTSLOT_<SERVICE>_PORT]")]
+LogLevelOpt = Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR. \\[env: HOTSLOT_<SERVICE>_LOG_LEVEL]")]
+LogFormatOpt = Annotated[str | None, typer.Option(help="text or json. \\[env: HOTSLOT_<SERVICE>_LOG_FORMAT]")]
 GraceOpt = Annotated[
-    float | None, typer.Option(help="Seconds to finish in-flight calls on SIGTERM. [env: HOTSLOT_<SERVICE>_SHUTDOWN_GRACE_S]")
+    float | None, typer.Option(help="Seconds to finish in-flight calls on SIGTERM. \\[env: HOTSLOT_<SERVICE>_SHUTDOWN_GRACE_S]")
 ]
 
 
@@ -28,10 +28,10 @@ def serve_registry(
     host: HostOpt = None,
     port: PortOpt = None,
     models_root: Annotated[
-        Path | None, typer.Option(help="Root of the shared model store (NFS mount). [env: HOTSLOT_REGISTRY_MODELS_ROOT]")
+        Path | None, typer.Option(help="Root of the shared model store (NFS mount). \\[env: HOTSLOT_REGISTRY_MODELS_ROOT]")
     ] = None,
     database: Annotated[
-        Path | None, typer.Option(help="SQLite database file. [env: HOTSLOT_REGISTRY_DATABASE]")
+        Path | None, typer.Option(help="SQLite database file. \\[env: HOTSLOT_REGISTRY_DATABASE]")
     ] = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
@@ -66,18 +66,18 @@ def serve_storage_cache(
                      "[env: HOTSLOT_STORAGE_CACHE_BACKING_ROOT]"),
     ] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Node-local cache directory. [env: HOTSLOT_STORAGE_CACHE_CACHE_DIR]")
+        Path | None, typer.Option(help="Node-local cache directory. \\[env: HOTSLOT_STORAGE_CACHE_CACHE_DIR]")
     ] = None,
     capacity_bytes: Annotated[
         str | None,
-        typer.Option(help="Bytes the cache may hold, e.g. 50GiB; must be > 0. [env: HOTSLOT_STORAGE_CACHE_CAPACITY_BYTES]"),
+        typer.Option(help="Bytes the cache may hold, e.g. 50GiB; must be > 0. \\[env: HOTSLOT_STORAGE_CACHE_CAPACITY_BYTES]"),
     ] = None,
     parallel_fetches: Annotated[
-        int | None, typer.Option(help="Files fetched at once. [env: HOTSLOT_STORAGE_CACHE_PARALLEL_FETCHES]")
+        int | None, typer.Option(help="Files fetched at once. \\[env: HOTSLOT_STORAGE_CACHE_PARALLEL_FETCHES]")
     ] = None,
     read_chunk_bytes: Annotated[
         str | None,
-        typer.Option(help="Read size on the backing store, e.g. 8MiB. [env: HOTSLOT_STORAGE_CACHE_READ_CHUNK_BYTES]"),
+        typer.Option(help="Read size on the backing store, e.g. 8MiB. \\[env: HOTSLOT_STORAGE_CACHE_READ_CHUNK_BYTES]"),
     ] = None,
     fsync: Annotated[
         bool | None,
@@ -90,13 +90,13 @@ def serve_storage_cache(
                      "[env: HOTSLOT_STORAGE_CACHE_REGISTRY_ADDRESS]"),
     ] = None,
     registry_timeout_s: Annotated[
-        float | None, typer.Option(help="Deadline of a registry lookup. [env: HOTSLOT_STORAGE_CACHE_REGISTRY_TIMEOUT_S]")
+        float | None, typer.Option(help="Deadline of a registry lookup. \\[env: HOTSLOT_STORAGE_CACHE_REGISTRY_TIMEOUT_S]")
     ] = None,
     lease_ttl_s: Annotated[
-        float | None, typer.Option(help="Default lease duration. [env: HOTSLOT_STORAGE_CACHE_LEASE_TTL_S]")
+        float | None, typer.Option(help="Default lease duration. \\[env: HOTSLOT_STORAGE_CACHE_LEASE_TTL_S]")
     ] = None,
     max_lease_ttl_s: Annotated[
-        float | None, typer.Option(help="Longest lease allowed. [env: HOTSLOT_STORAGE_CACHE_MAX_LEASE_TTL_S]")
+        float | None, typer.Option(help="Longest lease allowed. \\[env: HOTSLOT_STORAGE_CACHE_MAX_LEASE_TTL_S]")
     ] = None,
     verify: Annotated[
         bool,
@@ -152,25 +152,25 @@ def serve_router(
     host: HostOpt = None,
     port: PortOpt = None,
     executors: Annotated[
-        str | None, typer.Option(help="Executor addresses, comma-separated host:port. [env: HOTSLOT_ROUTER_EXECUTORS]")
+        str | None, typer.Option(help="Executor addresses, comma-separated host:port. \\[env: HOTSLOT_ROUTER_EXECUTORS]")
     ] = None,
     executors_dns: Annotated[
         str | None,
-        typer.Option(help="name:port whose every A/AAAA record is an executor. [env: HOTSLOT_ROUTER_EXECUTORS_DNS]"),
+        typer.Option(help="name:port whose every A/AAAA record is an executor. \\[env: HOTSLOT_ROUTER_EXECUTORS_DNS]"),
     ] = None,
     dns_refresh_s: Annotated[
-        float | None, typer.Option(help="Seconds between DNS resolutions. [env: HOTSLOT_ROUTER_DNS_REFRESH_S]")
+        float | None, typer.Option(help="Seconds between DNS resolutions. \\[env: HOTSLOT_ROUTER_DNS_REFRESH_S]")
     ] = None,
     registry_address: Annotated[
         str | None,
-        typer.Option(help="host:port of the model-registry; empty for none. [env: HOTSLOT_ROUTER_REGISTRY_ADDRESS]"),
+        typer.Option(help="host:port of the model-registry; empty for none. \\[env: HOTSLOT_ROUTER_REGISTRY_ADDRESS]"),
     ] = None,
     registry_timeout_s: Annotated[
-        float | None, typer.Option(help="Deadline of registry calls. [env: HOTSLOT_ROUTER_REGISTRY_TIMEOUT_S]")
+        float | None, typer.Option(help="Deadline of registry calls. \\[env: HOTSLOT_ROUTER_REGISTRY_TIMEOUT_S]")
     ] = None,
     max_queue: Annotated[
         int | None,
-        typer.Option(help="Requests waiting in the router at most. [env: HOTSLOT_ROUTER_MAX_QUEUE]"),
+        typer.Option(help="Requests waiting in the router at most. \\[env: HOTSLOT_ROUTER_MAX_QUEUE]"),
     ] = None,
     max_inflight_per_executor: Annotated[
         int | None,
@@ -179,11 +179,11 @@ def serve_router(
     ] = None,
     queue_timeout_s: Annotated[
         float | None,
-        typer.Option(help="Longest wait in the router queue. [env: HOTSLOT_ROUTER_QUEUE_TIMEOUT_S]"),
+        typer.Option(help="Longest wait in the router queue. \\[env: HOTSLOT_ROUTER_QUEUE_TIMEOUT_S]"),
     ] = None,
     retry_after_s: Annotated[
         float | None,
-        typer.Option(help="Retry delay suggested when refusing work. [env: HOTSLOT_ROUTER_RETRY_AFTER_S]"),
+        typer.Option(help="Retry delay suggested when refusing work. \\[env: HOTSLOT_ROUTER_RETRY_AFTER_S]"),
     ] = None,
     retry_attempts: Annotated[
         int | None,
@@ -192,11 +192,11 @@ def serve_router(
     ] = None,
     watch_backoff_s: Annotated[
         float | None,
-        typer.Option(help="First reconnect delay of an executor status stream. [env: HOTSLOT_ROUTER_WATCH_BACKOFF_S]"),
+        typer.Option(help="First reconnect delay of an executor status stream. \\[env: HOTSLOT_ROUTER_WATCH_BACKOFF_S]"),
     ] = None,
     watch_backoff_max_s: Annotated[
         float | None,
-        typer.Option(help="Longest reconnect delay. [env: HOTSLOT_ROUTER_WATCH_BACKOFF_MAX_S]"),
+        typer.Option(help="Longest reconnect delay. \\[env: HOTSLOT_ROUTER_WATCH_BACKOFF_MAX_S]"),
     ] = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
