@@ -90,7 +90,8 @@ class StorageCacheServiceServicer:
         NOT_FOUND if the model is unknown to the registry or a file is missing from the backing store;
         DATA_LOSS if a backing file does not match its sha256 twice in a row (the message names the file);
         RESOURCE_EXHAUSTED if the model does not fit in the cache capacity next to pinned blobs;
-        UNAVAILABLE if the registry cannot be reached.
+        UNAVAILABLE if the registry cannot be reached; FAILED_PRECONDITION for a model reference when no registry is
+        configured.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +111,9 @@ class StorageCacheServiceServicer:
         renamed; a cancelled or failed upload leaves nothing behind.
         Returns INVALID_ARGUMENT for a missing header, a path that is absolute, contains `..` or escapes the root, or a
         size that disagrees with the bytes sent; DATA_LOSS if the bytes do not match expected_sha256; CANCELLED if the
-        client cancels; INTERNAL if the backing store cannot be written.
+        client cancels; FAILED_PRECONDITION if the path is an existing directory or lies under an existing file;
+        RESOURCE_EXHAUSTED if the backing store is full; INTERNAL if the backing store cannot be written otherwise.
+        The local copy is skipped (the upload still succeeds) when pinned blobs leave the cache no room for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,7 +121,8 @@ class StorageCacheServiceServicer:
 
     def Pin(self, request, context):
         """Pins a view's blobs under a lease so they are not evicted while an executor uses them.
-        Returns NOT_FOUND if the view does not exist; INVALID_ARGUMENT for a non-positive ttl.
+        Returns NOT_FOUND if the view does not exist (never ensured, or removed because one of its blobs was evicted);
+        INVALID_ARGUMENT for a malformed view_id, a negative ttl, or one longer than the service's maximum.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +130,8 @@ class StorageCacheServiceServicer:
 
     def RenewLease(self, request, context):
         """Extends a lease.
-        Returns NOT_FOUND if the lease does not exist or has expired; INVALID_ARGUMENT for a non-positive ttl.
+        Returns NOT_FOUND if the lease does not exist or has expired; INVALID_ARGUMENT for a negative ttl or one longer
+        than the service's maximum.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
