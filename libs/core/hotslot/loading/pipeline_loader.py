@@ -1,0 +1,188 @@
+"""`load_pipeline`: one call from a view directory to a ready diffusers pipeline, reading through the preloader
+child when one is given (else in this process), building the skeletons while the weights are read, then
+assigning them. This is what the executor calls; it returns the phase timings it measured."""
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hotslot.errors import InvalidArgument
+from hotslot.loading.layout import PipelineLayout, read_layout
+from hotslot.loading.materialize import build_pipeline
+from hotslot.loading.preloader import LoadedWeights, Preloader
+from hotslot.loading.reader import DEFAULT_READ_CHUNK_BYTES, ReadBuffers, ReadStats, read_safetensors
+from hotslot.loading.skeleton import SkeletonCache, is_model_class, keep_fp32_modules, resolve_class
+
+__all__ = ["LoadReport", "load_pipeline", "plan_weights"]
+
+# Upper bound on waiting for the preloader's weights; a load of many GB from NFS can take minutes.
+DEFAULT_LOAD_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class LoadReport:
+    """Phase timings and sizes of one `load_pipeline` call."""
+
+    read_s: float  # reading the files (in the preloader or here)
+    alloc_s: float  # allocating the weight buffers (shared memory is zero-filled by torch)
+    convert_s: float  # dtype conversion / device copies
+    materialize_s: float  # skeletons, tokenizers/schedulers, assignment, pipeline assembly
+    total_s: float
+    bytes: int  # weight bytes in their final dtype
+    bytes_read: int
+    files: int
+    via_preloader: bool
+    handoff_s: float = 0.0  # preloader only: child done -> tensors in this process
+    wire_bytes: int = 0  # preloader only: size of the hand-off message (handles, not tensor bytes)
+    weights: LoadedWeights | None = field(default=None, repr=False)  # preloader only: the weights, e.g. to `owned_copy()` them on CUDA
+
+
+def plan_weights(layout: PipelineLayout, dtype: torch.dtype | None) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """Which components hold weights (diffusers/transformers model classes) and which of their modules stay
+    float32 at `dtype`. Resolving the classes here refuses unknown libraries before anything is read."""
+    names: list[str] = []
+    keep: dict[str, tuple[str, ...]] = {}
+    for cname, comp in layout.components.items():
+        if comp is None:
+            continue
+        cls = resolve_class(comp.library, comp.class_name)
+        if not is_model_class(cls):
+            continue
+        if not comp.has_weights:
+            raise InvalidArgument(f"{layout.root}: component {cname!r} ({comp.class_name}) has no safetensors weights")
+        names.append(cname)
+        patterns = keep_fp32_modules(cls, dtype)
+        if patterns:
+            keep[cname] = patterns
+    return names, keep
+
+
+def _read_here(
+    layout: PipelineLayout,
+    names: list[str],
+    keep: dict[str, tuple[str, ...]],
+    device: str,
+    dtype: torch.dtype | None,
+    chunk_bytes: int,
+) -> tuple[dict[str, dict[str, torch.Tensor]], ReadStats]:
+    stats = ReadStats()
+    buffers = ReadBuffers()
+    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
+    for cname in names:
+        patterns = keep.get(cname, ())
+        predicate = (lambda n, p=patterns: any(part in p for part in n.split("."))) if patterns else None
+        for path in layout.components[cname].weight_files:
+            # private memory: nothing crosses a process here, and /dev/shm is often small (64 MB in Docker)
+            loaded = read_safetensors(
+                path,
+                device=device,
+                dtype=dtype,
+                keep_fp32=predicate,
+                chunk_bytes=chunk_bytes,
+                shared=False,
+                buffers=buffers,
+            )
+            state_dicts.setdefault(cname, {}).update(loaded.tensors())
+            stats.add(loaded.stats)
+    return state_dicts, stats
+
+
+def _release_if_loaded(preloader: Preloader, key: str, future: Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        preloader.release(key)
+
+
+def load_pipeline(
+    view_path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    preloader: Preloader | None = None,
+    skeletons: SkeletonCache | None = None,
+    model_key: str | None = None,
+    variant: str | None = None,
+    release: bool | None = None,
+    chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
+    timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
+) -> tuple[Any, LoadReport]:
+    """Loads the diffusers pipeline at `view_path` onto `device` (weights converted to `dtype`; None keeps the
+    files' dtypes) and returns (pipeline, LoadReport).
+
+    With `preloader`, the child reads while this thread builds the skeletons and plain components; the weights
+    arrive as shared memory / CUDA IPC and are assigned without a copy. `release` tells the child to drop its
+    references once the pipeline holds the tensors: the default is True on CPU (the parent's mapping keeps
+    shared memory alive) and False on CUDA (IPC memory belongs to the child: release only when the pipeline is
+    dropped, or after `report.weights.owned_copy()`). `model_key` names the weights in the child (default: the
+    view path). Raises the domain errors of the reader, the layout and the preloader (Unavailable when it died).
+    """
+    t0 = time.perf_counter()
+    layout = read_layout(view_path, variant=variant)
+    names, keep = plan_weights(layout, dtype)
+    skeletons = SkeletonCache() if skeletons is None else skeletons
+    if preloader is None:
+        state_dicts, stats = _read_here(layout, names, keep, device, dtype, chunk_bytes)
+        pipeline, materialize_s = build_pipeline(layout, state_dicts, skeletons=skeletons, dtype=dtype)
+        report = LoadReport(
+            read_s=stats.read_s,
+            alloc_s=stats.alloc_s,
+            convert_s=stats.convert_s,
+            materialize_s=materialize_s,
+            total_s=time.perf_counter() - t0,
+            bytes=stats.bytes_out,
+            bytes_read=stats.bytes_read,
+            files=stats.files,
+            via_preloader=False,
+        )
+        return pipeline, report
+
+    key = model_key or str(view_path)
+    future = preloader.load(
+        f"load-{uuid.uuid4().hex}",
+        key,
+        view_path,
+        device,
+        dtype,
+        components=names,
+        keep_fp32=keep,
+        chunk_bytes=chunk_bytes,
+        variant=variant,
+    )
+    # Overlap: build (and cache) the skeletons while the child reads. A failure here must not leave the
+    # child holding the weights once they arrive.
+    try:
+        for cname in names:
+            comp = layout.components[cname]
+            skeletons.prefetch(resolve_class(comp.library, comp.class_name), comp.directory)
+        weights = future.result(timeout_s)
+    except BaseException:
+        future.add_done_callback(lambda f: _release_if_loaded(preloader, key, f))
+        raise
+    try:
+        pipeline, materialize_s = build_pipeline(layout, weights.components, skeletons=skeletons, dtype=dtype)
+    except BaseException:
+        preloader.release(key)
+        raise
+    if release if release is not None else torch.device(device).type == "cpu":
+        preloader.release(key)
+    t = weights.timings
+    report = LoadReport(
+        read_s=t.read_s,
+        alloc_s=t.alloc_s,
+        convert_s=t.convert_s,
+        materialize_s=materialize_s,
+        total_s=time.perf_counter() - t0,
+        bytes=t.bytes,
+        bytes_read=t.bytes_read,
+        files=t.files,
+        via_preloader=True,
+        handoff_s=t.handoff_s,
+        wire_bytes=t.wire_bytes,
+        weights=weights,
+    )
+    return pipeline, report

@@ -1,0 +1,732 @@
+"""The preloader: a long-lived spawned child process that reads model weights beside inference and hands them to
+the parent without copying them.
+
+The child reads each safetensors file into ONE buffer (shared memory on CPU, device memory on CUDA) with
+`reader.read_safetensors`, then sends (buffer, tensor layout) per file through a torch.multiprocessing queue.
+torch's reductions turn each buffer into a handle (a file descriptor passed over a Unix socket for CPU shared
+memory, a CUDA IPC handle on GPU), so the message is a few kB whatever the model size, and the parent builds the
+tensors as views of the same memory (`reader.tensor_views`). One handle per file, not per tensor: a tensor-per-
+message design would pass ~1,000 descriptors for an SD 1.5 UNet.
+
+Lifetimes. The child keeps every buffer it sent until the parent calls `release(model_key)`: with the
+file_descriptor sharing strategy the parent must fetch the descriptor before the child drops its storage, and on
+CUDA the memory belongs to the child's allocator, so the child must outlive the parent's use of it (see
+`LoadedWeights.owned_copy` for the parent's way out). On CPU the parent's mapping keeps the memory valid after
+`release`, and after the child dies.
+
+Failures. Errors while loading (missing file, corrupt header) come back as exceptions with the child's message
+(hotslot domain errors are rebuilt as the same class) and the child lives on. A child that dies (kill -9, OOM)
+is noticed through its process sentinel: every request it had not answered fails with `Unavailable`, and with
+`auto_restart=N` a fresh child is started, up to N times.
+
+The child imports torch and the reader only; diffusers/transformers stay out of it.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from multiprocessing import connection as mp_connection
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as torch_mp
+
+from hotslot import errors
+from hotslot.errors import HotslotError, InvalidArgument, NotFound, Unavailable
+from hotslot.loading.reader import (
+    DEFAULT_READ_CHUNK_BYTES,
+    MIN_READ_CHUNK_BYTES,
+    ReadBuffers,
+    ReadStats,
+    TensorSpec,
+    read_safetensors,
+    tensor_views,
+)
+
+__all__ = [
+    "DEFAULT_START_TIMEOUT_S",
+    "LoadTimings",
+    "LoadedWeights",
+    "PreloadFailed",
+    "Preloader",
+]
+
+log = logging.getLogger(__name__)
+
+# Spawning imports torch in the child: seconds on an idle machine, much more on a loaded CI box.
+DEFAULT_START_TIMEOUT_S = 120.0
+# How long a graceful stop may take before the child is terminated, then killed.
+DEFAULT_STOP_TIMEOUT_S = 10.0
+# Bound on answers to small queries (held, info): the child answers between loads, so a long load delays them.
+DEFAULT_QUERY_TIMEOUT_S = 300.0
+START_METHODS = ("spawn", "forkserver")  # fork is unsafe with CUDA and with the parent's threads
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_UNSET: Any = object()
+
+
+class PreloadFailed(RuntimeError):
+    """The child failed with an error that is not a hotslot domain error; carries the child's traceback."""
+
+    def __init__(self, message: str, remote_type: str, remote_traceback: str) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+
+@dataclass
+class LoadTimings:
+    """Where one preload's time went, measured where it happened (child: read/convert; parent: handoff)."""
+
+    read_s: float = 0.0
+    alloc_s: float = 0.0
+    convert_s: float = 0.0
+    throttle_s: float = 0.0
+    child_s: float = 0.0  # the child's whole handling of the request, reading included
+    handoff_s: float = 0.0  # child finished -> parent holds the tensors (queue, handle passing, views)
+    bytes_read: int = 0
+    bytes: int = 0  # bytes of the tensors, in their final dtype
+    files: int = 0
+    wire_bytes: int = 0  # size of the message that crossed the queue: small unless tensors were pickled
+
+
+@dataclass
+class LoadedWeights:
+    """A model's weights as the parent holds them: state dicts per component, all views of `buffers` (one per
+    file) that live in the preloader's shared memory (CPU) or are CUDA IPC mappings of its device memory."""
+
+    request_id: str
+    model_key: str
+    device: str
+    dtype: torch.dtype | None
+    components: dict[str, dict[str, torch.Tensor]] = field(repr=False)
+    files: list[tuple[str, str, torch.Tensor, tuple[TensorSpec, ...]]] = field(repr=False)  # component, path, ...
+    timings: LoadTimings = field(default_factory=LoadTimings)
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        return [buf for _, _, buf, _ in self.files]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.numel() for buf in self.buffers)
+
+    def owned_copy(self) -> LoadedWeights:
+        """The same weights copied into memory this process owns (one copy per file). Needed on CUDA before the
+        preloader may release or lose them: IPC memory belongs to the child and dies with it."""
+        files = [(c, p, buf.clone(), specs) for c, p, buf, specs in self.files]
+        return _weights(self.request_id, self.model_key, self.device, self.dtype, files, self.timings)
+
+
+def _weights(rid, key, device, dtype, files, timings) -> LoadedWeights:
+    components: dict[str, dict[str, torch.Tensor]] = {}
+    for component, _path, buf, specs in files:
+        components.setdefault(component, {}).update(tensor_views(buf, specs))
+    return LoadedWeights(rid, key, device, dtype, components, list(files), timings)
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    if dtype is None:
+        return None
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise InvalidArgument.field("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the child
+
+
+class _Child:
+    """State of the child process: what it holds per model, and its reusable staging buffers."""
+
+    def __init__(self, responses, settings: Mapping[str, Any]) -> None:
+        self.responses = responses
+        self.settings = settings
+        self.buffers = ReadBuffers()
+        # model_key -> [(component, path, buffer, specs)]: kept until `release` (see module docstring)
+        self.held: dict[str, list[tuple[str, str, torch.Tensor, tuple[TensorSpec, ...]]]] = {}
+
+    def send(self, msg: tuple) -> None:
+        self.responses.put(msg)
+
+    def handle(self, msg: tuple) -> None:
+        kind, rid = msg[0], msg[1]
+        try:
+            if kind == "load":
+                self.send(("started", rid))
+                self.load(rid, *msg[2:])
+                return
+            if kind == "release":
+                result: Any = self.release(msg[2])
+            elif kind == "held":
+                result = {k: sum(buf.numel() for _, _, buf, _ in v) for k, v in self.held.items()}
+            elif kind == "info":
+                result = self.info()
+            elif kind == "debug_fill":
+                result = self.debug_fill(*msg[2:])
+            else:
+                raise InvalidArgument(f"unknown preloader request {kind!r}")
+            self.send(("ok", rid, result))
+        except Exception as err:  # noqa: BLE001 - every failure goes back to the parent; the child lives on
+            message = err.message if isinstance(err, HotslotError) else str(err)
+            self.send(("error", rid, type(err).__name__, message, traceback.format_exc()))
+
+    def load(self, rid, model_key, view_path, device, dtype_name, components, keep_fp32, options) -> None:
+        from hotslot.loading.layout import read_layout
+
+        t0 = time.perf_counter()
+        dtype = DTYPES[dtype_name] if dtype_name else None
+        layout = read_layout(view_path, variant=options.get("variant"))
+        wanted = list(components) if components is not None else sorted(layout.weight_components())
+        stats = ReadStats()
+        files = []
+        for cname in wanted:
+            comp = layout.components.get(cname)
+            if comp is None or not comp.has_weights:
+                raise NotFound(f"{view_path}: component {cname!r} has no safetensors weights")
+            patterns = tuple(keep_fp32.get(cname, ())) if keep_fp32 else ()
+            keep = (lambda n, p=patterns: any(part in p for part in n.split("."))) if patterns else None
+            for path in comp.weight_files:
+                loaded = read_safetensors(
+                    path,
+                    device=device,
+                    dtype=dtype,
+                    keep_fp32=keep,
+                    chunk_bytes=options.get("chunk_bytes") or self.settings["chunk_bytes"],
+                    shared=True,
+                    read_bytes_per_s=options.get("read_bytes_per_s"),
+                    buffers=self.buffers,
+                )
+                files.append((cname, str(path), loaded.buffer, loaded.specs))
+                stats.add(loaded.stats)
+        timings = LoadTimings(
+            read_s=stats.read_s,
+            alloc_s=stats.alloc_s,
+            convert_s=stats.convert_s,
+            throttle_s=stats.throttle_s,
+            child_s=time.perf_counter() - t0,
+            bytes_read=stats.bytes_read,
+            bytes=stats.bytes_out,
+            files=stats.files,
+        )
+        # Serialised here rather than by the queue so its exact size is known: with torch's reductions the
+        # buffers become handles, and `wire_bytes` proves it.
+        payload = bytes(ForkingPickler.dumps((files, asdict(timings))))
+        # Held before sending: the parent fetches the handles after this message, from this very memory.
+        self.held.setdefault(model_key, []).extend(files)
+        self.send(("loaded", rid, payload, time.time()))
+
+    def release(self, model_key: str) -> int:
+        dropped = self.held.pop(model_key, [])
+        nbytes = sum(buf.numel() for _, _, buf, _ in dropped)
+        on_cuda = any(buf.is_cuda for _, _, buf, _ in dropped)
+        del dropped
+        if on_cuda:
+            # Hand freed device memory back to the driver so the parent can allocate it, and drop IPC blocks
+            # whose consumers are gone.
+            torch.cuda.ipc_collect()
+            torch.cuda.empty_cache()
+        return nbytes
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "held": {k: sum(buf.numel() for _, _, buf, _ in v) for k, v in self.held.items()},
+            "diffusers_imported": "diffusers" in sys.modules,
+            "transformers_imported": "transformers" in sys.modules,
+            "sharing_strategy": torch_mp.get_sharing_strategy(),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def debug_fill(self, model_key: str, component: str, tensor: str, value: float) -> None:
+        for cname, _path, buf, specs in self.held.get(model_key, []):
+            if cname == component:
+                views = tensor_views(buf, specs)
+                if tensor in views:
+                    views[tensor].fill_(value)
+                    if buf.is_cuda:
+                        torch.cuda.synchronize(buf.device)
+                    return None
+        raise NotFound(f"the preloader holds no tensor {component}/{tensor} of {model_key!r}")
+
+
+def _child_main(requests, responses, settings: dict[str, Any]) -> None:
+    """Entry point of the preloader process."""
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides when its preloader stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch_mp.set_sharing_strategy(settings["sharing_strategy"])
+    if settings.get("num_threads"):
+        torch.set_num_threads(settings["num_threads"])
+    # Close the ends this process does not use, so each side sees EOF when the other one dies.
+    requests._writer.close()
+    responses._reader.close()
+    child = _Child(responses, settings)
+    child.send(("ready", os.getpid()))
+    while True:
+        try:
+            msg = requests.get()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if msg[0] == "stop":
+            return
+        child.handle(msg)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the parent
+
+
+@dataclass
+class _Pending:
+    future: Future
+    kind: str
+    model_key: str
+    generation: int
+    started: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Incarnation:
+    generation: int
+    process: Any
+    requests: Any
+    responses: Any
+    ready: threading.Event = field(default_factory=threading.Event)
+    stopping: bool = False
+    thread: threading.Thread | None = None
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}, signal {-code}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Preloader:
+    """The parent's handle on the preloader child. Thread-safe; every request returns a `concurrent.futures`
+    Future (await it with `asyncio.wrap_future`, or use `load_async`).
+
+    The child is spawned, so like any spawn-based multiprocessing the program's main module must guard its
+    entry point with `if __name__ == "__main__":` (the child imports it)."""
+
+    def __init__(
+        self,
+        *,
+        start_method: str = "spawn",
+        auto_restart: int = 0,
+        chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
+        read_bytes_per_s: float | None = None,
+        num_threads: int | None = None,
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+    ) -> None:
+        """`auto_restart`: how many times a dead child is replaced automatically (0: call `restart()`).
+        `chunk_bytes`: read size. `read_bytes_per_s`: default read-rate cap per load (None: unbounded).
+        `num_threads`: torch threads in the child (None: torch's default), for dtype conversion."""
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
+        if auto_restart < 0:
+            raise ValueError(f"auto_restart must be >= 0, got {auto_restart}")
+        if chunk_bytes < MIN_READ_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be at least {MIN_READ_CHUNK_BYTES}, got {chunk_bytes}")
+        self.start_method = start_method
+        self.auto_restart = auto_restart
+        self.chunk_bytes = chunk_bytes
+        self.read_bytes_per_s = read_bytes_per_s
+        self.num_threads = num_threads
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self._ctx = torch_mp.get_context(start_method)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._pending: dict[str, _Pending] = {}
+        self._inc: _Incarnation | None = None
+        self._generations = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._restarting = False
+        self._closed = False
+        self.restarts = 0  # children started after the first one (automatic and manual)
+        self.auto_restarts_used = 0
+        self.last_exit: str | None = None  # how the last child ended, for status pages
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the child and waits until it is ready. No-op when it runs already."""
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the preloader is closed")
+            if self._inc is not None and self._inc.process.is_alive():
+                inc = self._inc
+            else:
+                inc = self._spawn()
+        self._wait_ready(inc)
+
+    def _spawn(self) -> _Incarnation:
+        settings = {
+            "sharing_strategy": torch_mp.get_sharing_strategy(),
+            "chunk_bytes": self.chunk_bytes,
+            "num_threads": self.num_threads,
+        }
+        requests, responses = self._ctx.SimpleQueue(), self._ctx.SimpleQueue()
+        process = self._ctx.Process(
+            target=_child_main, args=(requests, responses, settings), name="hotslot-preloader", daemon=True
+        )
+        process.start()
+        # The child has its copies now; dropping ours makes a dead child visible as EOF / EPIPE.
+        requests._reader.close()
+        responses._writer.close()
+        inc = _Incarnation(next(self._generations), process, requests, responses)
+        inc.thread = threading.Thread(
+            target=self._read_loop, args=(inc,), name=f"preloader-reader-{process.pid}", daemon=True
+        )
+        self._inc = inc
+        inc.thread.start()
+        self._changed.notify_all()
+        return inc
+
+    def _wait_ready(self, inc: _Incarnation) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while not inc.ready.wait(0.05):
+            if not inc.process.is_alive():
+                raise Unavailable(f"the preloader failed to start ({_describe_exit(inc.process.exitcode)})")
+            if time.monotonic() > deadline:
+                self._stop(inc, graceful=False)
+                raise Unavailable(f"the preloader did not start within {self.start_timeout_s:.0f} s")
+
+    def restart(self) -> None:
+        """Stops the current child (pending requests fail with Unavailable) and starts a fresh one."""
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the preloader is closed")
+            old = self._inc
+            self._restarting = True
+        try:
+            if old is not None:
+                self._stop(old, graceful=False)
+            with self._lock:
+                inc = self._spawn()
+                self.restarts += 1
+            self._wait_ready(inc)
+        finally:
+            with self._lock:
+                self._restarting = False
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        """Stops the child; pending requests fail with Unavailable. Weights already handed over stay valid on CPU."""
+        with self._lock:
+            self._closed = True
+            # a restart in flight sees `_closed` before it spawns, or finishes its spawn; either way wait for it
+            while self._restarting:
+                self._changed.wait(self.start_timeout_s)
+            inc = self._inc
+        if inc is not None:
+            self._stop(inc, graceful=True)
+
+    def __enter__(self) -> Preloader:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _stop(self, inc: _Incarnation, *, graceful: bool) -> None:
+        with self._lock:
+            inc.stopping = True
+        if graceful and inc.process.is_alive():
+            try:
+                inc.requests.put(("stop",))
+            except OSError:
+                pass
+            inc.process.join(self.stop_timeout_s)
+        if inc.process.is_alive():
+            inc.process.terminate()
+            inc.process.join(self.stop_timeout_s)
+        if inc.process.is_alive():
+            inc.process.kill()
+            inc.process.join()
+        if inc.thread is not None and inc.thread is not threading.current_thread():
+            inc.thread.join(self.stop_timeout_s)
+
+    def is_alive(self) -> bool:
+        inc = self._inc
+        return inc is not None and inc.ready.is_set() and not inc.stopping and inc.process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        inc = self._inc
+        return inc.process.pid if inc is not None else None
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def _running(self) -> _Incarnation | None:
+        """The live child; waits out an automatic restart in progress (bounded by the start timeout)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        with self._lock:
+            while True:
+                inc = self._inc
+                if self._closed:
+                    return None
+                if inc is not None and not inc.stopping and inc.process.is_alive():
+                    if inc.ready.is_set():
+                        return inc
+                elif not self._restarting:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(min(left, 0.05))
+
+    def _submit(self, kind: str, model_key: str, rid: str, *args: Any, meta: dict | None = None) -> Future:
+        future: Future = Future()
+        inc = self._running()
+        if inc is None:
+            state = "closed" if self._closed else f"not running ({self.last_exit or 'not started'})"
+            future.set_exception(Unavailable(f"the preloader is {state}; start() or restart() it and retry"))
+            return future
+        with self._lock:
+            if rid in self._pending:
+                raise InvalidArgument.field("request_id", f"{rid!r} is already pending")
+            self._pending[rid] = _Pending(future, kind, model_key, inc.generation, meta=meta or {})
+        try:
+            inc.requests.put((kind, rid, *args))
+        except OSError:
+            with self._lock:
+                self._pending.pop(rid, None)
+            future.set_exception(Unavailable(f"the preloader died before it got the {kind} of {model_key!r}"))
+        return future
+
+    def _next_id(self, kind: str) -> str:
+        return f"{kind}-{os.getpid()}-{next(self._ids)}"
+
+    def load(
+        self,
+        request_id: str,
+        model_key: str,
+        view_path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        *,
+        components: Sequence[str] | None = None,
+        keep_fp32: Mapping[str, Sequence[str]] | None = None,
+        read_bytes_per_s: float | None = _UNSET,
+        chunk_bytes: int | None = None,
+        variant: str | None = None,
+    ) -> Future[LoadedWeights]:
+        """Asks the child to read the weights of the pipeline at `view_path` onto `device` (converted to `dtype`)
+        and returns a Future of the LoadedWeights. `components`: which components to read (default: all with
+        safetensors); `keep_fp32`: per component, module names kept float32 (skeleton.keep_fp32_modules);
+        `read_bytes_per_s`: rate cap for this load (default: the preloader's). The child holds the weights under
+        `model_key` until `release(model_key)`."""
+        if not request_id:
+            raise InvalidArgument.field("request_id", "is required")
+        if not model_key:
+            raise InvalidArgument.field("model_key", "is required")
+        dtype_name = _dtype_name(dtype)
+        try:
+            device_type = torch.device(device).type
+        except (RuntimeError, TypeError):
+            raise InvalidArgument.field("device", f"{device!r} is not a device name") from None
+        if device_type not in ("cpu", "cuda"):
+            raise InvalidArgument.field("device", f"{device!r}: only cpu and cuda are supported")
+        options = {
+            "read_bytes_per_s": self.read_bytes_per_s if read_bytes_per_s is _UNSET else read_bytes_per_s,
+            "chunk_bytes": chunk_bytes,
+            "variant": variant,
+        }
+        keep = {k: tuple(v) for k, v in (keep_fp32 or {}).items()}
+        comps = list(components) if components is not None else None
+        return self._submit(
+            "load",
+            model_key,
+            request_id,
+            model_key,
+            str(view_path),
+            str(device),
+            dtype_name,
+            comps,
+            keep,
+            options,
+            meta={"device": str(device), "dtype": DTYPES[dtype_name] if dtype_name else None},
+        )
+
+    async def load_async(self, request_id: str, model_key: str, view_path: str | Path, **kwargs: Any) -> LoadedWeights:
+        return await asyncio.wrap_future(self.load(request_id, model_key, view_path, **kwargs))
+
+    def release(self, model_key: str) -> Future[int]:
+        """The child drops its references to `model_key`'s weights; the Future gives the bytes it held."""
+        return self._submit("release", model_key, self._next_id("release"), model_key)
+
+    def held(self, timeout: float | None = DEFAULT_QUERY_TIMEOUT_S) -> dict[str, int]:
+        """model_key -> bytes the child holds for it."""
+        return self._submit("held", "", self._next_id("held")).result(timeout)
+
+    def info(self, timeout: float | None = DEFAULT_QUERY_TIMEOUT_S) -> dict[str, Any]:
+        """The child's pid, held bytes per model, which heavy libraries it imported, sharing strategy, threads."""
+        return self._submit("info", "", self._next_id("info")).result(timeout)
+
+    def debug_fill(self, model_key: str, component: str, tensor: str, value: float) -> Future[None]:
+        """Diagnostics: the child fills one tensor it holds with `value`. A parent tensor that then reads `value`
+        shares the child's memory: the proof that the hand-off was zero-copy (a pickled copy would not change)."""
+        return self._submit("debug_fill", model_key, self._next_id("fill"), model_key, component, tensor, value)
+
+    def in_flight(self) -> list[str]:
+        """Request ids the child has started working on and not answered yet."""
+        with self._lock:
+            return [rid for rid, p in self._pending.items() if p.started]
+
+    # -- responses ------------------------------------------------------------------------------------------
+
+    def _read_loop(self, inc: _Incarnation) -> None:
+        reader = inc.responses._reader
+        try:
+            while True:
+                ready = mp_connection.wait([reader, inc.process.sentinel])
+                if reader not in ready:
+                    break  # the child exited and nothing more is readable
+                try:
+                    msg = inc.responses.get()
+                except (EOFError, OSError):
+                    break
+                self._dispatch(inc, msg)
+            # The child is gone; take what it managed to send in full before it died.
+            while True:
+                try:
+                    if not reader.poll(0):
+                        break
+                    msg = inc.responses.get()
+                except (EOFError, OSError):
+                    break
+                self._dispatch(inc, msg)
+        finally:
+            self._on_exit(inc)
+
+    def _dispatch(self, inc: _Incarnation, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            inc.ready.set()
+            with self._lock:
+                self._changed.notify_all()
+            return
+        rid = msg[1]
+        with self._lock:
+            pending = self._pending.get(rid)
+            if pending is None:
+                return
+            if kind == "started":
+                pending.started = True
+                return
+            del self._pending[rid]
+        if kind == "loaded":
+            self._deliver(pending, rid, msg[2], msg[3])
+        elif kind == "ok":
+            pending.future.set_result(msg[2])
+        elif kind == "error":
+            pending.future.set_exception(_rebuild_error(pending, *msg[2:]))
+
+    def _deliver(self, pending: _Pending, rid: str, payload: bytes, sent_at: float) -> None:
+        try:
+            # Rebuilding the buffers fetches their handles from the child (CPU: descriptors over its resource
+            # sharer; CUDA: IPC opens): this is the moment the child must still hold them.
+            files, timings = ForkingPickler.loads(payload)
+            weights = _weights(
+                rid,
+                pending.model_key,
+                pending.meta["device"],
+                pending.meta["dtype"],
+                [(c, p, buf, tuple(TensorSpec(*s) for s in specs)) for c, p, buf, specs in files],
+                LoadTimings(**timings),
+            )
+        except Exception as err:  # noqa: BLE001 - a handle that cannot be opened means the child is gone
+            pending.future.set_exception(
+                Unavailable(f"preloader died while handing over {pending.model_key!r} ({type(err).__name__}: {err})")
+            )
+            return
+        weights.timings.wire_bytes = len(payload)
+        weights.timings.handoff_s = max(time.time() - sent_at, 0.0)
+        pending.future.set_result(weights)
+
+    def _on_exit(self, inc: _Incarnation) -> None:
+        inc.process.join(self.stop_timeout_s)
+        how = _describe_exit(inc.process.exitcode)
+        with self._lock:
+            lost = {rid: p for rid, p in self._pending.items() if p.generation == inc.generation}
+            for rid in lost:
+                del self._pending[rid]
+            expected = inc.stopping
+            if self._inc is inc:
+                self._inc = None
+            self.last_exit = how
+            restart = not expected and not self._closed and self.auto_restarts_used < self.auto_restart
+            if restart:
+                self.auto_restarts_used += 1
+                self._restarting = True
+            self._changed.notify_all()
+        for p in lost.values():
+            if expected:
+                what = "closed" if self._closed else "restarted"
+                err = Unavailable(f"the preloader was {what} while {_doing(p)}; retry")
+            else:
+                then = "it is being restarted, retry" if restart else "restart() it and retry"
+                err = Unavailable(f"preloader died while {_doing(p)} ({how}); {then}")
+            p.future.set_exception(err)
+        for q in (inc.requests, inc.responses):
+            try:
+                q.close()
+            except (OSError, AttributeError):
+                pass
+        if not expected:
+            log.warning("preloader process %s died (%s)%s", inc.process.pid, how, "; restarting it" if restart else "")
+        if restart:
+            try:
+                with self._lock:
+                    if self._closed:
+                        return  # closed meanwhile: the finally below still clears `_restarting`
+                    new = self._spawn()
+                    self.restarts += 1
+                self._wait_ready(new)
+            except Exception:  # noqa: BLE001 - a failed restart leaves the preloader down; requests fail Unavailable
+                log.exception("restarting the preloader failed")
+            finally:
+                with self._lock:
+                    self._restarting = False
+                    self._changed.notify_all()
+
+
+def _doing(p: _Pending) -> str:
+    return f"loading {p.model_key}" if p.kind == "load" else f"answering {p.kind}"
+
+
+def _rebuild_error(pending: _Pending, type_name: str, message: str, remote_tb: str) -> BaseException:
+    """The child's exception as the parent raises it: domain errors as their own class, the rest as PreloadFailed."""
+    cls = getattr(errors, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, HotslotError):
+        try:
+            err = cls(message)
+        except TypeError:
+            err = HotslotError(message)
+        err.__notes__ = [f"raised in the preloader process:\n{remote_tb}"]
+        return err
+    return PreloadFailed(
+        f"preloader failed while {_doing(pending)}: {type_name}: {message}", type_name, remote_tb
+    )

@@ -1,0 +1,213 @@
+"""The preloader subprocess: a real spawned child hands weights over as shared memory without copying them,
+reports load errors without dying, is noticed when it dies (kill -9) and can be restarted."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hotslot.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from hotslot.loading.pipeline_loader import load_pipeline
+from hotslot.loading.preloader import Preloader
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+WAIT_S = 60.0  # generous: the CI box is shared and spawning imports torch
+
+
+def _image(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(0)
+    return pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np", generator=generator).images
+
+
+def _wait_for(predicate, what: str, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def preloader():
+    with Preloader() as p:
+        yield p
+
+
+def test_child_is_a_separate_light_process(preloader: Preloader) -> None:
+    info = preloader.info()
+    assert preloader.is_alive() and info["pid"] == preloader.pid != os.getpid()
+    # the child reads bytes; diffusers and transformers are the parent's business
+    assert not info["diffusers_imported"] and not info["transformers_imported"]
+
+
+def test_handoff_is_zero_copy_shared_memory(preloader: Preloader, tiny_family: list[Path]) -> None:
+    weights = preloader.load("zc-1", "zero-copy", tiny_family[0]).result(WAIT_S)
+    try:
+        assert sorted(weights.components) == ["text_encoder", "unet", "vae"]
+        # One shared-memory buffer per file, and every tensor a view into one of them: 3 handles, ~450 tensors.
+        assert weights.timings.files == len(weights.buffers) == 3
+        storages = {b.untyped_storage().data_ptr() for b in weights.buffers}
+        n_tensors = 0
+        for sd in weights.components.values():
+            for t in sd.values():
+                assert t.untyped_storage().data_ptr() in storages
+                n_tensors += 1
+        assert n_tensors > 100
+        assert all(b.is_shared() for b in weights.buffers)
+        # The message that crossed the queue holds handles and tensor layouts, not tensor bytes.
+        assert weights.timings.bytes > 5_000_000
+        assert weights.timings.wire_bytes < 64 * 1024 < weights.timings.bytes // 50
+
+        # The decisive check: the child writes into its own memory and the parent's tensor changes. A pickled
+        # copy (or any copy at all) would keep the old values, as the clone below does.
+        name = "conv_in.weight"
+        mine = weights.components["unet"][name]
+        pointer, control = mine.data_ptr(), mine.clone()
+        preloader.debug_fill("zero-copy", "unet", name, 7.0).result(WAIT_S)
+        assert bool((mine == 7.0).all())
+        assert not bool((control == 7.0).all())
+        assert mine.data_ptr() == pointer
+
+        # and assignment keeps the same memory: the pipeline's parameter is the handed-over tensor
+        from hotslot.loading.layout import read_layout
+        from hotslot.loading.materialize import build_pipeline
+
+        pipe, _ = build_pipeline(read_layout(tiny_family[0]), weights.components)
+        assert pipe.unet.conv_in.weight.data_ptr() == pointer
+    finally:
+        preloader.release("zero-copy").result(WAIT_S)
+
+
+def test_pipeline_through_the_preloader_matches_from_pretrained(
+    preloader: Preloader, tiny_family: list[Path]
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe, report = load_pipeline(tiny_family[1], preloader=preloader, model_key="tiny-1")
+    assert report.via_preloader and report.files == 3 and report.wire_bytes < 64 * 1024
+    assert report.read_s > 0 and report.materialize_s > 0 and report.handoff_s >= 0
+    # on CPU the child lets go once the pipeline holds the tensors; shared memory stays mapped in this process
+    _wait_for(lambda: "tiny-1" not in preloader.held(), "the automatic release")
+    reference = StableDiffusionPipeline.from_pretrained(tiny_family[1], local_files_only=True)
+    np.testing.assert_array_equal(_image(pipe), _image(reference))
+
+
+def test_release_drops_the_childs_references(preloader: Preloader, tiny_family: list[Path]) -> None:
+    a = preloader.load("rel-a", "model-a", tiny_family[0]).result(WAIT_S)
+    preloader.load("rel-b", "model-b", tiny_family[1]).result(WAIT_S)
+    held = preloader.held()
+    assert held["model-a"] >= a.timings.bytes and "model-b" in held
+    assert preloader.release("model-a").result(WAIT_S) == held["model-a"]
+    assert "model-a" not in preloader.held() and "model-b" in preloader.held()
+    assert bool(torch.isfinite(a.components["unet"]["conv_in.weight"]).all())  # still readable here
+    assert preloader.release("model-b").result(WAIT_S) > 0
+    assert preloader.release("never-loaded").result(WAIT_S) == 0
+    assert preloader.held() == {}
+
+
+def test_a_corrupt_file_comes_back_as_an_error_and_the_child_lives_on(
+    preloader: Preloader, tiny_family: list[Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_family[0], broken)
+    unet = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    raw = unet.read_bytes()
+    unet.write_bytes(struct.pack("<Q", len(raw) * 2) + raw[8:])  # header length past the end of the file
+    pid = preloader.pid
+    with pytest.raises(DataLoss, match=r"unet/diffusion_pytorch_model\.safetensors is not a valid safetensors file"):
+        preloader.load("bad-1", "broken", broken).result(WAIT_S)
+    assert preloader.is_alive() and preloader.pid == pid
+    assert preloader.held().get("broken") is None  # nothing half-loaded is kept
+    with pytest.raises(NotFound, match="does not exist"):
+        preloader.load("bad-2", "missing", tmp_path / "no-such-model").result(WAIT_S)
+    weights = preloader.load("good-after-bad", "good", tiny_family[0]).result(WAIT_S)
+    assert weights.timings.files == 3
+    preloader.release("good").result(WAIT_S)
+
+
+def test_bad_arguments_are_refused_in_the_parent(preloader: Preloader, tiny_family: list[Path]) -> None:
+    with pytest.raises(InvalidArgument, match="dtype"):
+        preloader.load("arg-1", "m", tiny_family[0], dtype="float8")
+    with pytest.raises(InvalidArgument, match="device"):
+        preloader.load("arg-2", "m", tiny_family[0], device="tpu")
+    with pytest.raises(InvalidArgument, match="request_id"):
+        preloader.load("", "m", tiny_family[0])
+
+
+async def test_load_async_converts_dtype_once(preloader: Preloader, tiny_family: list[Path]) -> None:
+    weights = await preloader.load_async("async-1", "async-fp16", tiny_family[0], dtype=torch.float16)
+    try:
+        assert weights.components["unet"]["conv_in.weight"].dtype == torch.float16
+        assert weights.timings.bytes * 2 == pytest.approx(weights.timings.bytes_read, rel=0.01)
+        assert all(b.is_shared() for b in weights.buffers)  # converted tensors are the shared ones
+    finally:
+        preloader.release("async-fp16").result(WAIT_S)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_load_fails_the_load_and_restart_recovers(tiny_family: list[Path]) -> None:
+    # The rate cap stretches a 7 MB load to seconds, so the kill lands while the child is reading.
+    with Preloader(read_bytes_per_s=2_000_000) as p:
+        first_pid = p.pid
+        future = p.load("doomed", "tiny-0", tiny_family[0])
+        _wait_for(lambda: "doomed" in p.in_flight(), "the child to start loading")
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(Unavailable, match=r"preloader died while loading tiny-0 \(killed by SIGKILL, signal 9\)"):
+            future.result(WAIT_S)
+        _wait_for(lambda: not p.is_alive(), "the death to be noticed")
+        late = p.load("too-late", "tiny-0", tiny_family[0])
+        with pytest.raises(Unavailable, match="not running"):
+            late.result(WAIT_S)
+
+        p.restart()
+        assert p.is_alive() and p.pid != first_pid and p.restarts == 1
+        weights = p.load("after-restart", "tiny-0", tiny_family[0], read_bytes_per_s=None).result(WAIT_S)
+        assert weights.timings.files == 3
+
+
+@pytest.mark.slow
+def test_auto_restart_replaces_a_dead_child_a_bounded_number_of_times(tiny_family: list[Path]) -> None:
+    with Preloader(auto_restart=1) as p:
+        first_pid = p.pid
+        os.kill(first_pid, signal.SIGKILL)
+        _wait_for(lambda: p.is_alive() and p.pid != first_pid, "the automatic restart")
+        assert p.auto_restarts_used == 1 and "signal 9" in p.last_exit
+        assert p.load("auto-1", "tiny-0", tiny_family[0]).result(WAIT_S).timings.files == 3
+
+        os.kill(p.pid, signal.SIGKILL)  # the budget is spent: it stays down
+        _wait_for(lambda: not p.is_alive() and p.last_exit is not None, "the second death")
+        with pytest.raises(Unavailable):
+            p.load("auto-2", "tiny-0", tiny_family[0]).result(WAIT_S)
+        assert p.auto_restarts_used == 1
+
+
+def test_requests_after_close_fail_unavailable(tiny_family: list[Path]) -> None:
+    p = Preloader()
+    p.start()
+    p.close()
+    assert not p.is_alive()
+    with pytest.raises(Unavailable, match="closed"):
+        p.load("closed-1", "tiny-0", tiny_family[0]).result(WAIT_S)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_handoff_uses_ipc_and_the_child_keeps_the_memory(tiny_family: list[Path]) -> None:
+    with Preloader() as p:
+        weights = p.load("cuda-1", "tiny-cuda", tiny_family[0], device="cuda", dtype=torch.float16).result(WAIT_S)
+        assert all(b.is_cuda for b in weights.buffers) and weights.timings.wire_bytes < 64 * 1024
+        w = weights.components["unet"]["conv_in.weight"]
+        p.debug_fill("tiny-cuda", "unet", "conv_in.weight", 3.0).result(WAIT_S)
+        assert bool((w == 3.0).all())  # same device memory
+        assert p.held()["tiny-cuda"] > 0
+        owned = weights.owned_copy()
+        p.release("tiny-cuda").result(WAIT_S)
+        assert bool((owned.components["unet"]["conv_in.weight"] == 3.0).all())

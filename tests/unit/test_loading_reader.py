@@ -1,0 +1,206 @@
+"""The safetensors reader: bit-identical to safetensors.torch.load_file (with and without dtype conversion), one
+shared buffer per file, and clear domain errors for files that are missing, corrupt or pickles."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file as reference_load
+from safetensors.torch import save_file
+
+from hotslot.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from hotslot.loading import reader as reader_mod
+from hotslot.loading.reader import (
+    OUTPUT_ALIGNMENT_BYTES,
+    PAGE_BYTES,
+    read_header,
+    read_safetensors,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality including NaN payloads and signed zeros: compare the raw bytes."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every dtype family the loader treats differently, odd sizes, a scalar, an empty tensor, special values."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w32": torch.randn(33, 7, generator=g),
+        "w16": torch.randn(5, 3, generator=g).half(),
+        "wbf16": torch.randn(9, generator=g).bfloat16(),
+        "w64": torch.randn(4, 2, generator=g).double(),
+        "special": torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 65519.0]),
+        "ids": torch.arange(77, dtype=torch.int64).reshape(1, 77),
+        "mask": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "layers.0.wo.weight": torch.randn(6, 6, generator=g),
+    }
+    path = tmp_path_factory.mktemp("reader") / "mixed.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("chunk_bytes", [4096, 16 * 1024 * 1024])
+def test_reads_bit_identical_to_safetensors(mixed_file: Path, chunk_bytes: int) -> None:
+    loaded = read_safetensors(mixed_file, chunk_bytes=chunk_bytes)
+    ours, ref = loaded.tensors(), reference_load(str(mixed_file))
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert _same_bits(ours[name], ref[name]), name
+    assert loaded.metadata == {"format": "pt"}
+    assert loaded.stats.bytes_read == loaded.stats.bytes_out == read_header(mixed_file).data_bytes
+
+
+def test_one_shared_buffer_per_file_and_every_tensor_is_a_view_of_it(mixed_file: Path) -> None:
+    loaded = read_safetensors(mixed_file)
+    assert loaded.buffer.dtype == torch.uint8 and loaded.buffer.dim() == 1
+    assert loaded.buffer.is_shared()
+    base = loaded.buffer.untyped_storage().data_ptr()
+    for name, t in loaded.tensors().items():
+        if t.numel():
+            assert t.untyped_storage().data_ptr() == base, name
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_unconverted_tensors_keep_the_files_page_offset(mixed_file: Path, shared: bool) -> None:
+    # What an mmap of the file (diffusers/transformers from_pretrained on CPU) gives: CPU kernels choose their
+    # code path by alignment, so this is what makes images bit-identical to from_pretrained.
+    header = read_header(mixed_file)
+    tensors = read_safetensors(mixed_file, shared=shared).tensors()
+    for e in (e for e in header.tensors if e.nbytes):  # an empty tensor has no address
+        assert tensors[e.name].data_ptr() % PAGE_BYTES == (header.data_start + e.begin) % PAGE_BYTES, e.name
+
+
+def test_unshared_buffer_when_asked(mixed_file: Path) -> None:
+    assert not read_safetensors(mixed_file, shared=False).buffer.is_shared()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk_bytes", [4096, 16 * 1024 * 1024])
+def test_dtype_conversion_matches_torch_conversion_of_the_reference(
+    mixed_file: Path, dtype: torch.dtype, chunk_bytes: int
+) -> None:
+    loaded = read_safetensors(mixed_file, dtype=dtype, chunk_bytes=chunk_bytes)
+    ours, ref = loaded.tensors(), reference_load(str(mixed_file))
+    for name, r in ref.items():
+        expected = r.to(dtype) if r.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else r
+        assert _same_bits(ours[name], expected), name
+    assert loaded.buffer.is_shared()  # the converted tensors are the ones in shared memory
+    for spec in loaded.specs:
+        assert spec.offset % OUTPUT_ALIGNMENT_BYTES == 0
+
+
+def test_keep_fp32_modules_stay_float32(mixed_file: Path) -> None:
+    ours = read_safetensors(
+        mixed_file, dtype=torch.float16, keep_fp32=lambda name: "wo" in name.split(".")
+    ).tensors()
+    ref = reference_load(str(mixed_file))
+    assert _same_bits(ours["layers.0.wo.weight"], ref["layers.0.wo.weight"])
+    assert ours["w32"].dtype == torch.float16
+    assert ours["ids"].dtype == torch.int64  # integers are never converted
+
+
+def _write_raw(path: Path, header: dict, data: bytes, pad_to: int = 8) -> Path:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % pad_to)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def test_misaligned_tensors_are_realigned_not_rejected(tmp_path: Path) -> None:
+    # A writer that does not align: a 3-byte uint8 tensor first puts the float32 tensor at offset 3.
+    values = torch.tensor([1.5, -2.25, 3.0])
+    header = {
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "b": {"dtype": "F32", "shape": [3], "data_offsets": [3, 15]},
+    }
+    path = _write_raw(tmp_path / "odd.safetensors", header, bytes([7, 8, 9]) + values.numpy().tobytes())
+    ours = read_safetensors(path).tensors()
+    assert ours["a"].tolist() == [7, 8, 9]
+    assert _same_bits(ours["b"], values)
+    assert _same_bits(ours["b"], reference_load(str(path))["b"])
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda raw: struct.pack("<Q", 2**40) + raw[8:], "exceeds"),
+        (lambda raw: struct.pack("<Q", len(raw)) + raw[8:], "runs past the end"),
+        (lambda raw: raw[:8] + b"\xff" + raw[9:], "not UTF-8 JSON"),
+        (lambda raw: raw[:-10], "cover"),
+        (lambda raw: raw[:5], "shorter than the 8-byte header length"),
+    ],
+    ids=["huge-length", "length-past-end", "not-json", "truncated-data", "tiny"],
+)
+def test_corrupt_files_raise_data_loss_naming_the_file(tmp_path: Path, mixed_file: Path, mutate, message) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(mutate(mixed_file.read_bytes()))
+    with pytest.raises(DataLoss, match=message) as err:
+        read_safetensors(bad)
+    assert str(bad) in err.value.message
+
+
+def test_header_validation_rejects_inconsistent_entries(tmp_path: Path) -> None:
+    header = {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}
+    path = _write_raw(tmp_path / "short.safetensors", header, b"\0" * 12)
+    with pytest.raises(DataLoss, match="12 bytes for shape"):
+        read_header(path)
+    header = {"x": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}
+    with pytest.raises(DataLoss, match="unsupported dtype"):
+        read_header(_write_raw(tmp_path / "dtype.safetensors", header, b"\0" * 4))
+
+
+def test_missing_file_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="does not exist"):
+        read_safetensors(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".ckpt", ".pkl"])
+def test_pickle_files_are_refused_without_being_opened(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(b"\x80\x04anything")  # a pickle stream; it must never be parsed
+    with pytest.raises(InvalidArgument, match="pickle"):
+        read_safetensors(path)
+
+
+def test_full_shared_memory_is_resource_exhausted_with_advice(
+    mixed_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reader_mod, "_shm_free_bytes", lambda: 1024)
+    with pytest.raises(ResourceExhausted, match=r"shared memory is full: .*larger /dev/shm"):
+        read_safetensors(mixed_file)
+    assert read_safetensors(mixed_file, shared=False).stats.bytes_out > 0  # private memory is not limited by it
+
+
+def test_rate_cap_is_accounted_as_throttle_time(mixed_file: Path) -> None:
+    size = mixed_file.stat().st_size
+    loaded = read_safetensors(mixed_file, chunk_bytes=4096, read_bytes_per_s=size * 10)  # ~0.1 s at most
+    assert loaded.stats.throttle_s > 0
+    assert _same_bits(loaded.tensors()["w32"], reference_load(str(mixed_file))["w32"])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_cuda_read_is_bit_identical(mixed_file: Path, dtype: torch.dtype | None) -> None:
+    loaded = read_safetensors(mixed_file, device="cuda", dtype=dtype, chunk_bytes=4096)
+    assert loaded.buffer.is_cuda
+    ref = reference_load(str(mixed_file))
+    for name, t in loaded.tensors().items():
+        expected = ref[name]
+        if dtype is not None and expected.is_floating_point():
+            expected = expected.to(dtype)
+        assert t.is_cuda and _same_bits(t, expected), name
