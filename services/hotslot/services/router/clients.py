@@ -4,14 +4,12 @@ grpc."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 import grpc.aio
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from hotslot import errors
+from hotslot.bootstrap.rpc_errors import error_from_rpc as _error_from_rpc
 from hotslot.common.v1 import common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as executor_pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as executor_grpc
@@ -32,63 +30,10 @@ from .placement import ExecutorSnapshot, HeldModel, Tier
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
-_ERROR_BY_CODE: dict[grpc.StatusCode, type[errors.HotslotError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.DATA_LOSS: errors.DataLoss,
-    grpc.StatusCode.CANCELLED: errors.Cancelled,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-}
-
-
 def error_from_rpc(error: grpc.aio.AioRpcError, peer: str) -> errors.HotslotError:
-    """The hotslot error for a failed downstream call: same code and message, with the BadRequest and RetryInfo
-    details kept. Codes with no hotslot class (INTERNAL, UNKNOWN, UNIMPLEMENTED, ...) become a plain HotslotError
-    (UNKNOWN) whose message names the peer and its code; the peer's message is safe to repeat, since every hotslot
-    service hides internals behind it already."""
-    code = error.code()
-    message = error.details() or f"{peer} answered {code.name}"
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return ExecutorUnavailable(message)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return errors.InvalidArgument(message, _violations(error))
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.ResourceExhausted(message, _retry_after_s(error))
-    cls = _ERROR_BY_CODE.get(code)
-    if cls is None:
-        return errors.HotslotError(f"{peer} failed with {code.name}: {message}")
-    return cls(message)
-
-
-def _rich_details(error: grpc.aio.AioRpcError, detail_type: type) -> list[Any]:
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError:  # details that do not match code and message: ignore them rather than fail the call
-        return []
-    found = []
-    for any_detail in status.details if status is not None else ():
-        detail = detail_type()
-        if any_detail.Unpack(detail):
-            found.append(detail)
-    return found
-
-
-def _violations(error: grpc.aio.AioRpcError) -> list[errors.FieldViolation]:
-    return [
-        errors.FieldViolation(violation.field, violation.description)
-        for bad_request in _rich_details(error, error_details_pb2.BadRequest)
-        for violation in bad_request.field_violations
-    ]
-
-
-def _retry_after_s(error: grpc.aio.AioRpcError) -> float | None:
-    for info in _rich_details(error, error_details_pb2.RetryInfo):
-        return info.retry_delay.ToNanoseconds() / 1e9
-    return None
+    """A failed executor or registry call as a hotslot error; UNAVAILABLE becomes ExecutorUnavailable, the one
+    failure the core retries elsewhere."""
+    return _error_from_rpc(error, peer, unavailable=ExecutorUnavailable)
 
 
 def snapshot_from_proto(status: executor_pb.ExecutorStatus, address: str) -> ExecutorSnapshot:
