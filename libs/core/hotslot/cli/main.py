@@ -63,7 +63,7 @@ def serve_storage_cache(
     backing_root: Annotated[
         Path | None,
         typer.Option(help="Shared backing store (NFS mount), the registry's models root. "
-                     "[env: HOTSLOT_STORAGE_CACHE_BACKING_ROOT]"),
+                     "\\[env: HOTSLOT_STORAGE_CACHE_BACKING_ROOT]"),
     ] = None,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Node-local cache directory. \\[env: HOTSLOT_STORAGE_CACHE_CACHE_DIR]")
@@ -82,12 +82,12 @@ def serve_storage_cache(
     fsync: Annotated[
         bool | None,
         typer.Option("--fsync/--no-fsync", help="fsync blobs and uploads before they become visible. "
-                     "[env: HOTSLOT_STORAGE_CACHE_FSYNC]"),
+                     "\\[env: HOTSLOT_STORAGE_CACHE_FSYNC]"),
     ] = None,
     registry_address: Annotated[
         str | None,
         typer.Option(help="host:port of the model-registry; empty for manifests only. "
-                     "[env: HOTSLOT_STORAGE_CACHE_REGISTRY_ADDRESS]"),
+                     "\\[env: HOTSLOT_STORAGE_CACHE_REGISTRY_ADDRESS]"),
     ] = None,
     registry_timeout_s: Annotated[
         float | None, typer.Option(help="Deadline of a registry lookup. \\[env: HOTSLOT_STORAGE_CACHE_REGISTRY_TIMEOUT_S]")
@@ -101,7 +101,7 @@ def serve_storage_cache(
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Re-hash every blob before serving and drop bad ones. "
-                     "[env: HOTSLOT_STORAGE_CACHE_VERIFY_ON_START]"),
+                     "\\[env: HOTSLOT_STORAGE_CACHE_VERIFY_ON_START]"),
     ] = False,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
@@ -175,7 +175,7 @@ def serve_router(
     max_inflight_per_executor: Annotated[
         int | None,
         typer.Option(help="Requests outstanding on one executor at most. "
-                     "[env: HOTSLOT_ROUTER_MAX_INFLIGHT_PER_EXECUTOR]"),
+                     "\\[env: HOTSLOT_ROUTER_MAX_INFLIGHT_PER_EXECUTOR]"),
     ] = None,
     queue_timeout_s: Annotated[
         float | None,
@@ -188,7 +188,7 @@ def serve_router(
     retry_attempts: Annotated[
         int | None,
         typer.Option(help="Retries on another executor when one dies; 0 for none. "
-                     "[env: HOTSLOT_ROUTER_RETRY_ATTEMPTS]"),
+                     "\\[env: HOTSLOT_ROUTER_RETRY_ATTEMPTS]"),
     ] = None,
     watch_backoff_s: Annotated[
         float | None,
@@ -240,6 +240,28 @@ def serve_router(
             )
         raise typer.Exit(2) from None
     asyncio.run(serve(settings))
+
+
+def _serve_executor(settings) -> None:
+    from hotslot.services.executor.wiring import serve
+
+    asyncio.run(serve(settings))
+
+
+def _register_executor() -> None:
+    from hotslot.cli.settings_command import settings_command
+    from hotslot.services.executor.settings import ExecutorSettings
+
+    serve_app.command("executor")(
+        settings_command(
+            ExecutorSettings,
+            _serve_executor,
+            "Run an executor: inference on one device, with a hot-swap slot filled by a preloading subprocess.",
+        )
+    )
+
+
+_register_executor()
 
 
 def main() -> None:

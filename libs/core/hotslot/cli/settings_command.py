@@ -1,0 +1,52 @@
+"""Builds a `hotslot serve <service>` command whose flags are exactly the fields of the service's settings class,
+so every setting has a flag, each flag names its environment variable, and the two cannot drift apart."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin
+
+import typer
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from hotslot.bootstrap.settings import settings_from
+
+
+def _cli_type(annotation: Any) -> type:
+    """The flag's type: typer parses bool/int/float/Path; everything else (byte sizes with units, lists) is
+    passed as text for pydantic to validate like an environment variable."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) else []
+    base = args[0] if len(args) == 1 else annotation
+    return base if base in (bool, int, float, Path) else str
+
+
+def settings_command(cls: type[BaseSettings], run: Callable[[BaseSettings], None], doc: str) -> Callable[..., None]:
+    prefix = cls.model_config.get("env_prefix", "")
+    parameters = []
+    for name, field in cls.model_fields.items():
+        env = f"{prefix}{name}".upper()
+        help_text = f"{field.description or ''} \\[env: {env}]".strip()
+        flag = name.replace("_", "-")
+        cli_type = _cli_type(field.annotation)
+        decl = f"--{flag}/--no-{flag}" if cli_type is bool else f"--{flag}"
+        option = typer.Option(decl, help=help_text, show_default=False)
+        parameters.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[cli_type | None, option]
+            )
+        )
+
+    def command(**flags: Any) -> None:
+        try:
+            settings = settings_from(cls, flags)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            typer.echo(f"error: invalid settings: {problems}", err=True)
+            raise typer.Exit(2) from None
+        run(settings)
+
+    command.__signature__ = inspect.Signature(parameters)  # typer reads the flags from here
+    command.__doc__ = doc
+    return command

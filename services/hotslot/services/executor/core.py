@@ -1,0 +1,607 @@
+"""Executor domain logic: a FIFO of generation requests served one at a time on the device, the hot-swap slot
+kept full by the preloader (looking ahead in the queue so the next model loads while the current one computes),
+phase timings and spans recorded where each phase happens, and a versioned status for watchers. No grpc here."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+
+from hotslot.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from hotslot.manifest import validate_model_id
+
+from .downstream import ModelResolver, ViewProvider
+from .generation import GenerationLimits, GenerationParams, run_pipeline, validate
+from .slots import HeldModel, ModelKey, SlotEntry, SlotManager, Tier, TierUsage
+
+log = logging.getLogger(__name__)
+
+PHASES = ("queue", "ensure", "read", "materialize", "swap", "denoise", "encode")
+LOAD_PHASES = ("ensure", "read", "materialize")
+
+
+@dataclass
+class PhaseTimes:
+    queue: float = 0.0
+    ensure: float = 0.0
+    read: float = 0.0
+    materialize: float = 0.0
+    swap: float = 0.0
+    denoise: float = 0.0
+    encode: float = 0.0
+    total: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoadEvent:
+    phase: str  # queued, ensure, read, materialize, swap
+    bytes_done: int = 0
+    bytes_total: int = 0
+    queue_position: int = 0
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int
+    total_steps: int
+    elapsed_s: float
+
+
+@dataclass
+class GenerateOutcome:
+    images: list[tuple[bytes, int, int, int]]
+    key: ModelKey
+    tier: Tier
+    timings: PhaseTimes
+    executor_id: str
+    request_id: str
+
+
+@dataclass
+class PreloadOutcome:
+    key: ModelKey
+    tier: Tier
+    from_tier: Tier
+    timings: PhaseTimes
+
+
+@dataclass(frozen=True)
+class PreloaderState:
+    pid: int
+    alive: bool
+    restarts: int
+    loading: ModelKey | None
+
+
+@dataclass(frozen=True)
+class ExecutorSnapshot:
+    executor_id: str
+    address: str
+    state: str  # STARTING, READY, DRAINING
+    device: str
+    models: list[HeldModel]
+    tiers: list[TierUsage]
+    queue_depth: int
+    queue_capacity: int
+    device_memory_total: int
+    device_memory_used: int
+    preloader: PreloaderState
+    version: int
+
+
+@dataclass(eq=False)
+class _Job:
+    request_id: str
+    key: ModelKey
+    params: GenerationParams
+    total_bytes: int
+    emit: Callable[[Any], None]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    enqueued_ns: int = field(default_factory=time.time_ns)
+    stop: threading.Event = field(default_factory=threading.Event)
+    future: asyncio.Future | None = None
+    context: Any = None
+
+
+@dataclass(eq=False)
+class _Preparation:
+    """One model being brought to HOST or STANDBY, shared by everyone who needs it (single-flight)."""
+
+    key: ModelKey
+    target: Tier
+    task: asyncio.Task | None = None
+    phase: str = "ensure"
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase -> (start, end) perf_counter
+    from_tier: Tier = Tier.BACKING_STORE
+    pipeline: Any = None  # kept when the standby budget could not hold it, so a waiting request can use it
+
+
+class ExecutorCore:
+    def __init__(
+        self,
+        *,
+        executor_id: str,
+        address: str,
+        device: str,
+        loader: Any,  # loader.ModelLoader (read/materialize/demote; blocking)
+        preloader: Any,  # hotslot.loading.preloader.Preloader, for status
+        slots: SlotManager,
+        resolver: ModelResolver,
+        views: ViewProvider,
+        limits: GenerationLimits,
+        queue_capacity: int,
+        lookahead: bool = True,
+        lease_ttl_s: float = 300.0,
+        load_timeout_s: float = 1800.0,
+        retry_after_s: float = 1.0,
+        device_memory: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
+        self.executor_id = executor_id
+        self.address = address
+        self.device = device
+        self.loader = loader
+        self.preloader = preloader
+        self.slots = slots
+        self.resolver = resolver
+        self.views = views
+        self.limits = limits
+        self.queue_capacity = queue_capacity
+        self.lookahead = lookahead
+        self.lease_ttl_s = lease_ttl_s
+        self.load_timeout_s = load_timeout_s
+        self.retry_after_s = retry_after_s
+        self._device_memory = device_memory
+        self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._wake = asyncio.Event()
+        self._running: _Job | None = None
+        self._preparing: dict[ModelKey, _Preparation] = {}
+        self._state = "STARTING"
+        self._version = 0
+        self._changed_event = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._preloader_seen: tuple = ()
+        slots_on_evict = self._on_evict
+        self.slots._on_evict = slots_on_evict  # the slot manager tells us when a model leaves, to unpin it
+        self.slots._on_demote = lambda entry: self.loader.demote(entry.weights)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._worker(), name="executor-worker"),
+            asyncio.create_task(self._renew_leases(), name="executor-leases"),
+            asyncio.create_task(self._watch_preloader(), name="executor-preloader-watch"),
+        ]
+        self._state = "READY"
+        self._changed()
+
+    async def drain(self) -> None:
+        """Stops taking requests (status DRAINING) so routers move away before the server stops."""
+        self._state = "DRAINING"
+        self._changed()
+
+    async def close(self) -> None:
+        self._state = "DRAINING"
+        for job in list(self._waiting):
+            job.stop.set()
+            if job.future and not job.future.done():
+                job.future.set_exception(Unavailable("executor is shutting down; retry on another executor"))
+        self._waiting.clear()
+        for task in self._tasks:
+            task.cancel()
+        for prep in list(self._preparing.values()):
+            if prep.task:
+                prep.task.cancel()
+        await asyncio.gather(*self._tasks, *(p.task for p in self._preparing.values() if p.task),
+                             return_exceptions=True)
+        for entry in self.slots.clear():
+            log.debug("dropped %s on shutdown", entry.key)
+        self._changed()
+
+    # -- status ------------------------------------------------------------------------------------------
+    def _changed(self) -> None:
+        self._version += 1
+        self._changed_event.set()
+        self._changed_event = asyncio.Event()
+
+    def status(self) -> ExecutorSnapshot:
+        total, used = self._device_memory()
+        loading = next(iter(self._preparing), None)
+        return ExecutorSnapshot(
+            executor_id=self.executor_id,
+            address=self.address,
+            state=self._state,
+            device=self.device,
+            models=self.slots.held(),
+            tiers=self.slots.usage(),
+            queue_depth=len(self._waiting) + (1 if self._running else 0),
+            queue_capacity=self.queue_capacity,
+            device_memory_total=total,
+            device_memory_used=used,
+            preloader=PreloaderState(
+                pid=self.preloader.pid or 0,
+                alive=self.preloader.is_alive(),
+                restarts=getattr(self.preloader, "restarts", 0),
+                loading=loading,
+            ),
+            version=self._version,
+        )
+
+    async def watch(self) -> AsyncIterator[ExecutorSnapshot]:
+        """The current status, then a new one after every change (coalesced: a slow watcher gets the latest)."""
+        while True:
+            event = self._changed_event
+            yield self.status()
+            await event.wait()
+
+    # -- generate ----------------------------------------------------------------------------------------
+    async def generate(
+        self,
+        model_id: str,
+        revision: int,
+        params: GenerationParams,
+        request_id: str = "",
+        emit: Callable[[Any], None] | None = None,
+    ) -> GenerateOutcome:
+        """Queues one request and waits for it. `emit` receives LoadEvent/StepEvent objects on the event loop.
+        Cancelling the awaiting task (client cancel, deadline) stops denoising between steps."""
+        if self._state != "READY":
+            raise Unavailable(f"executor {self.executor_id} is {self._state.lower()}; retry on another executor")
+        validate_model_id(model_id, "model.model_id")
+        if revision < 0:
+            raise InvalidArgument.field("model.revision", "must be >= 0 (0 means the latest)")
+        params = validate(params, self.limits)
+        if len(self._waiting) >= self.queue_capacity:
+            raise ResourceExhausted(
+                f"executor {self.executor_id} has {len(self._waiting)} requests waiting (capacity "
+                f"{self.queue_capacity}); retry later or on another executor",
+                retry_after_s=self.retry_after_s,
+            )
+        resolved = await self.resolver.resolve(model_id, revision)
+        if resolved.kind and resolved.kind != "DIFFUSERS_PIPELINE":
+            raise InvalidArgument.field(
+                "model.model_id", f"{model_id!r} is a {resolved.kind}; generate with a DIFFUSERS_PIPELINE model"
+            )
+        key = ModelKey(resolved.model_id, resolved.revision)
+        self.slots.check_fits(key, resolved.total_bytes)
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            request_id=request_id or uuid.uuid4().hex[:16],
+            key=key,
+            params=params,
+            total_bytes=resolved.total_bytes,
+            emit=emit or (lambda event: None),
+            future=loop.create_future(),
+            context=trace.set_span_in_context(trace.get_current_span()),
+        )
+        # Mark the outcome as seen even when the caller has gone (cancelled), so asyncio does not warn about it.
+        job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if len(self._waiting) >= self.queue_capacity:  # re-check: the registry call yielded
+            raise ResourceExhausted(
+                f"executor {self.executor_id} queue is full ({self.queue_capacity}); retry later",
+                retry_after_s=self.retry_after_s,
+            )
+        self._waiting.append(job)
+        job.emit(LoadEvent("queued", queue_position=len(self._waiting)))
+        self._wake.set()
+        self._changed()
+        self._kick_lookahead()
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.stop.set()
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._changed()
+            raise
+
+    async def _worker(self) -> None:
+        while True:
+            while not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            job = self._waiting.popleft()
+            if job.stop.is_set():
+                continue
+            self._running = job
+            self._changed()
+            self._kick_lookahead()
+            try:
+                outcome = await self._serve(job)
+            except asyncio.CancelledError:
+                if job.future and not job.future.done():
+                    job.future.set_exception(Unavailable("executor is shutting down"))
+                raise
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting request
+                if isinstance(err, Cancelled):
+                    log.info("request %s %s", job.request_id, err.message)
+                if job.future and not job.future.done():
+                    job.future.set_exception(err)
+            else:
+                if job.future and not job.future.done():
+                    job.future.set_result(outcome)
+            finally:
+                self._running = None
+                self._changed()
+
+    async def _serve(self, job: _Job) -> GenerateOutcome:
+        times = PhaseTimes()
+        start = time.perf_counter()
+        times.queue = start - job.enqueued_at
+        ctx = job.context
+        self._record_span("queue", job.enqueued_ns, time.time_ns(), ctx, {"hotslot.request_id": job.request_id})
+        entry, tier = await self._activate(job.key, times, job.emit, ctx, job.total_bytes)
+        try:
+            if job.stop.is_set():
+                raise Cancelled("request cancelled before denoising started")
+            loop = asyncio.get_running_loop()
+
+            def on_step(step: int, total: int, elapsed: float) -> None:
+                loop.call_soon_threadsafe(job.emit, StepEvent(step, total, elapsed))
+
+            denoise_start_ns = time.time_ns()
+            result = await asyncio.to_thread(
+                run_pipeline, entry.pipeline, job.params, device=self.device, on_step=on_step,
+                should_stop=job.stop.is_set,
+            )
+        finally:
+            self.slots.release(entry)
+            self._changed()
+        times.denoise, times.encode = result.denoise_s, result.encode_s
+        denoise_end_ns = denoise_start_ns + int(result.denoise_s * 1e9)
+        self._record_span("denoise", denoise_start_ns, denoise_end_ns, ctx, {"hotslot.steps": result.steps_done})
+        self._record_span("encode", denoise_end_ns, denoise_end_ns + int(result.encode_s * 1e9), ctx,
+                          {"hotslot.images": len(result.images)})
+        times.total = time.perf_counter() - job.enqueued_at
+        log.info(
+            "generated",
+            extra={"request_id": job.request_id, "model": str(job.key), "tier": tier.name,
+                   **{f"{p}_ms": round(getattr(times, p) * 1000, 3) for p in PHASES}},
+        )
+        return GenerateOutcome(result.images, job.key, tier, times, self.executor_id, job.request_id)
+
+    # -- the slot ----------------------------------------------------------------------------------------
+    async def _activate(
+        self, key: ModelKey, times: PhaseTimes, emit: Callable[[Any], None], ctx, total_bytes: int
+    ) -> tuple[SlotEntry, Tier]:
+        """Makes `key` the active model and returns it with a reference held, plus the tier it came from."""
+        from_tier: Tier | None = None
+        for _ in range(3):  # a model evicted between its preparation and here is prepared again
+            entry = self.slots.get(key)
+            if entry is None or key in self._preparing:
+                prep = self._preparing.get(key) or self._start_preparation(key, Tier.STANDBY, total_bytes, ctx)
+                wait_start = time.perf_counter()
+                emit(LoadEvent(prep.phase, 0, total_bytes))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(prep.task)
+                wait_end = time.perf_counter()
+                for phase, (p0, p1) in prep.spans.items():
+                    overlap = max(0.0, min(p1, wait_end) - max(p0, wait_start))
+                    setattr(times, phase, getattr(times, phase) + overlap)
+                if from_tier is None:
+                    from_tier = prep.from_tier  # still loading when the request reached the front
+                prep.task.result()  # re-raises the load's error for this request
+                entry = self.slots.get(key)
+                if entry is None:
+                    continue
+                if entry.tier == Tier.HOST and prep.pipeline is not None:
+                    self.slots.acquire(entry)
+                    return self._swap(entry, prep.pipeline, times, emit, ctx), from_tier
+            if from_tier is None:
+                from_tier = entry.tier
+            self.slots.acquire(entry)
+            if entry.tier == Tier.HOST:
+                emit(LoadEvent("materialize"))
+                t0_ns, t0 = time.time_ns(), time.perf_counter()
+                try:
+                    pipeline, _ = await asyncio.to_thread(self.loader.materialize, entry.weights)
+                except BaseException:
+                    self.slots.release(entry)
+                    raise
+                times.materialize += time.perf_counter() - t0
+                self._record_span("materialize", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(key)})
+                return self._swap(entry, pipeline, times, emit, ctx), from_tier
+            return self._swap(entry, None, times, emit, ctx), from_tier
+        raise Unavailable(f"model {key} was evicted while loading, three times; the tier budgets are too small")
+
+    def _swap(self, entry: SlotEntry, pipeline: Any, times: PhaseTimes, emit, ctx) -> SlotEntry:
+        if self.slots.active is not entry:
+            emit(LoadEvent("swap"))
+        t0_ns, t0 = time.time_ns(), time.perf_counter()
+        self.slots.activate(entry, pipeline)
+        times.swap = time.perf_counter() - t0
+        self._record_span("swap", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(entry.key)})
+        self._changed()
+        return entry
+
+    def _start_preparation(self, key: ModelKey, target: Tier, total_bytes: int, ctx) -> _Preparation:
+        prep = _Preparation(key, target)
+        self._preparing[key] = prep
+        prep.task = asyncio.create_task(self._prepare(prep, total_bytes, ctx), name=f"prepare-{key}")
+        self._changed()
+        return prep
+
+    async def _prepare(self, prep: _Preparation, total_bytes: int, ctx) -> None:
+        key = prep.key
+        entry: SlotEntry | None = None
+        try:
+            entry = self.slots.get(key)
+            if entry is None:
+                prep.phase = "ensure"
+                t0_ns, t0 = time.time_ns(), time.perf_counter()
+                view = await self.views.ensure(key.model_id, key.revision, self.lease_ttl_s)
+                prep.spans["ensure"] = (t0, time.perf_counter())
+                prep.from_tier = Tier.LOCAL_DISK if view.all_local else Tier.BACKING_STORE
+                self._record_span("ensure", t0_ns, time.time_ns(), ctx,
+                                  {"hotslot.model": str(key), "hotslot.bytes_fetched": view.bytes_fetched})
+                prep.phase = "read"
+                t0_ns, t0 = time.time_ns(), time.perf_counter()
+                try:
+                    read = await self._read_with_retry(key, view.view_path)
+                except BaseException:
+                    await self._unpin(view.lease_id)
+                    raise
+                prep.spans["read"] = (t0, time.perf_counter())
+                self._record_span("read", t0_ns, time.time_ns(), ctx,
+                                  {"hotslot.model": str(key), "hotslot.bytes": read.weights.nbytes,
+                                   "hotslot.handoff_s": read.handoff_s})
+                entry = self.slots.add_host(key, read.weights, read.weights.nbytes,
+                                            lease_id=view.lease_id, view_path=view.view_path)  # acquired
+                self._changed()
+            else:
+                prep.from_tier = entry.tier
+                self.slots.acquire(entry)
+            try:
+                if prep.target == Tier.STANDBY and entry.tier == Tier.HOST:
+                    prep.phase = "materialize"
+                    t0_ns, t0 = time.time_ns(), time.perf_counter()
+                    pipeline, _ = await asyncio.to_thread(self.loader.materialize, entry.weights)
+                    prep.spans["materialize"] = (t0, time.perf_counter())
+                    self._record_span("materialize", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(key)})
+                    if self.slots.get(key) is entry and entry.tier == Tier.HOST:
+                        if not self.slots.set_standby(entry, pipeline):
+                            prep.pipeline = pipeline
+            finally:
+                self.slots.release(entry)
+        finally:
+            self._preparing.pop(key, None)
+            self._changed()
+            self._kick_lookahead()
+
+    async def _read_with_retry(self, key: ModelKey, view_path: str):
+        """A preloader that dies mid-load is restarted (automatically, or here) and the load retried once."""
+        for attempt in (1, 2):
+            try:
+                return await asyncio.to_thread(self.loader.read, str(key), view_path, self.load_timeout_s)
+            except Unavailable as err:
+                if attempt == 2:
+                    raise
+                log.warning("load of %s failed (%s); retrying once after the preloader restarts", key, err.message)
+                await asyncio.to_thread(self._ensure_preloader)
+
+    def _ensure_preloader(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.preloader.is_alive():
+                return
+            if getattr(self.preloader, "_restarting", False):
+                time.sleep(0.05)
+                continue
+            try:
+                self.preloader.restart()
+                return
+            except Exception:  # noqa: BLE001 - raced with the automatic restart; check again
+                time.sleep(0.1)
+        raise Unavailable("the preloader subprocess could not be restarted within 60 s")
+
+    def _kick_lookahead(self) -> None:
+        """Preloads the next distinct model waiting in the queue while the current one computes."""
+        if not self.lookahead or self._state != "READY":
+            return
+        if any(p.target == Tier.STANDBY for p in self._preparing.values()):
+            return  # one at a time: the preloader reads one model after another anyway
+        running_key = self._running.key if self._running else None
+        for job in self._waiting:
+            if job.stop.is_set() or job.key == running_key:
+                continue
+            tier = self.slots.tier_of(job.key)
+            if tier in (Tier.ACTIVE, Tier.STANDBY):
+                continue
+            log.info("lookahead: preparing %s for request %s", job.key, job.request_id)
+            self._start_preparation(job.key, Tier.STANDBY, job.total_bytes, job.context)
+            return
+
+    # -- preload / evict ---------------------------------------------------------------------------------
+    async def preload(self, model_id: str, revision: int, target: int) -> PreloadOutcome:
+        validate_model_id(model_id, "model.model_id")
+        if target not in (Tier.STANDBY, Tier.HOST):
+            raise InvalidArgument.field("target_tier", "must be TIER_STANDBY or TIER_HOST")
+        target = Tier(target)
+        resolved = await self.resolver.resolve(model_id, revision)
+        key = ModelKey(resolved.model_id, resolved.revision)
+        self.slots.check_fits(key, resolved.total_bytes)
+        times = PhaseTimes()
+        t_start = time.perf_counter()
+        entry = self.slots.get(key)
+        from_tier = entry.tier if entry else None
+        if entry is None or key in self._preparing or (target == Tier.STANDBY and entry.tier == Tier.HOST):
+            prep = self._preparing.get(key)
+            if prep is None or (target == Tier.STANDBY and prep.target == Tier.HOST):
+                if prep is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(prep.task)
+                prep = self._start_preparation(key, target, resolved.total_bytes,
+                                               trace.set_span_in_context(trace.get_current_span()))
+            await asyncio.shield(prep.task)
+            for phase, (p0, p1) in prep.spans.items():
+                setattr(times, phase, p1 - p0)
+            if from_tier is None:
+                from_tier = prep.from_tier
+        times.total = time.perf_counter() - t_start
+        entry = self.slots.get(key)
+        if entry is None:
+            raise Unavailable(f"model {key} was evicted right after loading; the tier budgets are too small")
+        return PreloadOutcome(key, entry.tier, from_tier or entry.tier, times)
+
+    async def evict(self, model_id: str, revision: int) -> int:
+        validate_model_id(model_id, "model.model_id")
+        entries = self.slots.find(model_id, revision)
+        if not entries:
+            raise NotFound(f"model {model_id!r} is not held by executor {self.executor_id}")
+        freed = sum(self.slots.evict(e.key) for e in entries)
+        self._changed()
+        return freed
+
+    # -- leases and housekeeping -------------------------------------------------------------------------
+    def _on_evict(self, entry: SlotEntry) -> None:
+        log.info("evicted %s (%d bytes)", entry.key, entry.size_bytes)
+        if entry.lease_id:
+            task = asyncio.get_running_loop().create_task(self._unpin(entry.lease_id))
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _unpin(self, lease_id: str) -> None:
+        if not lease_id:
+            return
+        try:
+            await self.views.unpin(lease_id)
+        except Exception as err:  # noqa: BLE001 - the lease expires by itself; nothing is lost
+            log.warning("unpin of lease %s failed: %s", lease_id, err)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.lease_ttl_s / 3, 0.05))
+            for held in self.slots.held():
+                entry = self.slots.get(held.key)
+                if entry is None or not entry.lease_id:
+                    continue
+                try:
+                    await self.views.renew(entry.lease_id, self.lease_ttl_s)
+                except Exception as err:  # noqa: BLE001 - keep serving; the files stay open via the loaded weights
+                    log.warning("renewing the lease of %s failed: %s", entry.key, err)
+
+    async def _watch_preloader(self) -> None:
+        """Publishes preloader deaths and restarts in the status; the preloader restarts itself."""
+        while True:
+            seen = (self.preloader.pid, self.preloader.is_alive(), getattr(self.preloader, "restarts", 0))
+            if seen != self._preloader_seen:
+                if self._preloader_seen and not seen[1]:
+                    log.warning("preloader process died; the active model keeps serving")
+                self._preloader_seen = seen
+                self._changed()
+            await asyncio.sleep(0.2)
+
+    # -- tracing -----------------------------------------------------------------------------------------
+    def _record_span(self, name: str, start_ns: int, end_ns: int, ctx, attributes: dict) -> None:
+        span = self._tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes)
+        span.end(end_time=max(end_ns, start_ns))

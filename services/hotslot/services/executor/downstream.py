@@ -1,0 +1,39 @@
+"""What the executor needs from the rest of the cluster, as interfaces the core calls (no grpc here): the
+registry resolves a model reference, the node's storage-cache makes its files present and pins them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model_id: str
+    revision: int
+    kind: str  # DIFFUSERS_PIPELINE or LORA_ADAPTER
+    total_bytes: int
+    pipeline_class: str
+
+
+@dataclass(frozen=True)
+class EnsuredView:
+    view_path: str
+    lease_id: str
+    bytes_fetched: int
+    all_local: bool  # every file was already in the node-local cache
+
+
+class ModelResolver(Protocol):
+    async def resolve(self, model_id: str, revision: int) -> ResolvedModel:
+        """Raises NotFound for an unknown model, Unavailable when the registry cannot be reached."""
+        ...
+
+
+class ViewProvider(Protocol):
+    async def ensure(self, model_id: str, revision: int, lease_ttl_s: float) -> EnsuredView:
+        """Makes every file present locally and pins the view under a new lease."""
+        ...
+
+    async def renew(self, lease_id: str, lease_ttl_s: float) -> None: ...
+
+    async def unpin(self, lease_id: str) -> None: ...

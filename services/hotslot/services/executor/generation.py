@@ -1,0 +1,152 @@
+"""One text-to-image run on a materialized pipeline: parameter validation against the executor's bounds, the
+denoising loop with per-step progress and cancellation between steps, and deterministic PNG encoding."""
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from hotslot.errors import Cancelled, FieldViolation, InvalidArgument
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Bounds and defaults an executor enforces; each is a setting."""
+
+    max_width: int = 1024
+    max_height: int = 1024
+    max_steps: int = 150
+    max_images: int = 4
+    max_prompt_chars: int = 2000
+    default_steps: int = 25
+    default_guidance: float = 7.5
+    default_width: int = 512
+    default_height: int = 512
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 0
+    guidance_scale: float = 0.0
+    width: int = 0
+    height: int = 0
+    seed: int = 0
+    num_images: int = 0
+
+
+@dataclass
+class GenerationResult:
+    images: list[tuple[bytes, int, int, int]]  # (png, width, height, seed)
+    denoise_s: float
+    encode_s: float
+    steps_done: int = 0
+    step_times: list[float] = field(default_factory=list)
+
+
+def validate(params: GenerationParams, limits: GenerationLimits) -> GenerationParams:
+    """Fills defaults and checks every bound; all violations are reported at once so a user fixes them in one go."""
+    p = replace(
+        params,
+        steps=params.steps or limits.default_steps,
+        guidance_scale=params.guidance_scale or limits.default_guidance,
+        width=params.width or limits.default_width,
+        height=params.height or limits.default_height,
+        num_images=params.num_images or 1,
+    )
+    bad: list[FieldViolation] = []
+    if not p.prompt.strip():
+        bad.append(FieldViolation("params.prompt", "is required"))
+    for name, text in (("params.prompt", p.prompt), ("params.negative_prompt", p.negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            bad.append(FieldViolation(name, f"is {len(text)} characters; the limit is {limits.max_prompt_chars}"))
+    for name, value, top in (("params.width", p.width, limits.max_width), ("params.height", p.height, limits.max_height)):
+        if value < 8 or value % 8 or value > top:
+            bad.append(FieldViolation(name, f"is {value}; use a multiple of 8 from 8 to {top}"))
+    if not 1 <= p.steps <= limits.max_steps:
+        bad.append(FieldViolation("params.steps", f"is {p.steps}; use 1 to {limits.max_steps}"))
+    if not 1 <= p.num_images <= limits.max_images:
+        bad.append(FieldViolation("params.num_images", f"is {p.num_images}; use 1 to {limits.max_images}"))
+    if not 0 <= p.guidance_scale <= 50 or p.guidance_scale != p.guidance_scale:
+        bad.append(FieldViolation("params.guidance_scale", f"is {p.guidance_scale}; use 0 to 50"))
+    if not 0 <= p.seed < 2**63:
+        bad.append(FieldViolation("params.seed", "must be below 2^63"))
+    if bad:
+        raise InvalidArgument("; ".join(f"{v.field} {v.description}" for v in bad), bad)
+    return p
+
+
+def encode_png(pixels) -> bytes:
+    """uint8 HxWx3 array -> PNG bytes with no metadata, so equal pixels give equal bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def run_pipeline(
+    pipe,
+    params: GenerationParams,
+    *,
+    device: str,
+    on_step: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Runs the pipeline; blocking (call it from a worker thread). `should_stop` is polled between steps: when it
+    returns True denoising stops and Cancelled is raised, freeing the device for the next request."""
+    import numpy as np
+    import torch
+
+    started = time.perf_counter()
+    step_times: list[float] = []
+
+    def callback(pipeline, step: int, timestep, callback_kwargs):
+        now = time.perf_counter()
+        step_times.append(now)
+        if on_step is not None:
+            on_step(step + 1, params.steps, now - started)
+        if should_stop is not None and should_stop():
+            raise _Stop()
+        return callback_kwargs
+
+    generator_device = device if device.startswith("cuda") else "cpu"
+    generators = [
+        torch.Generator(device=generator_device).manual_seed(params.seed + i) for i in range(params.num_images)
+    ]
+    if should_stop is not None and should_stop():
+        raise Cancelled("request cancelled before denoising started")
+    try:
+        with torch.inference_mode():
+            out = pipe(
+                prompt=[params.prompt] * params.num_images,
+                negative_prompt=[params.negative_prompt] * params.num_images if params.negative_prompt else None,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                width=params.width,
+                height=params.height,
+                generator=generators,
+                output_type="np",
+                callback_on_step_end=callback,
+            )
+    except _Stop:
+        raise Cancelled(f"request cancelled after {len(step_times)} of {params.steps} steps") from None
+    denoise_end = step_times[-1] if step_times else time.perf_counter()
+    arrays = (np.clip(out.images, 0.0, 1.0) * 255).round().astype("uint8")
+    images = [
+        (encode_png(arr), int(arr.shape[1]), int(arr.shape[0]), params.seed + i) for i, arr in enumerate(arrays)
+    ]
+    done = time.perf_counter()
+    return GenerationResult(
+        images=images,
+        denoise_s=denoise_end - started,
+        encode_s=done - denoise_end,
+        steps_done=len(step_times),
+        step_times=step_times,
+    )
+
+
+class _Stop(Exception):
+    """Raised inside the pipeline's step callback to leave the denoising loop."""

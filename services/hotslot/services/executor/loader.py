@@ -1,0 +1,151 @@
+"""What a tier change does to memory: reading a view's weights through the preloader subprocess (host tier),
+materializing a pipeline around them (standby), and on CUDA moving weights between device and pinned host memory.
+Blocking calls; the core runs them in worker threads."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hotslot.loading.layout import PipelineLayout, read_layout
+from hotslot.loading.materialize import build_pipeline
+from hotslot.loading.pipeline_loader import plan_weights
+from hotslot.loading.preloader import LoadedWeights, Preloader
+from hotslot.loading.reader import tensor_views
+from hotslot.loading.skeleton import SkeletonCache, resolve_class
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if not name:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class HostWeights:
+    """A model's weights as the slot holds them, plus the layout needed to materialize it again."""
+
+    layout: PipelineLayout
+    weights: LoadedWeights
+    on_device: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.nbytes
+
+
+@dataclass
+class ReadResult:
+    weights: HostWeights
+    read_s: float  # reading files in the child (+ dtype conversion)
+    handoff_s: float  # child done -> tensors usable here
+    wall_s: float
+
+
+class ModelLoader:
+    def __init__(
+        self,
+        preloader: Preloader,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        chunk_bytes: int,
+        skeletons: SkeletonCache | None = None,
+    ) -> None:
+        self.preloader = preloader
+        self.device = device
+        self.dtype = dtype
+        self.chunk_bytes = chunk_bytes
+        self.skeletons = skeletons or SkeletonCache()
+        self.is_cuda = torch.device(device).type == "cuda"
+
+    def read(self, key: str, view_path: str, timeout_s: float) -> ReadResult:
+        """Reads every weight file of the view in the preloader child; the tensors arrive as shared memory (CPU,
+        zero copy) or CUDA IPC handles. Builds the skeletons meanwhile so materialize finds them cached."""
+        t0 = time.perf_counter()
+        layout = read_layout(view_path)
+        names, keep = plan_weights(layout, self.dtype)
+        future = self.preloader.load(
+            f"load-{uuid.uuid4().hex[:12]}", key, view_path, self.device, self.dtype,
+            components=names, keep_fp32=keep, chunk_bytes=self.chunk_bytes,
+        )
+        try:
+            for cname in names:
+                comp = layout.components[cname]
+                self.skeletons.prefetch(resolve_class(comp.library, comp.class_name), comp.directory)
+            weights = future.result(timeout_s)
+        except BaseException:
+            future.add_done_callback(lambda f: self._release_quietly(key, f))
+            raise
+        if self.is_cuda:
+            # IPC memory belongs to the child and dies with it: own a copy so a preloader crash cannot take the
+            # weights of held models with it. This runs beside inference, never on the request path.
+            weights = weights.owned_copy()
+        # On CPU the parent's mapping keeps the shared memory alive, so the child can drop its reference now.
+        self.preloader.release(key)
+        t = weights.timings
+        return ReadResult(HostWeights(layout, weights, on_device=True), t.read_s + t.convert_s, t.handoff_s,
+                          time.perf_counter() - t0)
+
+    def materialize(self, host: HostWeights) -> tuple[Any, float]:
+        """Modules from cached meta skeletons with the weights assigned in place (no copy on CPU)."""
+        if not host.on_device:
+            self.to_device(host)
+        return build_pipeline(host.layout, host.weights.components, skeletons=self.skeletons, dtype=self.dtype)
+
+    def demote(self, host: HostWeights) -> None:
+        """STANDBY -> HOST. On CPU the weights already are host (shared) memory; on CUDA copy them to pinned
+        host memory so device memory is freed."""
+        if self.is_cuda and host.on_device:
+            files = [(c, p, buf.to("cpu").pin_memory(), specs) for c, p, buf, specs in host.weights.files]
+            host.weights = _rebuild(host.weights, files)
+            host.on_device = False
+
+    def to_device(self, host: HostWeights) -> None:
+        if self.is_cuda and not host.on_device:
+            files = [(c, p, buf.to(self.device, non_blocking=True), specs) for c, p, buf, specs in host.weights.files]
+            torch.cuda.synchronize(self.device)
+            host.weights = _rebuild(host.weights, files)
+            host.on_device = True
+
+    def _release_quietly(self, key: str, future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            try:
+                self.preloader.release(key)
+            except Exception:  # noqa: BLE001 - best effort: a dead preloader holds nothing
+                log.debug("release of %s failed", key, exc_info=True)
+
+
+def _rebuild(weights: LoadedWeights, files: list) -> LoadedWeights:
+    components: dict[str, dict[str, torch.Tensor]] = {}
+    for component, _path, buf, specs in files:
+        components.setdefault(component, {}).update(tensor_views(buf, specs))
+    return LoadedWeights(weights.request_id, weights.model_key, weights.device, weights.dtype, components, files,
+                         weights.timings)
+
+
+def device_memory(device: str) -> tuple[int, int]:
+    """(total, used) bytes of the device; host memory on CPU."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return total, total - free
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, value = line.split(":", 1)
+                info[name] = int(value.split()[0]) * 1024
+        return info["MemTotal"], info["MemTotal"] - info.get("MemAvailable", info.get("MemFree", 0))
+    except (OSError, KeyError, ValueError):
+        return 0, 0

@@ -1,0 +1,135 @@
+"""gRPC adapter of the executor: converts protobuf to core calls and back, nothing else."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from google.protobuf.duration_pb2 import Duration
+
+from hotslot.common.v1 import common_pb2
+from hotslot.executor.v1 import executor_service_pb2 as pb
+from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
+
+from .core import ExecutorCore, ExecutorSnapshot, GenerateOutcome, LoadEvent, PhaseTimes, StepEvent
+from .generation import GenerationParams
+from .slots import Tier
+
+_LOAD_PHASES = {
+    "queued": pb.LOAD_PHASE_QUEUED,
+    "ensure": pb.LOAD_PHASE_ENSURE,
+    "read": pb.LOAD_PHASE_READ,
+    "materialize": pb.LOAD_PHASE_MATERIALIZE,
+    "swap": pb.LOAD_PHASE_SWAP,
+}
+_STATES = {
+    "STARTING": pb.EXECUTOR_STATE_STARTING,
+    "READY": pb.EXECUTOR_STATE_READY,
+    "DRAINING": pb.EXECUTOR_STATE_DRAINING,
+}
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def params_from_proto(p: common_pb2.GenerationParams) -> GenerationParams:
+    return GenerationParams(
+        prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, guidance_scale=p.guidance_scale,
+        width=p.width, height=p.height, seed=p.seed, num_images=p.num_images,
+    )
+
+
+def timings_to_proto(t: PhaseTimes) -> common_pb2.PhaseTimings:
+    return common_pb2.PhaseTimings(
+        queue=duration(t.queue), ensure=duration(t.ensure), read=duration(t.read),
+        materialize=duration(t.materialize), swap=duration(t.swap), denoise=duration(t.denoise),
+        encode=duration(t.encode), total=duration(t.total),
+    )
+
+
+def outcome_to_proto(o: GenerateOutcome) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        images=[common_pb2.Image(data=png, mime_type="image/png", width=w, height=h, seed=seed)
+                for png, w, h, seed in o.images],
+        model=common_pb2.ModelRef(model_id=o.key.model_id, revision=o.key.revision),
+        tier=int(o.tier),
+        timings=timings_to_proto(o.timings),
+        executor_id=o.executor_id,
+        request_id=o.request_id,
+    )
+
+
+def event_to_proto(event) -> pb.GenerateStreamResponse:
+    if isinstance(event, LoadEvent):
+        return pb.GenerateStreamResponse(load=pb.LoadProgress(
+            phase=_LOAD_PHASES[event.phase], bytes_done=event.bytes_done, bytes_total=event.bytes_total,
+            queue_position=event.queue_position))
+    assert isinstance(event, StepEvent)
+    return pb.GenerateStreamResponse(step=pb.StepProgress(
+        step=event.step, total_steps=event.total_steps, elapsed=duration(event.elapsed_s)))
+
+
+def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
+    return pb.ExecutorStatus(
+        executor_id=s.executor_id,
+        address=s.address,
+        state=_STATES[s.state],
+        device=s.device,
+        models=[pb.HeldModel(model=common_pb2.ModelRef(model_id=m.key.model_id, revision=m.key.revision),
+                             tier=int(m.tier), size_bytes=m.size_bytes, ref_count=m.refs) for m in s.models],
+        tiers=[pb.TierUsage(tier=int(t.tier), used_bytes=t.used_bytes, budget_bytes=t.budget_bytes) for t in s.tiers],
+        queue_depth=s.queue_depth,
+        queue_capacity=s.queue_capacity,
+        device_memory_total_bytes=s.device_memory_total,
+        device_memory_used_bytes=s.device_memory_used,
+        preloader=pb.PreloaderStatus(
+            pid=s.preloader.pid, alive=s.preloader.alive, restarts=s.preloader.restarts,
+            loading=common_pb2.ModelRef(model_id=s.preloader.loading.model_id, revision=s.preloader.loading.revision)
+            if s.preloader.loading else None),
+        version=s.version,
+    )
+
+
+class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
+    def __init__(self, core: ExecutorCore) -> None:
+        self.core = core
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        outcome = await self.core.generate(request.model.model_id, request.model.revision,
+                                           params_from_proto(request.params), request.request_id)
+        return outcome_to_proto(outcome)
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        events: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self.core.generate(
+            request.model.model_id, request.model.revision, params_from_proto(request.params), request.request_id,
+            emit=events.put_nowait))
+        try:
+            while not (task.done() and events.empty()):
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield event_to_proto(getter.result())
+                else:
+                    getter.cancel()
+            yield pb.GenerateStreamResponse(result=outcome_to_proto(task.result()))
+        finally:
+            task.cancel()
+
+    async def Preload(self, request: pb.PreloadRequest, context) -> pb.PreloadResponse:
+        o = await self.core.preload(request.model.model_id, request.model.revision,
+                                    request.target_tier or Tier.STANDBY)
+        return pb.PreloadResponse(model=common_pb2.ModelRef(model_id=o.key.model_id, revision=o.key.revision),
+                                  tier=int(o.tier), from_tier=int(o.from_tier), timings=timings_to_proto(o.timings))
+
+    async def Evict(self, request: pb.EvictRequest, context) -> pb.EvictResponse:
+        return pb.EvictResponse(freed_bytes=await self.core.evict(request.model.model_id, request.model.revision))
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
+        return pb.GetStatusResponse(status=status_to_proto(self.core.status()))
+
+    async def WatchStatus(self, request: pb.WatchStatusRequest, context) -> AsyncIterator[pb.WatchStatusResponse]:
+        async for snapshot in self.core.watch():
+            yield pb.WatchStatusResponse(status=status_to_proto(snapshot))

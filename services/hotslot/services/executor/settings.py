@@ -1,0 +1,69 @@
+"""Settings of the executor (environment variables HOTSLOT_EXECUTOR_*)."""
+from __future__ import annotations
+
+from pydantic import ByteSize, Field
+from pydantic_settings import SettingsConfigDict
+
+from hotslot.bootstrap.settings import ServiceSettings
+
+DEFAULT_PORT = 50053
+GiB = 1024**3
+
+
+class ExecutorSettings(ServiceSettings):
+    """Settings of one executor. Byte sizes take plain numbers or units: 512MiB, 8GiB."""
+
+    model_config = SettingsConfigDict(env_prefix="HOTSLOT_EXECUTOR_", extra="ignore")
+
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    executor_id: str = Field(
+        "", description="Id of this executor in the cluster; defaults to `<hostname>-<device>-<port>`."
+    )
+    advertise_address: str = Field(
+        "", description="host:port the router should use to reach this executor; defaults to host:port."
+    )
+    device: str = Field("cpu", description="Torch device: `cpu`, `cuda`, `cuda:0` (one executor per GPU/MIG slice).")
+    dtype: str = Field(
+        "",
+        description="Weight dtype after loading: float32, float16 or bfloat16; empty = float16 on CUDA, float32 on CPU.",
+    )
+    registry_address: str = Field("127.0.0.1:50051", description="host:port of the model-registry.")
+    storage_address: str = Field("127.0.0.1:50052", description="host:port of the storage-cache on this node.")
+    rpc_timeout_s: float = Field(600.0, gt=0, description="Deadline of each call to the registry and storage-cache.")
+    active_budget_bytes: ByteSize = Field(
+        ByteSize(16 * GiB), description="Largest model the active slot may hold (device memory)."
+    )
+    standby_budget_bytes: ByteSize = Field(
+        ByteSize(16 * GiB),
+        description="Bytes of materialized pipelines kept ready to swap in beside the active one (device memory).",
+    )
+    host_budget_bytes: ByteSize = Field(
+        ByteSize(32 * GiB),
+        description="Bytes of weights kept in host memory (shared memory; pinned on CUDA), least recently used first.",
+    )
+    queue_capacity: int = Field(64, gt=0, description="Requests waiting beyond the running one; more are refused.")
+    lookahead: bool = Field(
+        True, description="Preload the next distinct model waiting in the queue while the current one computes."
+    )
+    lease_ttl_s: float = Field(
+        300.0, gt=0, description="Lease on the storage-cache views of held models; renewed at a third of it."
+    )
+    preloader_restarts: int = Field(
+        100, ge=0, description="Times a dead preloader subprocess is restarted automatically."
+    )
+    preload_read_bytes_per_s: ByteSize = Field(
+        ByteSize(0),
+        description="Cap on the preloader's read rate in bytes/s, so preloading beside inference does not starve "
+        "other I/O on the node; 0 = no cap.",
+    )
+    read_chunk_bytes: ByteSize = Field(ByteSize(16 * 1024 * 1024), description="Read size when loading weights.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads for CPU inference; 0 = torch default.")
+    max_width: int = Field(1024, gt=0, description="Largest image width in pixels.")
+    max_height: int = Field(1024, gt=0, description="Largest image height in pixels.")
+    max_steps: int = Field(150, gt=0, description="Most denoising steps per request.")
+    max_images: int = Field(4, gt=0, description="Most images per request.")
+    max_prompt_chars: int = Field(2000, gt=0, description="Longest prompt and negative prompt.")
+    default_steps: int = Field(25, gt=0, description="Steps when a request gives none.")
+    default_guidance: float = Field(7.5, ge=0, description="Guidance scale when a request gives none.")
+    default_width: int = Field(512, gt=0, description="Width when a request gives none.")
+    default_height: int = Field(512, gt=0, description="Height when a request gives none.")

@@ -1,0 +1,238 @@
+"""The hot-swap slot: which models an executor holds in which tier (active, standby, host), measured in bytes
+against a budget per tier, with reference counts so nothing a request uses is ever demoted or evicted.
+
+Transitions (all under the manager's lock, between requests):
+  load      -> HOST      weights arrived from the preloader (shared memory / device)
+  HOST      -> STANDBY   pipeline materialized around those weights
+  STANDBY   -> ACTIVE    swap: a pointer assignment, no I/O, no copy
+  ACTIVE    -> STANDBY   the previous active model when another is swapped in
+  STANDBY   -> HOST      over the standby budget: least recently used unreferenced pipeline dropped, weights kept
+  HOST      -> evicted   over the host budget: least recently used unreferenced weights dropped, view unpinned
+This module holds no torch code: what a tier change does to memory is the loader's business (`demote`, `drop`
+callbacks)."""
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotslot.errors import NotFound, ResourceExhausted
+
+
+class Tier(enum.IntEnum):
+    # Values match hotslot.common.v1.Tier so converters stay trivial.
+    ACTIVE = 1
+    STANDBY = 2
+    HOST = 3
+    LOCAL_DISK = 4
+    BACKING_STORE = 5
+
+
+@dataclass(frozen=True, order=True)
+class ModelKey:
+    model_id: str
+    revision: int
+
+    def __str__(self) -> str:
+        return f"{self.model_id}@{self.revision}"
+
+
+@dataclass(eq=False)
+class SlotEntry:
+    key: ModelKey
+    size_bytes: int
+    weights: Any  # what the loader returned (LoadedWeights); host tier data
+    tier: Tier = Tier.HOST
+    pipeline: Any = None  # set in STANDBY and ACTIVE
+    lease_id: str = ""
+    view_path: str = ""
+    refs: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    key: ModelKey
+    tier: Tier
+    size_bytes: int
+    refs: int
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    tier: Tier
+    used_bytes: int
+    budget_bytes: int
+
+
+class SlotManager:
+    """Not thread-safe: the executor core calls it from its event loop only."""
+
+    def __init__(
+        self,
+        *,
+        active_budget_bytes: int,
+        standby_budget_bytes: int,
+        host_budget_bytes: int,
+        on_demote: Callable[[SlotEntry], None] | None = None,
+        on_evict: Callable[[SlotEntry], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budgets = {
+            Tier.ACTIVE: active_budget_bytes,
+            Tier.STANDBY: standby_budget_bytes,
+            Tier.HOST: host_budget_bytes,
+        }
+        self._on_demote = on_demote or (lambda entry: None)
+        self._on_evict = on_evict or (lambda entry: None)
+        self._clock = clock
+        self._entries: dict[ModelKey, SlotEntry] = {}
+        self.active: SlotEntry | None = None
+
+    # -- queries -----------------------------------------------------------------------------------------
+    def get(self, key: ModelKey) -> SlotEntry | None:
+        return self._entries.get(key)
+
+    def tier_of(self, key: ModelKey) -> Tier | None:
+        entry = self._entries.get(key)
+        return entry.tier if entry else None
+
+    def find(self, model_id: str, revision: int = 0) -> list[SlotEntry]:
+        return [e for k, e in self._entries.items() if k.model_id == model_id and (revision == 0 or k.revision == revision)]
+
+    def used(self, tier: Tier) -> int:
+        return sum(e.size_bytes for e in self._entries.values() if e.tier == tier)
+
+    def held(self) -> list[HeldModel]:
+        return [
+            HeldModel(e.key, e.tier, e.size_bytes, e.refs)
+            for e in sorted(self._entries.values(), key=lambda e: (e.tier, e.key))
+        ]
+
+    def usage(self) -> list[TierUsage]:
+        return [TierUsage(tier, self.used(tier), budget) for tier, budget in self.budgets.items()]
+
+    def check_fits(self, key: ModelKey, size_bytes: int) -> None:
+        """Refuses a model that can never be served here, before anything is loaded."""
+        if size_bytes > self.budgets[Tier.ACTIVE]:
+            raise ResourceExhausted(
+                f"model {key} needs {size_bytes} bytes, more than this executor's active budget "
+                f"({self.budgets[Tier.ACTIVE]} bytes, HOTSLOT_EXECUTOR_ACTIVE_BUDGET_BYTES)"
+            )
+
+    # -- transitions -------------------------------------------------------------------------------------
+    def add_host(self, key: ModelKey, weights: Any, size_bytes: int, *, lease_id: str = "", view_path: str = "") -> SlotEntry:
+        """Adds freshly loaded weights to the host tier and returns the entry *acquired*: the caller (who is about
+        to materialize or run it) must `release` it. Other models make room now; if they cannot (all in use),
+        the budget is met again when references are released."""
+        if key in self._entries:
+            raise ValueError(f"{key} is already held")
+        entry = SlotEntry(key, size_bytes, weights, Tier.HOST, lease_id=lease_id, view_path=view_path,
+                          last_used=self._clock(), refs=1)
+        self._entries[key] = entry
+        self._enforce(Tier.HOST)
+        return entry
+
+    def set_standby(self, entry: SlotEntry, pipeline: Any) -> bool:
+        """HOST -> STANDBY. Returns False (and stays HOST, pipeline dropped) when the standby budget cannot make
+        room for it; the caller may still activate it directly."""
+        self._require(entry)
+        entry.pipeline = pipeline
+        entry.tier = Tier.STANDBY
+        entry.last_used = self._clock()
+        entry.refs += 1
+        try:
+            self._enforce(Tier.STANDBY)
+            if self.used(Tier.STANDBY) > self.budgets[Tier.STANDBY]:
+                self._demote(entry)
+                return False
+            return True
+        finally:
+            entry.refs -= 1
+
+    def activate(self, entry: SlotEntry, pipeline: Any = None) -> SlotEntry | None:
+        """Makes `entry` the active model: a pointer swap. The previous active model becomes STANDBY (then the
+        standby budget is enforced). Returns the previous active entry."""
+        self._require(entry)
+        if pipeline is not None:
+            entry.pipeline = pipeline
+        if entry.pipeline is None:
+            raise ValueError(f"{entry.key} has no pipeline to activate")
+        previous = self.active
+        if previous is entry:
+            entry.last_used = self._clock()
+            return previous
+        self.active = entry
+        entry.tier = Tier.ACTIVE
+        entry.last_used = self._clock()
+        if previous is not None:
+            previous.tier = Tier.STANDBY
+            self._enforce(Tier.STANDBY)
+        return previous
+
+    def touch(self, entry: SlotEntry) -> None:
+        entry.last_used = self._clock()
+
+    def acquire(self, entry: SlotEntry) -> None:
+        self._require(entry)
+        entry.refs += 1
+        entry.last_used = self._clock()
+
+    def release(self, entry: SlotEntry) -> None:
+        entry.refs = max(0, entry.refs - 1)
+        # Budgets may have been exceeded while the entry was protected.
+        for tier in (Tier.STANDBY, Tier.HOST):
+            self._enforce(tier)
+
+    def evict(self, key: ModelKey) -> int:
+        """Drops a model from every tier now (refused while a request uses it)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            raise NotFound(f"model {key} is not held by this executor")
+        if entry.refs:
+            raise ResourceExhausted(f"model {key} is in use by {entry.refs} request(s); evict it when they finish")
+        if self.active is entry:
+            self.active = None
+        self._drop(entry)
+        return entry.size_bytes
+
+    def clear(self) -> list[SlotEntry]:
+        dropped = list(self._entries.values())
+        for entry in dropped:
+            self._drop(entry)
+        self.active = None
+        return dropped
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _require(self, entry: SlotEntry) -> None:
+        if self._entries.get(entry.key) is not entry:
+            raise NotFound(f"model {entry.key} is no longer held by this executor")
+
+    def _enforce(self, tier: Tier) -> None:
+        budget = self.budgets[tier]
+        while self.used(tier) > budget:
+            victims = sorted(
+                (e for e in self._entries.values() if e.tier == tier and e.refs == 0 and e is not self.active),
+                key=lambda e: e.last_used,
+            )
+            if not victims:
+                return  # everything left is in use; the budget is met again once they are released
+            victim = victims[0]
+            if tier == Tier.STANDBY:
+                self._demote(victim)
+            else:
+                self._drop(victim)
+
+    def _demote(self, entry: SlotEntry) -> None:
+        entry.pipeline = None
+        entry.tier = Tier.HOST
+        self._on_demote(entry)
+        self._enforce(Tier.HOST)
+
+    def _drop(self, entry: SlotEntry) -> None:
+        self._entries.pop(entry.key, None)
+        entry.pipeline = None
+        self._on_evict(entry)
+        entry.weights = None

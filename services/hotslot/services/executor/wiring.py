@@ -1,0 +1,125 @@
+"""Builds the executor from its settings: preloader subprocess, loader, slot manager, registry and storage-cache
+clients, core, servicer, and the gRPC server around them."""
+from __future__ import annotations
+
+import socket
+
+import torch
+from opentelemetry import trace
+
+from hotslot.bootstrap.server import ServiceRegistration, run_server
+from hotslot.bootstrap.telemetry import insecure_channel
+from hotslot.executor.v1 import executor_service_pb2 as pb
+from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
+from hotslot.loading.preloader import Preloader
+
+from .clients import RegistryClient, StorageClient
+from .core import ExecutorCore
+from .generation import GenerationLimits
+from .loader import ModelLoader, device_memory, resolve_dtype
+from .servicer import ExecutorServicer
+from .settings import ExecutorSettings
+from .slots import SlotManager
+
+SERVICE_NAME = "executor"
+
+
+def limits_from(settings: ExecutorSettings) -> GenerationLimits:
+    return GenerationLimits(
+        max_width=settings.max_width, max_height=settings.max_height, max_steps=settings.max_steps,
+        max_images=settings.max_images, max_prompt_chars=settings.max_prompt_chars,
+        default_steps=settings.default_steps, default_guidance=settings.default_guidance,
+        default_width=settings.default_width, default_height=settings.default_height,
+    )
+
+
+def check_device(device: str) -> None:
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device {device!r}: CUDA is not available in this process (torch {torch.__version__})")
+    if kind not in ("cpu", "cuda"):
+        raise SystemExit(f"device {device!r}: use cpu, cuda or cuda:N")
+
+
+def build_core(
+    settings: ExecutorSettings, port: int, tracer_provider: trace.TracerProvider | None = None
+) -> tuple[ExecutorCore, Preloader, list]:
+    check_device(settings.device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    dtype = resolve_dtype(settings.dtype, settings.device)
+    preloader = Preloader(
+        auto_restart=settings.preloader_restarts,
+        chunk_bytes=int(settings.read_chunk_bytes),
+        read_bytes_per_s=float(settings.preload_read_bytes_per_s) or None,
+    )
+    preloader.start()
+    loader = ModelLoader(preloader, device=settings.device, dtype=dtype, chunk_bytes=int(settings.read_chunk_bytes))
+
+    def channel(address: str):
+        return insecure_channel(address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes)
+
+    registry = RegistryClient(settings.registry_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
+    storage = StorageClient(settings.storage_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
+    slots = SlotManager(
+        active_budget_bytes=int(settings.active_budget_bytes),
+        standby_budget_bytes=int(settings.standby_budget_bytes),
+        host_budget_bytes=int(settings.host_budget_bytes),
+    )
+    executor_id, address = identity(settings, port)
+    core = ExecutorCore(
+        executor_id=executor_id,
+        address=address,
+        device=settings.device,
+        loader=loader,
+        preloader=preloader,
+        slots=slots,
+        resolver=registry,
+        views=storage,
+        limits=limits_from(settings),
+        queue_capacity=settings.queue_capacity,
+        lookahead=settings.lookahead,
+        lease_ttl_s=settings.lease_ttl_s,
+        device_memory=lambda: device_memory(settings.device),
+        tracer_provider=tracer_provider,
+    )
+    return core, preloader, [registry, storage]
+
+
+def registrations(core: ExecutorCore) -> list[ServiceRegistration]:
+    return [
+        ServiceRegistration(
+            full_name=pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
+            servicer=ExecutorServicer(core),
+            add_to_server=pb_grpc.add_ExecutorServiceServicer_to_server,
+        )
+    ]
+
+
+def identity(settings: ExecutorSettings, port: int) -> tuple[str, str]:
+    """(executor id, address the router should dial) once the port is bound."""
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "[::]", "") else socket.gethostname()
+    address = settings.advertise_address or f"{host}:{port}"
+    executor_id = settings.executor_id or f"{socket.gethostname()}-{settings.device.replace(':', '')}-{port}"
+    return executor_id, address
+
+
+async def serve(settings: ExecutorSettings) -> None:
+    core, preloader, clients = build_core(settings, settings.port)
+
+    async def started(port: int) -> None:
+        # The id and advertised address name the bound port, known only now (port 0 picks one).
+        core.executor_id, core.address = identity(settings, port)
+        await core.start()
+
+    async def stopping() -> None:
+        await core.drain()
+
+    try:
+        await run_server(registrations(core), settings=settings, service_name=SERVICE_NAME,
+                         on_started=started, on_shutdown=[stopping])
+    finally:
+        await core.close()
+        for client in clients:
+            await client.close()
+        preloader.close()

@@ -1,0 +1,242 @@
+"""The executor with registry and storage-cache as separate processes and tiny real pipelines: generation and
+determinism, tier transitions, lookahead preloading, the preloader dying mid-load, cancellation, and refusals."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+
+from hotslot.common.v1 import common_pb2
+from hotslot.executor.v1 import executor_service_pb2 as epb
+from tests.support.stack import Stack, executor_stub, generate_request, ms, start_stack
+
+pytestmark = pytest.mark.integration
+
+COLD = (common_pb2.TIER_BACKING_STORE, common_pb2.TIER_LOCAL_DISK)
+MODEL_BYTES = 6_735_569  # weights of one tiny pipeline (fp32)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_family: list[Path]):
+    s = start_stack(tmp_path_factory.mktemp("executor-stack"), tiny_family)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def executor(stack: Stack):
+    """One executor whose standby tier holds one tiny model and host tier two."""
+    svc = stack.start_executor("--standby-budget-bytes", "8MB", "--host-budget-bytes", "16MB",
+                               "--queue-capacity", "2")
+    with grpc.insecure_channel(svc.address) as channel:
+        yield svc, executor_stub(channel)
+
+
+def status(stub) -> epb.ExecutorStatus:
+    return stub.GetStatus(epb.GetStatusRequest()).status
+
+
+def tiers_held(stub) -> dict[str, int]:
+    return {m.model.model_id: m.tier for m in status(stub).models}
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_generate_is_deterministic_by_seed(executor) -> None:
+    _, stub = executor
+    first = stub.Generate(generate_request("tiny-sd-0", seed=11, num_images=2), timeout=120)
+    again = stub.Generate(generate_request("tiny-sd-0", seed=11, num_images=2), timeout=120)
+    other = stub.Generate(generate_request("tiny-sd-0", seed=12), timeout=120)
+    assert [i.data for i in first.images] == [i.data for i in again.images]
+    assert first.images[0].data != first.images[1].data  # image i uses seed + i
+    assert [i.seed for i in first.images] == [11, 12]
+    assert other.images[0].data != first.images[0].data
+    img = Image.open(io.BytesIO(first.images[0].data))
+    assert img.format == "PNG" and img.size == (64, 64) and first.images[0].mime_type == "image/png"
+    assert first.model.model_id == "tiny-sd-0" and first.model.revision == 1
+    assert first.request_id and first.executor_id == status(stub).executor_id
+    assert ms(first.timings.denoise) > 0 and ms(first.timings.encode) > 0
+
+
+def test_switching_models_walks_the_tiers(executor) -> None:
+    _, stub = executor
+    for m in list(tiers_held(stub)):
+        stub.Evict(epb.EvictRequest(model=common_pb2.ModelRef(model_id=m)))
+    sequence = ["tiny-sd-0", "tiny-sd-0", "tiny-sd-1", "tiny-sd-0", "tiny-sd-2", "tiny-sd-1", "tiny-sd-0"]
+    replies = [stub.Generate(generate_request(m), timeout=120) for m in sequence]
+    tiers = [r.tier for r in replies]
+    assert tiers[0] in COLD and tiers[2] in COLD and tiers[4] in COLD
+    assert tiers[1] == common_pb2.TIER_ACTIVE
+    assert tiers[3] == common_pb2.TIER_STANDBY  # swapped back from beside the active one
+    assert tiers[5] == common_pb2.TIER_HOST and tiers[6] == common_pb2.TIER_HOST  # standby budget holds one
+    cold, warm = replies[0].timings, replies[3].timings
+    assert ms(cold.read) > 0 and ms(cold.materialize) > 0 and ms(cold.ensure) > 0
+    assert ms(warm.read) == 0 and ms(warm.materialize) == 0 and ms(warm.ensure) == 0
+    host = replies[5].timings
+    assert ms(host.read) == 0 and ms(host.materialize) > 0
+    usage = {t.tier: t for t in status(stub).tiers}
+    for tier in (common_pb2.TIER_STANDBY, common_pb2.TIER_HOST):
+        assert usage[tier].used_bytes <= usage[tier].budget_bytes
+    assert tiers_held(stub) == {"tiny-sd-0": common_pb2.TIER_ACTIVE, "tiny-sd-1": common_pb2.TIER_STANDBY,
+                                "tiny-sd-2": common_pb2.TIER_HOST}
+
+
+def test_lookahead_preloads_the_next_model_while_the_current_one_computes(stack: Stack) -> None:
+    svc = stack.start_executor(name="lookahead")
+    try:
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = executor_stub(channel)
+            stub.Generate(generate_request("tiny-sd-0"), timeout=120)  # A active
+            slow = stub.GenerateStream(epb.GenerateStreamRequest(
+                model=common_pb2.ModelRef(model_id="tiny-sd-0"),
+                params=common_pb2.GenerationParams(prompt="slow", steps=150, width=128, height=128)), timeout=300)
+            next(m for m in slow if m.HasField("step"))  # A is denoising
+            result = {}
+            queued = threading.Thread(
+                target=lambda: result.update(b=stub.Generate(generate_request("tiny-sd-1"), timeout=300)))
+            queued.start()
+            # B waits behind A; the executor loads it beside A's computation.
+            wait_for(lambda: tiers_held(stub).get("tiny-sd-1") == common_pb2.TIER_STANDBY, what="B in standby")
+            slow.cancel()
+            queued.join(120)
+            b = result["b"]
+            assert b.tier == common_pb2.TIER_STANDBY
+            assert ms(b.timings.read) == 0 and ms(b.timings.ensure) == 0 and ms(b.timings.materialize) == 0
+            assert ms(b.timings.swap) < 50  # a pointer swap; generous bound, not a benchmark
+    finally:
+        svc.stop()
+
+
+def test_preloader_killed_mid_load_executor_keeps_serving(stack: Stack) -> None:
+    # A read-rate cap makes each load last a few seconds, so the kill lands mid-load.
+    svc = stack.start_executor("--preload-read-bytes-per-s", "2MB", name="kill")
+    try:
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = executor_stub(channel)
+            stub.Generate(generate_request("tiny-sd-0"), timeout=120)
+            old_pid = status(stub).preloader.pid
+            outcome = {}
+
+            def preload() -> None:
+                try:
+                    outcome["reply"] = stub.Preload(epb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1")),
+                                                    timeout=120)
+                except grpc.RpcError as err:
+                    outcome["error"] = err
+
+            thread = threading.Thread(target=preload)
+            thread.start()
+            wait_for(lambda: status(stub).preloader.loading.model_id == "tiny-sd-1", what="preload started")
+            time.sleep(1.0)  # let the child read part of the files
+            os.kill(old_pid, signal.SIGKILL)
+            served = stub.Generate(generate_request("tiny-sd-0"), timeout=120)  # the active model still serves
+            assert served.tier == common_pb2.TIER_ACTIVE and served.images
+            thread.join(120)
+            if "error" in outcome:  # the lost preload may fail with UNAVAILABLE; it must not be anything else
+                assert outcome["error"].code() == grpc.StatusCode.UNAVAILABLE
+            after = wait_for(lambda: (s := status(stub)).preloader.alive and s.preloader.pid != old_pid and s,
+                             what="preloader restarted")
+            assert after.preloader.restarts >= 1
+            again = stub.Preload(epb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1")), timeout=120)
+            assert again.tier == common_pb2.TIER_STANDBY
+            assert stub.Generate(generate_request("tiny-sd-1"), timeout=120).tier == common_pb2.TIER_STANDBY
+    finally:
+        svc.stop()
+    assert "preloader process" in svc.log() and "died" in svc.log()
+
+
+def test_cancelled_and_expired_calls_stop_denoising_and_free_the_executor(executor) -> None:
+    svc, stub = executor
+    stub.Generate(generate_request("tiny-sd-0"), timeout=120)
+    stream = stub.GenerateStream(epb.GenerateStreamRequest(
+        model=common_pb2.ModelRef(model_id="tiny-sd-0"),
+        params=common_pb2.GenerationParams(prompt="long", steps=150, width=128, height=128)), timeout=300)
+    next(m for m in stream if m.HasField("step"))
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(generate_request("tiny-sd-0", steps=150, width=128, height=128), timeout=1.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    reply = stub.Generate(generate_request("tiny-sd-0"), timeout=120)
+    assert reply.images
+    wait_for(lambda: status(stub).queue_depth == 0, what="idle executor")
+    log = svc.log()
+    assert "cancelled after" in log and "of 150 steps" in log
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (dict(width=65), "params.width"),
+        (dict(height=4096), "params.height"),
+        (dict(steps=1000), "params.steps"),
+        (dict(num_images=99), "params.num_images"),
+        (dict(prompt="x" * 5000), "params.prompt"),
+        (dict(prompt=""), "params.prompt"),
+    ],
+)
+def test_bad_parameters_are_invalid_argument(executor, params, field) -> None:
+    _, stub = executor
+    kwargs = {"prompt": "ok", **params}
+    request = generate_request("tiny-sd-0", **{k: v for k, v in kwargs.items() if k != "prompt"})
+    request.params.prompt = kwargs["prompt"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+
+
+def test_unknown_model_bad_tier_and_unknown_evict(executor) -> None:
+    _, stub = executor
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(generate_request("ghost"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "ghost" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Preload(epb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-0"),
+                                        target_tier=common_pb2.TIER_ACTIVE), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "target_tier" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Evict(epb.EvictRequest(model=common_pb2.ModelRef(model_id="never-loaded")), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_full_queue_is_resource_exhausted_with_retry_hint(executor) -> None:
+    _, stub = executor
+    stub.Generate(generate_request("tiny-sd-0"), timeout=120)
+    long = [stub.GenerateStream(epb.GenerateStreamRequest(
+        model=common_pb2.ModelRef(model_id="tiny-sd-0"),
+        params=common_pb2.GenerationParams(prompt="long", steps=150, width=128, height=128)), timeout=300)
+        for _ in range(3)]  # one runs, two wait: the queue (capacity 2) is full
+    next(m for m in long[0] if m.HasField("step"))
+    wait_for(lambda: status(stub).queue_depth == 3, what="full queue")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(generate_request("tiny-sd-0"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "capacity 2" in err.value.details()
+    for call in long:
+        call.cancel()
+    wait_for(lambda: status(stub).queue_depth == 0, what="drained queue")
+
+
+def test_watch_status_reports_changes(executor) -> None:
+    _, stub = executor
+    watch = stub.WatchStatus(epb.WatchStatusRequest(), timeout=120)
+    first = next(watch).status
+    assert first.state == epb.EXECUTOR_STATE_READY and first.queue_capacity == 2
+    stub.Generate(generate_request("tiny-sd-2"), timeout=120)
+    seen = [next(watch).status for _ in range(2)]
+    assert all(s.version > first.version for s in seen)
+    watch.cancel()
