@@ -12,6 +12,13 @@ from hotslot.cli.dev import dev_app
 app = typer.Typer(no_args_is_help=True, help="hotslot: hot-swap serving of diffusion models over gRPC.")
 serve_app = typer.Typer(no_args_is_help=True, help="Run one hotslot service in the foreground.")
 app.add_typer(serve_app, name="serve")
+
+
+@serve_app.callback()
+def _serve_setup() -> None:
+    from hotslot.bootstrap.parent import die_with_parent
+
+    die_with_parent()
 app.add_typer(dev_app, name="dev")
 
 HostOpt = Annotated[str | None, typer.Option(help="Address to listen on. \\[env: HOTSLOT_<SERVICE>_HOST]")]
@@ -262,6 +269,19 @@ def _register_executor() -> None:
 
 
 _register_executor()
+
+
+def _register_client_commands() -> None:
+    from hotslot.cli.client import generate, models_app, status
+    from hotslot.cli.up import up
+
+    app.command("generate")(generate)
+    app.command("status")(status)
+    app.command("up")(up)
+    app.add_typer(models_app, name="models")
+
+
+_register_client_commands()
 
 
 def main() -> None:

@@ -1,0 +1,270 @@
+"""Client commands of the `hotslot` CLI: generate (with progress bars), models list/show/register/upload, status.
+They talk to the router (and, to register or upload, to the registry and storage-cache) over plain gRPC."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from hotslot.common.v1 import common_pb2
+from hotslot.executor.v1 import executor_service_pb2 as epb
+from hotslot.registry.v1 import registry_service_pb2 as rpb
+from hotslot.registry.v1 import registry_service_pb2_grpc as rgrpc
+from hotslot.router.v1 import router_service_pb2 as pb
+from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
+from hotslot.storage.v1 import storage_cache_service_pb2 as spb
+from hotslot.storage.v1 import storage_cache_service_pb2_grpc as sgrpc
+
+console = Console()
+err_console = Console(stderr=True)
+
+RouterOpt = Annotated[str, typer.Option(envvar="HOTSLOT_ROUTER_ADDRESS", help="Router host:port.")]
+RegistryOpt = Annotated[str, typer.Option(envvar="HOTSLOT_REGISTRY_ADDRESS", help="Registry host:port.")]
+StorageOpt = Annotated[str, typer.Option(envvar="HOTSLOT_STORAGE_ADDRESS", help="Storage-cache host:port.")]
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+TIER_NAMES = {v: k.removeprefix("TIER_").lower() for k, v in common_pb2.Tier.items()}
+PHASE_NAMES = {v: k.removeprefix("LOAD_PHASE_").lower() for k, v in epb.LoadPhase.items()}
+
+models_app = typer.Typer(no_args_is_help=True, help="List, show, register and upload models.")
+
+
+def _fail(err: grpc.RpcError) -> typer.Exit:
+    err_console.print(f"[red]error[/red] {err.code().name}: {err.details()}")
+    return typer.Exit(1)
+
+
+def ms(duration) -> float:
+    return duration.ToNanoseconds() / 1e6
+
+
+def _labels(values: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--label")
+        out[key] = value
+    return out
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model id.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write (-0, -1 ... added for several).")] = Path("out.png"),
+    negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    steps: Annotated[int, typer.Option(help="Denoising steps; 0 = executor default.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Guidance scale; 0 = executor default.")] = 0.0,
+    width: Annotated[int, typer.Option(help="Width, multiple of 8; 0 = executor default.")] = 0,
+    height: Annotated[int, typer.Option(help="Height, multiple of 8; 0 = executor default.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed and inputs give the same image.")] = 0,
+    num_images: Annotated[int, typer.Option(help="Images to generate.")] = 1,
+    revision: Annotated[int, typer.Option(help="Model revision; 0 = latest.")] = 0,
+    router: RouterOpt = "127.0.0.1:50050",
+    timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 600.0,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Generate images through the router, with progress while the model loads and denoises."""
+    request = pb.GenerateStreamRequest(
+        model=common_pb2.ModelRef(model_id=model, revision=revision),
+        params=common_pb2.GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, guidance_scale=guidance,
+                                           width=width, height=height, seed=seed, num_images=num_images),
+    )
+    result = None
+    with grpc.insecure_channel(router) as channel, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, disable=quiet, transient=False,
+    ) as progress:
+        load = progress.add_task(f"{model}: queued", total=None)
+        denoise = None
+        try:
+            for event in pb_grpc.RouterServiceStub(channel).GenerateStream(request, timeout=timeout):
+                if event.HasField("load"):
+                    progress.update(load, description=f"{model}: {PHASE_NAMES.get(event.load.phase, 'loading')}")
+                elif event.HasField("step"):
+                    if denoise is None:
+                        progress.update(load, description=f"{model}: loaded", total=1, completed=1)
+                        denoise = progress.add_task("denoising", total=event.step.total_steps)
+                    progress.update(denoise, completed=event.step.step)
+                elif event.HasField("result"):
+                    result = event.result
+        except grpc.RpcError as err:
+            raise _fail(err) from None
+    if result is None:
+        err_console.print("[red]error[/red]: the router closed the stream without a result")
+        raise typer.Exit(1)
+    r = result.result
+    paths = [output] if len(r.images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(r.images))]
+    for path, image in zip(paths, r.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.data)
+    t = r.timings
+    console.print(
+        f"wrote {', '.join(map(str, paths))}  model={r.model.model_id}@{r.model.revision} executor={r.executor_id} "
+        f"tier={TIER_NAMES.get(r.tier, '?')} placement={result.placement_reason}\n"
+        f"  queue {ms(t.queue):.1f} ms  ensure {ms(t.ensure):.1f}  read {ms(t.read):.1f}  materialize "
+        f"{ms(t.materialize):.1f}  swap {ms(t.swap):.2f}  denoise {ms(t.denoise):.1f}  encode {ms(t.encode):.1f}  "
+        f"total {ms(t.total):.1f} ms"
+    )
+
+
+@models_app.command("list")
+def models_list(
+    kind: Annotated[str, typer.Option(help="pipeline, lora or empty for all.")] = "",
+    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE filter (repeatable).")] = None,
+    router: RouterOpt = "127.0.0.1:50050",
+) -> None:
+    """List registered models (latest revision of each)."""
+    kinds = {"": 0, "pipeline": common_pb2.MODEL_KIND_DIFFUSERS_PIPELINE, "lora": common_pb2.MODEL_KIND_LORA_ADAPTER}
+    if kind not in kinds:
+        raise typer.BadParameter("use pipeline or lora", param_hint="--kind")
+    table = Table("model", "rev", "kind", "class", "files", "MB", "labels")
+    token = ""
+    with grpc.insecure_channel(router) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        while True:
+            try:
+                page = stub.ListModels(pb.ListModelsRequest(request=rpb.ListModelsRequest(
+                    page_size=200, page_token=token, kind=kinds[kind], labels=_labels(label))), timeout=30).response
+            except grpc.RpcError as err:
+                raise _fail(err) from None
+            for m in page.models:
+                table.add_row(m.model_id, str(m.revision), common_pb2.ModelKind.Name(m.kind).removeprefix("MODEL_KIND_"),
+                              m.manifest.pipeline_class, str(len(m.manifest.files)), f"{m.manifest.total_bytes / 1e6:.1f}",
+                              ",".join(f"{k}={v}" for k, v in sorted(m.labels.items())))
+            token = page.next_page_token
+            if not token:
+                break
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    model_id: Annotated[str, typer.Argument(help="Model id.")],
+    revision: Annotated[int, typer.Option(help="Revision; 0 = latest.")] = 0,
+    router: RouterOpt = "127.0.0.1:50050",
+) -> None:
+    """Show one model with every file's size and sha256."""
+    with grpc.insecure_channel(router) as channel:
+        try:
+            m = pb_grpc.RouterServiceStub(channel).GetModel(pb.GetModelRequest(model_id=model_id, revision=revision), timeout=30).model
+        except grpc.RpcError as err:
+            raise _fail(err) from None
+    console.print(f"[bold]{m.model_id}[/bold] revision {m.revision}  {common_pb2.ModelKind.Name(m.kind)}  "
+                  f"{m.manifest.pipeline_class}  source={m.source}  digest={m.manifest.digest[:16]}")
+    table = Table("path", "bytes", "sha256")
+    for f in m.manifest.files:
+        table.add_row(f.path, str(f.size_bytes), f.sha256)
+    console.print(table)
+
+
+@models_app.command("register")
+def models_register(
+    model_id: Annotated[str, typer.Argument(help="Model id ([a-z0-9][a-z0-9._-]*).")],
+    source: Annotated[str, typer.Argument(help="Directory relative to the models root (the share).")],
+    lora_base: Annotated[str, typer.Option(help="Register a LoRA adapter for this base model.")] = "",
+    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE (repeatable).")] = None,
+    registry: RegistryOpt = "127.0.0.1:50051",
+) -> None:
+    """Register a model already on the share (hashes every file)."""
+    _register(registry, model_id, source, lora_base, _labels(label))
+
+
+def _register(registry: str, model_id: str, source: str, lora_base: str, labels: dict[str, str]) -> None:
+    kind = common_pb2.MODEL_KIND_LORA_ADAPTER if lora_base else common_pb2.MODEL_KIND_DIFFUSERS_PIPELINE
+    with grpc.insecure_channel(registry) as channel, err_console.status(f"registering {model_id} (hashing files)"):
+        try:
+            reply = rgrpc.RegistryServiceStub(channel).RegisterModel(rpb.RegisterModelRequest(
+                model_id=model_id, kind=kind, base_model_id=lora_base, source=source, labels=labels), timeout=3600)
+        except grpc.RpcError as err:
+            raise _fail(err) from None
+    m = reply.model
+    state = "new revision" if reply.created else "unchanged"
+    console.print(f"{m.model_id} revision {m.revision} ({state}): {len(m.manifest.files)} files, "
+                  f"{m.manifest.total_bytes / 1e6:.1f} MB, digest {m.manifest.digest[:16]}")
+
+
+@models_app.command("upload")
+def models_upload(
+    model_id: Annotated[str, typer.Argument(help="Model id to register.")],
+    directory: Annotated[Path, typer.Argument(help="Local diffusers directory to upload.", exists=True, file_okay=False)],
+    dest: Annotated[str, typer.Option(help="Destination under the share; default models/<model_id>.")] = "",
+    lora_base: Annotated[str, typer.Option(help="Register as a LoRA adapter for this base model.")] = "",
+    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE (repeatable).")] = None,
+    storage: StorageOpt = "127.0.0.1:50052",
+    registry: RegistryOpt = "127.0.0.1:50051",
+) -> None:
+    """Stream a local model directory to the share through the storage-cache (write-through), then register it."""
+    dest = dest or f"models/{model_id}"
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    with grpc.insecure_channel(storage) as channel, Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
+        console=err_console,
+    ) as progress:
+        task = progress.add_task(f"uploading {len(files)} files", total=total)
+        stub = sgrpc.StorageCacheServiceStub(channel)
+        for path in files:
+            rel = path.relative_to(directory).as_posix()
+            progress.update(task, description=rel)
+            parts = _put_parts(path, f"{dest}/{rel}", _sha256(path), lambda n: progress.advance(task, n))
+            try:
+                stub.PutFile(parts, timeout=3600)
+            except grpc.RpcError as err:
+                raise _fail(err) from None
+    _register(registry, model_id, dest, lora_base, _labels(label))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(UPLOAD_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _put_parts(path: Path, dest: str, sha256: str, advance):
+    """The PutFile stream: a header (with the sha256 the storage-cache must verify), then the bytes in chunks."""
+    yield spb.PutFileRequest(header=spb.PutFileHeader(path=dest, expected_sha256=sha256, size_bytes=path.stat().st_size))
+    with open(path, "rb") as f:
+        while block := f.read(UPLOAD_CHUNK_BYTES):
+            advance(len(block))
+            yield spb.PutFileRequest(chunk=block)
+
+
+def status(router: RouterOpt = "127.0.0.1:50050") -> None:
+    """Show every executor the router knows: state, what it holds in which tier, queue depth."""
+    with grpc.insecure_channel(router) as channel:
+        try:
+            reply = pb_grpc.RouterServiceStub(channel).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+        except grpc.RpcError as err:
+            raise _fail(err) from None
+    table = Table("executor", "address", "state", "device", "queue", "active", "standby", "host", "preloader")
+    for e in reply.executors:
+        held = {tier: [] for tier in (common_pb2.TIER_ACTIVE, common_pb2.TIER_STANDBY, common_pb2.TIER_HOST)}
+        for m in e.models:
+            held.setdefault(m.tier, []).append(f"{m.model.model_id}@{m.model.revision}")
+        table.add_row(
+            e.executor_id, e.address, epb.ExecutorState.Name(e.state).removeprefix("EXECUTOR_STATE_").lower(), e.device,
+            f"{e.queue_depth}/{e.queue_capacity}", *(", ".join(held[t]) for t in held if t in (1, 2, 3)),
+            f"pid {e.preloader.pid}" + ("" if e.preloader.alive else " (down)") + (f", {e.preloader.restarts} restarts" if e.preloader.restarts else ""),
+        )
+    console.print(table)
+    for address in getattr(reply, "unreachable_addresses", []):
+        console.print(f"[yellow]unreachable:[/yellow] {address}")
+    console.print(f"router queue: {reply.router_queue_depth}")
+
+

@@ -1,0 +1,1 @@
+"""Running hotslot services as local processes: one service (`process`) or a whole cluster (`local`)."""

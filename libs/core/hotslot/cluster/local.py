@@ -1,0 +1,134 @@
+"""A whole hotslot cluster on one machine (`hotslot up`): registry, storage-cache, N executors and the router as
+separate processes on embedded defaults — a SQLite file, a local directory standing in for the NFS share and a
+local cache directory, all under one state directory. Started in dependency order, stopped in reverse."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hotslot.cluster.process import ServiceProcess, spawn_service, wait_ready
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"router": 50050, "registry": 50051, "storage-cache": 50052, "executor": 50053}
+
+
+@dataclass
+class ClusterSpec:
+    state_dir: Path = Path(".hotslot")
+    executors: int = 2
+    host: str = "127.0.0.1"
+    auto_ports: bool = False  # pick free ports instead of the well-known 50050-5005x
+    device: str = "cpu"
+    cache_capacity: str = "20GiB"
+    executor_args: list[str] = field(default_factory=list)
+    otel: str = "none"  # none, console, otlp
+    otlp_endpoint: str = ""
+    shutdown_grace_s: float = 5.0
+    start_timeout_s: float = 180.0
+
+    @property
+    def share(self) -> Path:
+        return self.state_dir / "share"
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec, on_progress: Callable[[str], None] = lambda msg: None) -> None:
+        self.spec = spec
+        self.on_progress = on_progress
+        self.services: dict[str, ServiceProcess] = {}
+
+    # -- addresses ---------------------------------------------------------------------------------------
+    def address(self, name: str) -> str:
+        return self.services[name].address
+
+    @property
+    def executors(self) -> list[ServiceProcess]:
+        return [svc for name, svc in self.services.items() if name.startswith("executor")]
+
+    def endpoints(self) -> dict[str, str]:
+        return {name: svc.address for name, svc in self.services.items()}
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def _port(self, service: str, index: int = 0) -> int:
+        return 0 if self.spec.auto_ports else DEFAULT_PORTS[service] + index
+
+    def _env(self, name: str) -> dict[str, str]:
+        env = {"OTEL_SERVICE_NAME": f"hotslot-{name}", "OTEL_TRACES_EXPORTER": self.spec.otel}
+        if self.spec.otel == "otlp" and self.spec.otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.spec.otlp_endpoint
+        return env
+
+    def _spawn(self, name: str, service: str, args: list[str], index: int = 0) -> ServiceProcess:
+        self.on_progress(f"starting {name}")
+        svc = spawn_service(
+            service,
+            [*args, "--shutdown-grace-s", str(self.spec.shutdown_grace_s)],
+            log_path=self.spec.logs / f"{name}.log",
+            env=self._env(name),
+            host=self.spec.host,
+            port=self._port(service, index),
+        )
+        self.services[name] = svc
+        return svc
+
+    def _ready(self, name: str) -> ServiceProcess:
+        svc = wait_ready(self.services[name], self.spec.start_timeout_s)
+        self.on_progress(f"{name} serving on {svc.address} (pid {svc.pid})")
+        return svc
+
+    def start(self) -> None:
+        spec = self.spec
+        spec.share.mkdir(parents=True, exist_ok=True)
+        try:
+            self._spawn("registry", "registry", [
+                "--models-root", str(spec.share), "--database", str(spec.state_dir / "registry.db")])
+            registry = self._ready("registry")
+            self._spawn("storage-cache", "storage-cache", [
+                "--backing-root", str(spec.share), "--cache-dir", str(spec.state_dir / "cache"),
+                "--capacity-bytes", spec.cache_capacity, "--registry-address", registry.address])
+            storage = self._ready("storage-cache")
+            # Executors start together: each imports torch and spawns its preloader, the slow part of `up`.
+            names = [f"executor-{i}" for i in range(spec.executors)]
+            for i, name in enumerate(names):
+                self._spawn(name, "executor", [
+                    "--registry-address", registry.address, "--storage-address", storage.address,
+                    "--device", spec.device, "--executor-id", name, *spec.executor_args], i)
+            for name in names:
+                self._ready(name)
+            self._spawn("router", "router", [
+                "--registry-address", registry.address,
+                "--executors", ",".join(e.address for e in self.executors)])
+            self._ready("router")
+        except BaseException:
+            self.stop()
+            raise
+        (spec.state_dir / "cluster.json").write_text(json.dumps(self.endpoints(), indent=2) + "\n")
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM to every service, router first (no new work), then executors, storage-cache and registry; each
+        gets its shutdown grace, then SIGKILL. Returns the exit codes."""
+        codes: dict[str, int] = {}
+        order = ["router", *[n for n in self.services if n.startswith("executor")], "storage-cache", "registry"]
+        for name in order:
+            svc = self.services.get(name)
+            if svc is not None:
+                svc.send(signal.SIGTERM)
+        for name in order:
+            svc = self.services.pop(name, None)
+            if svc is not None:
+                codes[name] = svc.stop(None, timeout=self.spec.shutdown_grace_s + 10)
+                self.on_progress(f"{name} stopped (exit {codes[name]})")
+        (self.spec.state_dir / "cluster.json").unlink(missing_ok=True)
+        return codes
+
+    def dead(self) -> list[str]:
+        return [name for name, svc in self.services.items() if not svc.alive()]

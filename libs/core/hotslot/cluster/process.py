@@ -1,0 +1,144 @@
+"""Starts one hotslot service as a child process (`hotslot serve <service>`), learns its port from the
+`listening on` log line, waits until its health check says SERVING, and stops it with SIGTERM then SIGKILL."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+LISTENING = re.compile(r"hotslot (\S+) listening on (\S+):(\d+)")
+HOTSLOT = [sys.executable, "-m", "hotslot.cli.main"]
+# Read by `hotslot serve` at start: it asks the kernel for SIGTERM when this launcher dies, so a launcher that
+# crashes or is killed leaves no orphan services (see hotslot.bootstrap.parent).
+PARENT_PID_ENV = "HOTSLOT_PARENT_PID"
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    host: str = ""
+    port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 30) -> int:
+        """Sends `sig` (None: it was sent already), waits up to `timeout`, then SIGKILL. Returns the exit code."""
+        if sig is not None:
+            self.send(sig)
+        if self.wait(timeout) is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        return self.proc.returncode
+
+
+def spawn_service(
+    service: str,
+    args: list[str],
+    *,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> ServiceProcess:
+    """Starts `hotslot serve <service> --host HOST --port PORT <args>` with its output in `log_path` and returns at
+    once; `wait_ready` learns its port. Call it from the main thread: the child's parent-death signal fires when
+    the *thread* that spawned it ends."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()), **(env or {})}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [*HOTSLOT, "serve", service, "--host", host, "--port", str(port), *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=True,  # Ctrl-C in the launcher's terminal reaches the launcher only; it stops us in order
+        )
+    return ServiceProcess(service, proc, log_path, env=full_env)
+
+
+def wait_ready(svc: ServiceProcess, timeout: float = 60) -> ServiceProcess:
+    """Reads the port the service bound from its log and waits until it is SERVING. Raises RuntimeError (with
+    the end of its log) if it exits, TimeoutError if it takes longer than `timeout`; it is killed then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = LISTENING.search(svc.log())
+        if match:
+            svc.host, svc.port = match.group(2), int(match.group(3))
+            break
+        if svc.proc.poll() is not None:
+            raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log()[-4000:]}")
+        time.sleep(0.05)
+    else:
+        svc.stop(signal.SIGKILL)
+        raise TimeoutError(f"{svc.name} did not report its port within {timeout}s:\n{svc.log()[-4000:]}")
+    try:
+        wait_serving(svc.address, timeout=max(1.0, deadline - time.monotonic()))
+    except TimeoutError:
+        svc.stop(signal.SIGKILL)
+        raise
+    return svc
+
+
+def start_service(
+    service: str,
+    args: list[str],
+    *,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> ServiceProcess:
+    """spawn_service + wait_ready."""
+    svc = spawn_service(service, args, log_path=log_path, env=env, host=host, port=port)
+    return wait_ready(svc, timeout)
+
+
+def wait_serving(address: str, service: str = "", timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout}s")
+            time.sleep(0.1)
