@@ -227,7 +227,35 @@ async def test_sigterm_turns_health_not_serving_before_shutdown_hooks_run(provid
         timeout=10,
     )
     await channels[0].close()
-    assert seen == {"before": SERVING, "overall": NOT_SERVING, "during": NOT_SERVING}
+    # "before" is read inside the startup hook: not ready until it returns.
+    assert seen == {"before": NOT_SERVING, "overall": NOT_SERVING, "during": NOT_SERVING}
+
+
+async def test_health_turns_serving_only_after_the_startup_hook(provider, restore_logging):
+    _, regs = registrations(provider.get_tracer("test"))
+    seen: list[int] = []
+    release = asyncio.Event()
+
+    async def started(port: int) -> None:
+        async def probe() -> None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                seen.append((await stub.Check(health_pb2.HealthCheckRequest(service=REGISTRY))).status)
+                release.set()
+                while (await stub.Check(health_pb2.HealthCheckRequest(service=REGISTRY))).status != SERVING:
+                    await asyncio.sleep(0.01)
+                seen.append(SERVING)
+                os.kill(os.getpid(), __import__("signal").SIGTERM)
+
+        asyncio.get_running_loop().create_task(probe())
+        await release.wait()  # the warm-up takes until the probe has looked once
+
+    await asyncio.wait_for(
+        run_server(regs, settings=ServiceSettings(shutdown_grace_s=1.0), service_name="test", on_started=started,
+                   tracer_provider=provider),
+        timeout=10,
+    )
+    assert seen == [NOT_SERVING, SERVING]
 
 
 # --- error mapping -----------------------------------------------------------------------------------------------

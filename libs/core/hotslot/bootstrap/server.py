@@ -96,6 +96,7 @@ async def run_server(
     and calls `on_started(port)`. On the first signal: every health status turns NOT_SERVING (load balancers stop
     sending), the `on_shutdown` hooks run in order (e.g. end watch streams so they do not hold the grace), then
     in-flight RPCs get `settings.shutdown_grace_s` before they are cancelled. A second signal cancels them now.
+    With `on_started`, health reports NOT_SERVING until that hook returns (a startup step such as warming up).
 
     Configures logging from `settings`. Without `tracer_provider` it builds one from the OTEL_* variables, makes
     it the global provider (so core code using trace.get_tracer() is exported) and flushes it at the end; a
@@ -134,13 +135,22 @@ async def run_server(
                 # Not the main thread, or a platform without loop signal handlers: whoever runs us stops us.
                 log.debug("cannot handle %s here; relying on cancellation", signal.Signals(signum).name)
 
+        names = [health.OVERALL_HEALTH, *(r.full_name for r in registrations)]
         try:
+            if on_started is not None:
+                # Not ready until the startup hook is done: health says NOT_SERVING meanwhile, so launchers and
+                # Kubernetes readiness probes wait (the port is open and logged, for launchers that parse it).
+                for name in names:
+                    await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             await server.start()
             log.info("hotslot %s listening on %s", service_name, format_address(settings.host, port))
             if on_started is not None:
                 result = on_started(port)
                 if inspect.isawaitable(result):
                     await result
+                for name in names:
+                    await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+                log.info("hotslot %s ready", service_name)
             # Not raced against server.wait_for_termination(): cancelling that cancels the server's own
             # shutdown future, and the server.stop() below then fails with CancelledError.
             await stop_requested.wait()

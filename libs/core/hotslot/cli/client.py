@@ -3,6 +3,8 @@ They talk to the router (and, to register or upload, to the registry and storage
 from __future__ import annotations
 
 import hashlib
+import json
+import secrets
 from pathlib import Path
 from typing import Annotated
 
@@ -76,8 +78,12 @@ def generate(
     router: RouterOpt = "127.0.0.1:50050",
     timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 600.0,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result (paths, tier, timings, trace id) as JSON.")] = False,
 ) -> None:
     """Generate images through the router, with progress while the model loads and denoises."""
+    # The request starts a W3C trace here, so its id can be looked up in any tracing backend afterwards.
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    metadata = [("traceparent", f"00-{trace_id}-{span_id}-01")]
     request = pb.GenerateStreamRequest(
         model=common_pb2.ModelRef(model_id=model, revision=revision),
         params=common_pb2.GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, guidance_scale=guidance,
@@ -86,12 +92,12 @@ def generate(
     result = None
     with grpc.insecure_channel(router) as channel, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, disable=quiet, transient=False,
+        console=err_console, disable=quiet or json_out, transient=False,
     ) as progress:
         load = progress.add_task(f"{model}: queued", total=None)
         denoise = None
         try:
-            for event in pb_grpc.RouterServiceStub(channel).GenerateStream(request, timeout=timeout):
+            for event in pb_grpc.RouterServiceStub(channel).GenerateStream(request, timeout=timeout, metadata=metadata):
                 if event.HasField("load"):
                     progress.update(load, description=f"{model}: {PHASE_NAMES.get(event.load.phase, 'loading')}")
                 elif event.HasField("step"):
@@ -112,12 +118,21 @@ def generate(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image.data)
     t = r.timings
+    if json_out:
+        phases = ("queue", "ensure", "read", "materialize", "swap", "denoise", "encode", "total")
+        print(json.dumps({
+            "paths": [str(p) for p in paths], "model": r.model.model_id, "revision": r.model.revision,
+            "executor": r.executor_id, "tier": TIER_NAMES.get(r.tier, "?"), "placement": result.placement_reason,
+            "attempted": list(result.attempted_executor_ids), "trace_id": trace_id,
+            "timings_ms": {p: round(ms(getattr(t, p)), 3) for p in phases},
+        }))
+        return
     console.print(
         f"wrote {', '.join(map(str, paths))}  model={r.model.model_id}@{r.model.revision} executor={r.executor_id} "
         f"tier={TIER_NAMES.get(r.tier, '?')} placement={result.placement_reason}\n"
         f"  queue {ms(t.queue):.1f} ms  ensure {ms(t.ensure):.1f}  read {ms(t.read):.1f}  materialize "
         f"{ms(t.materialize):.1f}  swap {ms(t.swap):.2f}  denoise {ms(t.denoise):.1f}  encode {ms(t.encode):.1f}  "
-        f"total {ms(t.total):.1f} ms"
+        f"total {ms(t.total):.1f} ms  trace {trace_id}"
     )
 
 

@@ -177,6 +177,10 @@ class ExecutorCore:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
+        warm = getattr(self.loader, "warmup", None)
+        if warm is not None:
+            seconds = await asyncio.to_thread(warm)
+            log.info("imported pipeline classes in %.1f s", seconds)
         self._tasks = [
             asyncio.create_task(self._worker(), name="executor-worker"),
             asyncio.create_task(self._renew_leases(), name="executor-leases"),
