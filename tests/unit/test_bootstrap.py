@@ -242,9 +242,10 @@ async def test_health_turns_serving_only_after_the_startup_hook(provider, restor
                 stub = health_pb2_grpc.HealthStub(channel)
                 seen.append((await stub.Check(health_pb2.HealthCheckRequest(service=REGISTRY))).status)
                 release.set()
-                while (await stub.Check(health_pb2.HealthCheckRequest(service=REGISTRY))).status != SERVING:
-                    await asyncio.sleep(0.01)
-                seen.append(SERVING)
+                async for update in stub.Watch(health_pb2.HealthCheckRequest(service=REGISTRY)):
+                    if update.status == SERVING:
+                        seen.append(SERVING)
+                        break
                 os.kill(os.getpid(), __import__("signal").SIGTERM)
 
         asyncio.get_running_loop().create_task(probe())
