@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROTO_OUT := libs/proto
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install protos protos-check lint test test-fast demo clean
+.PHONY: install protos protos-check lint docs test demo clean
 
 $(BIN)/.installed: pyproject.toml package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: $(BIN)/.installed
 	npx --no-install buf lint
 	$(BIN)/ruff check .
 	$(BIN)/python tools/check_protos.py
+	$(BIN)/python tools/settings_reference.py --check
+
+# Regenerates the configuration reference in README.md from the services' settings classes.
+docs: $(BIN)/.installed
+	$(BIN)/python tools/settings_reference.py
 
 test: lint
 	$(BIN)/pytest -q

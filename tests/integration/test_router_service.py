@@ -453,7 +453,7 @@ def test_overfilled_queues_are_refused_with_a_retry_hint(stub, executors) -> Non
     b.release()
     assert [f.result().result.executor_id for f in running] == ["exec-a", "exec-b"]
     waited = waiting.result().result
-    assert waited.executor_id == "exec-a"
+    assert waited.executor_id in ("exec-a", "exec-b")  # whichever freed first: both are released together
     assert waited.timings.queue.ToNanoseconds() > 1000, "the router's wait is added to the executor's (1 us)"
 
 

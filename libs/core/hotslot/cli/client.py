@@ -34,9 +34,9 @@ from hotslot.storage.v1 import storage_cache_service_pb2_grpc as sgrpc
 console = Console()
 err_console = Console(stderr=True)
 
-RouterOpt = Annotated[str, typer.Option(envvar="HOTSLOT_ROUTER_ADDRESS", help="Router host:port.")]
-RegistryOpt = Annotated[str, typer.Option(envvar="HOTSLOT_REGISTRY_ADDRESS", help="Registry host:port.")]
-StorageOpt = Annotated[str, typer.Option(envvar="HOTSLOT_STORAGE_ADDRESS", help="Storage-cache host:port.")]
+RouterOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_ROUTER", help="Router host:port.")]
+RegistryOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_REGISTRY", help="Registry host:port.")]
+StorageOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_STORAGE", help="Storage-cache host:port.")]
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 TIER_NAMES = {v: k.removeprefix("TIER_").lower() for k, v in common_pb2.Tier.items()}
 PHASE_NAMES = {v: k.removeprefix("LOAD_PHASE_").lower() for k, v in epb.LoadPhase.items()}

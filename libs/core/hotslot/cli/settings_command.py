@@ -41,9 +41,16 @@ def settings_command(cls: type[BaseSettings], run: Callable[[BaseSettings], None
     def command(**flags: Any) -> None:
         try:
             settings = settings_from(cls, flags)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-            typer.echo(f"error: invalid settings: {problems}", err=True)
+        except ValidationError as error:
+            # One line per bad setting, naming both the flag and the variable, instead of a pydantic traceback.
+            for problem in error.errors():
+                name = str(problem["loc"][0]) if problem["loc"] else "settings"
+                message = problem["msg"].removeprefix("Value error, ")
+                typer.echo(
+                    f"INVALID_ARGUMENT: setting {name} (--{name.replace('_', '-')} or {prefix}{name.upper()}): "
+                    f"{message} (got {problem.get('input')!r})",
+                    err=True,
+                )
             raise typer.Exit(2) from None
         run(settings)
 
