@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from hotslot.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -431,7 +432,15 @@ class ExecutorCore:
     def _start_preparation(self, key: ModelKey, target: Tier, total_bytes: int, ctx) -> _Preparation:
         prep = _Preparation(key, target)
         self._preparing[key] = prep
-        prep.task = asyncio.create_task(self._prepare(prep, total_bytes, ctx), name=f"prepare-{key}")
+        # The task runs in the trace of the request it loads for (`ctx`), not in whichever one kicked it off (the
+        # lookahead starts loads from the worker or from another model's load), so its storage-cache and registry
+        # calls land in that request's trace like its phase spans.
+        token = otel_context.attach(ctx) if ctx is not None else None
+        try:
+            prep.task = asyncio.create_task(self._prepare(prep, total_bytes, ctx), name=f"prepare-{key}")
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         self._changed()
         return prep
 

@@ -1,0 +1,143 @@
+"""`hotslot up` as users run it: a subprocess that starts registry, storage-cache, an executor and the router,
+serves a model registered with the CLI, and on SIGTERM stops them all (exit 0) leaving no process behind — nor
+the executor's preloader or multiprocessing's resource tracker. Killed with SIGKILL it cannot clean up; its
+services then die with it (PR_SET_PDEATHSIG) and take their own children along."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+
+from hotslot.common.v1 import common_pb2
+from hotslot.router.v1 import router_service_pb2 as pb
+from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
+from tests.support.procs import HOTSLOT
+from tests.support.proctree import Proc, descendants, running, wait_gone
+
+pytestmark = pytest.mark.integration
+
+SERVICES = {"registry", "storage-cache", "executor-0", "router"}
+
+
+class Up:
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.stdout = state.parent / f"{state.name}-up.out"
+        self.stderr = state.parent / f"{state.name}-up.err"
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(
+                [*HOTSLOT, "up", "--auto-ports", "--state-dir", str(state), "--executors", "1"],
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                env={**os.environ, "COLUMNS": "200"},  # rich wraps at 80 columns off a terminal
+            )
+
+    def output(self) -> str:
+        return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
+
+    def wait_up(self, timeout: float = 180) -> dict[str, str]:
+        cluster_json = self.state / "cluster.json"
+        deadline = time.monotonic() + timeout
+        while not (cluster_json.exists() and "hotslot is up" in self.stdout.read_text(errors="replace")):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hotslot up exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hotslot up not up after {timeout}s:\n{self.output()[-4000:]}")
+            time.sleep(0.1)
+        return json.loads(cluster_json.read_text())
+
+    def tree(self) -> list[Proc]:
+        return descendants(self.proc.pid)
+
+    def kill_all(self) -> None:
+        """Cleanup after a failed test: the launcher and everything it started."""
+        for p in self.tree():
+            if running(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def describe(procs: list[Proc]) -> str:
+    return "\n".join(map(str, procs))
+
+
+def check_tree(tree: list[Proc], endpoints: dict[str, str]) -> None:
+    """Every service is a process under `up`, and so is the executor's preloader (a spawned multiprocessing
+    child); the tree is what the test then expects to vanish."""
+    serving = [p for p in tree if " serve " in f" {p.cmdline} "]
+    assert len(serving) == len(endpoints) == len(SERVICES), describe(tree)
+    assert any("multiprocessing.spawn" in p.cmdline for p in tree), describe(tree)  # the preloader
+    assert any("multiprocessing.resource_tracker" in p.cmdline for p in tree), describe(tree)
+
+
+@pytest.fixture
+def up(tmp_path: Path):
+    launched: list[Up] = []
+
+    def start(name: str) -> Up:
+        u = Up(tmp_path / name)
+        launched.append(u)
+        return u
+
+    yield start
+    for u in launched:
+        u.kill_all()
+
+
+def test_up_serves_a_model_and_sigterm_leaves_nothing(up, tiny_family: list[Path]) -> None:
+    cluster = up("state")
+    endpoints = cluster.wait_up()
+    assert set(endpoints) == SERVICES
+    tree = cluster.tree()
+    check_tree(tree, endpoints)
+
+    model = tiny_family[0]
+    shutil.copytree(model, cluster.state / "share" / "models" / model.name)
+    done = subprocess.run(
+        [*HOTSLOT, "models", "register", model.name, f"models/{model.name}", "--registry", endpoints["registry"]],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    with grpc.insecure_channel(endpoints["router"]) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        reply = stub.Generate(pb.GenerateRequest(
+            model=common_pb2.ModelRef(model_id=model.name),
+            params=common_pb2.GenerationParams(prompt="a lighthouse", steps=2, width=64, height=64, seed=1)),
+            timeout=300)
+    assert reply.result.executor_id == "executor-0" and list(reply.attempted_executor_ids) == ["executor-0"]
+    assert Image.open(io.BytesIO(reply.result.images[0].data)).size == (64, 64)
+
+    tree = cluster.tree()  # again: generating may have started helpers (resource tracker, preloader restart)
+    cluster.proc.send_signal(signal.SIGTERM)
+    assert cluster.proc.wait(60) == 0, cluster.output()[-4000:]
+    left = wait_gone(tree, 5)
+    assert not left, "still running after `hotslot up` exited:\n" + describe(left)
+    assert not (cluster.state / "cluster.json").exists()
+    out = cluster.output()
+    for name in SERVICES:
+        assert f"{name} stopped (exit 0)" in out, out[-4000:]
+
+
+def test_up_killed_with_sigkill_leaves_nothing(up) -> None:
+    cluster = up("state-kill")
+    endpoints = cluster.wait_up()
+    tree = cluster.tree()
+    check_tree(tree, endpoints)
+    cluster.proc.send_signal(signal.SIGKILL)
+    assert cluster.proc.wait(10) == -signal.SIGKILL
+    # Each service gets SIGTERM from the kernel as its parent dies, shuts down within its grace (5 s) and stops
+    # its preloader; the preloader also ends on its own when its parent's pipe closes.
+    left = wait_gone(tree, 15)
+    assert not left, "still running 15 s after `hotslot up` was killed:\n" + describe(left)
