@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -31,8 +33,17 @@ from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from hotslot.storage.v1 import storage_cache_service_pb2 as spb
 from hotslot.storage.v1 import storage_cache_service_pb2_grpc as sgrpc
 
-console = Console()
-err_console = Console(stderr=True)
+
+def make_console(stderr: bool = False) -> Console:
+    """Rich wraps at 80 columns when output is not a terminal (pipes, CI logs, `make`): tables there get the
+    width of COLUMNS, or 200."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS", "200"))
+    return Console(stderr=stderr, width=width)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 RouterOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_ROUTER", help="Router host:port.")]
 RegistryOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_REGISTRY", help="Registry host:port.")]
@@ -46,6 +57,9 @@ models_app = typer.Typer(no_args_is_help=True, help="List, show, register and up
 
 def _fail(err: grpc.RpcError) -> typer.Exit:
     err_console.print(f"[red]error[/red] {err.code().name}: {err.details()}")
+    if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (err.details() or ""):
+        err_console.print("is the cluster running (`hotslot up`)? pass its address with --router/--registry/--storage "
+                          "or HOTSLOT_CLIENT_ROUTER/_REGISTRY/_STORAGE")
     return typer.Exit(1)
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from hotslot.cli.client import make_console
 from hotslot.cluster.local import ClusterSpec, LocalCluster
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def up(
@@ -46,8 +46,9 @@ def up(
         table.add_column("log")
         for name, svc in cluster.services.items():
             table.add_row(name, svc.address, str(svc.log_path))
-        Console().print(table)
-        Console().print(
+        out = make_console()
+        out.print(table)
+        out.print(
             f"share: {spec.share}   (put models here, then `hotslot models register ID SOURCE`)\n"
             f"try:   hotslot generate --router {cluster.address('router')} -m MODEL \"a prompt\" -o out.png\n"
             f"       grpcurl -plaintext {cluster.address('router')} list\n"
