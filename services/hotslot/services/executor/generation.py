@@ -119,6 +119,7 @@ def run_pipeline(
     if should_stop is not None and should_stop():
         raise Cancelled("request cancelled before denoising started")
     try:
+        pipe.set_progress_bar_config(disable=True)  # progress goes to on_step; no tqdm bar per request in the log
         with torch.inference_mode():
             out = pipe(
                 prompt=[params.prompt] * params.num_images,
