@@ -111,6 +111,8 @@ class ModelLoader:
             # IPC memory belongs to the child and dies with it: own a copy so a preloader crash cannot take the
             # weights of held models with it. This runs beside inference, never on the request path.
             weights = weights.owned_copy()
+        else:
+            prefault(weights.buffers)
         # On CPU the parent's mapping keeps the shared memory alive, so the child can drop its reference now.
         self.preloader.release(key)
         t = weights.timings
@@ -144,6 +146,19 @@ class ModelLoader:
                 self.preloader.release(key)
             except Exception:  # noqa: BLE001 - best effort: a dead preloader holds nothing
                 log.debug("release of %s failed", key, exc_info=True)
+
+
+PAGE_BYTES = 4096
+
+
+def prefault(buffers: list[torch.Tensor]) -> None:
+    """Touches one byte per page of each shared-memory buffer, so this process maps the pages now (while the model
+    loads, beside inference) rather than in the first denoising step of the request that uses it (measured: ~50k
+    minor faults and +0.35 s on the first UNet forward of an SD 1.5-sized model)."""
+    for buf in buffers:
+        if buf.device.type == "cpu" and buf.numel():
+            flat = buf.view(torch.uint8) if buf.dtype != torch.uint8 else buf
+            flat[::PAGE_BYTES].sum()
 
 
 def _rebuild(weights: LoadedWeights, files: list) -> LoadedWeights:
