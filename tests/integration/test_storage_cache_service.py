@@ -195,6 +195,26 @@ def test_verify_drops_a_corrupted_blob_and_ensure_fetches_it_again(stub, cache, 
     assert_view_matches(again, share, "models/tiny-sd-0")
 
 
+def test_verify_on_start_drops_a_corrupted_blob_before_serving(tmp_path, share, registry) -> None:
+    first = start_cache(tmp_path, share, registry)
+    with grpc.insecure_channel(first.address) as channel:
+        ensured = ensure(pb_grpc.StorageCacheServiceStub(channel), "tiny-sd-0")
+    assert first.stop() == 0
+    vae = next(f for f in ensured.files if f.path == SHARED[0])
+    blob = tmp_path / "cache" / "blobs" / "sha256" / vae.sha256[:2] / vae.sha256
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"rotten" + blob.read_bytes()[6:])
+    second = start_cache(tmp_path, share, registry, "--verify-on-start")  # SERVING only after the verification
+    try:
+        assert not blob.exists()
+        with grpc.insecure_channel(second.address) as channel:
+            again = ensure(pb_grpc.StorageCacheServiceStub(channel), "tiny-sd-0")
+        assert {f.path: f.source for f in again.files}[vae.path] == pb.FILE_SOURCE_FETCHED
+    finally:
+        second.stop()
+    assert "ready" in second.log()
+
+
 def test_a_corrupted_backing_file_is_data_loss_naming_the_file(stub, registry, share) -> None:
     shutil.copytree(share / "models/tiny-sd-0", share / "models/rotten")
     with grpc.insecure_channel(registry.address) as channel:

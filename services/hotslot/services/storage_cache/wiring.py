@@ -133,10 +133,15 @@ async def serve(settings: StorageCacheSettings) -> None:
     # Before run_server (which configures it again): opening the store and verifying it log what they find.
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
     core, resolver = build_core(settings)
+
+    async def verify_before_serving(_port: int) -> None:
+        # Runs with the port open and health NOT_SERVING, so probes see a live process that is not ready yet
+        # (a long verification of a big cache must not look like a hang).
+        await core.verify()
+
     try:
-        if settings.verify_on_start:
-            await core.verify()
-        await run_server(registrations(core), settings=settings, service_name=SERVICE_NAME)
+        await run_server(registrations(core), settings=settings, service_name=SERVICE_NAME,
+                         on_started=verify_before_serving if settings.verify_on_start else None)
     finally:
         await core.close()
         await resolver.close()
