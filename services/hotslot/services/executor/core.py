@@ -242,12 +242,19 @@ class ExecutorCore:
             version=self._version,
         )
 
-    async def watch(self) -> AsyncIterator[ExecutorSnapshot]:
-        """The current status, then a new one after every change (coalesced: a slow watcher gets the latest)."""
+    async def watch(self, min_interval_s: float = 0.0) -> AsyncIterator[ExecutorSnapshot]:
+        """The current status, then a new one after every change. Coalesced: a slow watcher gets the latest, and
+        updates are at least `min_interval_s` apart, so the burst of changes one request makes (queued, running,
+        swapped, done) costs the router one or two messages instead of five."""
+        loop = asyncio.get_running_loop()
         while True:
             event = self._changed_event
+            sent = loop.time()
             yield self.status()
             await event.wait()
+            wait = min_interval_s - (loop.time() - sent)
+            if wait > 0:
+                await asyncio.sleep(wait)
 
     # -- generate ----------------------------------------------------------------------------------------
     async def generate(

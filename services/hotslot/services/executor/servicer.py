@@ -93,8 +93,9 @@ def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
 
 
 class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
-    def __init__(self, core: ExecutorCore) -> None:
+    def __init__(self, core: ExecutorCore, status_min_interval_s: float = 0.0) -> None:
         self.core = core
+        self.status_min_interval_s = status_min_interval_s
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         outcome = await self.core.generate(request.model.model_id, request.model.revision,
@@ -131,5 +132,5 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         return pb.GetStatusResponse(status=status_to_proto(self.core.status()))
 
     async def WatchStatus(self, request: pb.WatchStatusRequest, context) -> AsyncIterator[pb.WatchStatusResponse]:
-        async for snapshot in self.core.watch():
+        async for snapshot in self.core.watch(self.status_min_interval_s):
             yield pb.WatchStatusResponse(status=status_to_proto(snapshot))

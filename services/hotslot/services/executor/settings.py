@@ -45,6 +45,11 @@ class ExecutorSettings(ServiceSettings):
     lookahead: bool = Field(
         True, description="Preload the next distinct model waiting in the queue while the current one computes."
     )
+    status_min_interval_s: float = Field(
+        0.005,
+        ge=0,
+        description="Least time between two WatchStatus updates; changes in between are coalesced into one.",
+    )
     lease_ttl_s: float = Field(
         300.0, gt=0, description="Lease on the storage-cache views of held models; renewed at a third of it."
     )

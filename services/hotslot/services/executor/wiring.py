@@ -86,11 +86,11 @@ def build_core(
     return core, preloader, [registry, storage]
 
 
-def registrations(core: ExecutorCore) -> list[ServiceRegistration]:
+def registrations(core: ExecutorCore, status_min_interval_s: float = 0.0) -> list[ServiceRegistration]:
     return [
         ServiceRegistration(
             full_name=pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
-            servicer=ExecutorServicer(core),
+            servicer=ExecutorServicer(core, status_min_interval_s),
             add_to_server=pb_grpc.add_ExecutorServiceServicer_to_server,
         )
     ]
@@ -116,7 +116,7 @@ async def serve(settings: ExecutorSettings) -> None:
         await core.drain()
 
     try:
-        await run_server(registrations(core), settings=settings, service_name=SERVICE_NAME,
+        await run_server(registrations(core, settings.status_min_interval_s), settings=settings, service_name=SERVICE_NAME,
                          on_started=started, on_shutdown=[stopping])
     finally:
         await core.close()
