@@ -2,6 +2,7 @@
 and the core's scan span is its child."""
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -66,7 +67,12 @@ async def test_traced_client_channel_links_client_and_server_spans(traced_regist
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.GetModel(pb.GetModelRequest(model_id="ghost"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    spans = [s for s in exporter.get_finished_spans() if s.name.endswith("/GetModel")]
+    # A failed call's client span may end a moment after the error reaches the caller: wait for both spans.
+    for _ in range(200):
+        spans = [s for s in exporter.get_finished_spans() if s.name.endswith("/GetModel")]
+        if {s.kind for s in spans} >= {SpanKind.CLIENT, SpanKind.SERVER}:
+            break
+        await asyncio.sleep(0.01)
     client = next(s for s in spans if s.kind == SpanKind.CLIENT)
     server = next(s for s in spans if s.kind == SpanKind.SERVER)
     assert server.parent.span_id == client.context.span_id
