@@ -12,7 +12,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_READ_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_PARALLEL_FETCHES = 4
+# Read buffers per running fetch: one being filled and written while the previous ones are hashed.
+COPY_BUFFERS = 3
 DEFAULT_LEASE_TTL_S = 300.0
 DEFAULT_MAX_LEASE_TTL_S = 24 * 3600.0
 # Progress updates buffered per streaming Ensure; a client that reads slower than that skips intermediate updates
@@ -439,24 +441,36 @@ class StorageCacheCore:
 
     def _copy(self, src: Path, expected_size: int, report: Callable[[int], None]) -> _Copied:
         """Copies src into a temp file of the blob store with large sequential reads, hashing while copying.
-        Stops one byte past the expected size: enough to know it is wrong, without filling the disk."""
+        Stops one byte past the expected size: enough to know it is wrong, without filling the disk.
+
+        Hashing runs in a second thread, one chunk behind the read/write loop (hashlib and file I/O release the
+        GIL), over a ring of COPY_BUFFERS buffers: a chunk costs max(hash, read + write) instead of their sum."""
         temp = self.store.new_temp_path("fetch")
-        buf = bytearray(self.read_chunk_bytes)
-        view = memoryview(buf)
+        buffers = [bytearray(self.read_chunk_bytes) for _ in range(COPY_BUFFERS)]
+        pending: list[Future | None] = [None] * COPY_BUFFERS
         digest = hashlib.sha256()
         limit = expected_size + 1
         total = 0
         try:
-            with self.backing.open_for_read(src) as reader, open(temp, "xb", buffering=0) as out:
+            with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, \
+                    self.backing.open_for_read(src) as reader, open(temp, "xb", buffering=0) as out:
+                slot = 0
                 while total < limit:
-                    n = reader.readinto(view[: min(len(buf), limit - total)])
+                    if pending[slot] is not None:
+                        pending[slot].result()  # the hasher is done with this buffer: it may be refilled
+                    view = memoryview(buffers[slot])
+                    n = reader.readinto(view[: min(len(view), limit - total)])
                     if not n:
                         break
                     chunk = view[:n]
-                    digest.update(chunk)
                     write_all(out, chunk)
+                    pending[slot] = hasher.submit(digest.update, chunk)  # in order: one hashing thread
                     total += n
                     report(total)
+                    slot = (slot + 1) % COPY_BUFFERS
+                for future in pending:
+                    if future is not None:
+                        future.result()
                 if self.fsync:
                     # A blob becomes visible by rename; without this a crash could leave a named blob whose data
                     # never reached the disk.
