@@ -30,7 +30,11 @@ def _runner(module: str) -> Callable:
     def run(settings) -> None:
         import importlib
 
-        asyncio.run(importlib.import_module(module).serve(settings))
+        try:
+            asyncio.run(importlib.import_module(module).serve(settings))
+        except OSError as error:  # the port is taken, a directory cannot be created, ...
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
 
     return run
 

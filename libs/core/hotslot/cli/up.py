@@ -38,8 +38,16 @@ def up(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        with console.status("starting the cluster (executors load torch; first start takes a while)"):
-            cluster.start()
+        try:
+            with console.status("starting the cluster (executors load torch; first start takes a while)"):
+                cluster.start()
+        except (RuntimeError, TimeoutError) as error:
+            last = [line for line in str(error).splitlines() if line.strip()][-3:]
+            console.print(f"[red]error[/red]: {str(error).splitlines()[0]}\n  " + "\n  ".join(last))
+            if "bind" in str(error) or "listen" in str(error):
+                console.print("a port is in use: stop the other cluster, or pass --auto-ports")
+            console.print(f"logs: {spec.logs}")
+            raise typer.Exit(1) from None
         table = Table(title="hotslot is up", show_lines=False)
         table.add_column("service")
         table.add_column("address")
