@@ -240,3 +240,21 @@ def test_watch_status_reports_changes(executor) -> None:
     seen = [next(watch).status for _ in range(2)]
     assert all(s.version > first.version for s in seen)
     watch.cancel()
+
+
+def test_held_models_keep_serving_while_the_registry_is_down(tmp_path: Path, tiny_family: list[Path]) -> None:
+    own = start_stack(tmp_path, tiny_family[:2])
+    try:
+        svc = own.start_executor("--resolve-cache-s", "0")  # every request asks the registry
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = executor_stub(channel)
+            assert stub.Generate(generate_request("tiny-sd-0"), timeout=120).images
+            assert own.registry.stop() == 0
+            held = stub.Generate(generate_request("tiny-sd-0"), timeout=120)
+            assert held.tier == common_pb2.TIER_ACTIVE and held.images
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(generate_request("tiny-sd-1"), timeout=60)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "registry" in err.value.details()
+        assert "serving tiny-sd-0 from the last answer" in svc.log()
+    finally:
+        own.stop()

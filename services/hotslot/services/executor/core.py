@@ -145,6 +145,7 @@ class ExecutorCore:
         load_timeout_s: float = 1800.0,
         retry_after_s: float = 1.0,
         device_memory: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        resolve_cache_s: float = 5.0,
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.executor_id = executor_id
@@ -162,6 +163,8 @@ class ExecutorCore:
         self.load_timeout_s = load_timeout_s
         self.retry_after_s = retry_after_s
         self._device_memory = device_memory
+        self.resolve_cache_s = resolve_cache_s
+        self._resolved: dict[tuple[str, int], tuple[Any, float]] = {}
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._waiting: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
@@ -279,7 +282,7 @@ class ExecutorCore:
                 f"{self.queue_capacity}); retry later or on another executor",
                 retry_after_s=self.retry_after_s,
             )
-        resolved = await self.resolver.resolve(model_id, revision)
+        resolved = await self._resolve(model_id, revision)
         if resolved.kind and resolved.kind != "DIFFUSERS_PIPELINE":
             raise InvalidArgument.field(
                 "model.model_id", f"{model_id!r} is a {resolved.kind}; generate with a DIFFUSERS_PIPELINE model"
@@ -316,6 +319,25 @@ class ExecutorCore:
                 self._waiting.remove(job)
                 self._changed()
             raise
+
+    async def _resolve(self, model_id: str, revision: int):
+        """The registry's answer for (model, revision), reused for `resolve_cache_s` so a burst of requests costs
+        one lookup. When the registry is unreachable, a model this executor holds keeps serving on the last
+        answer (a new revision registered meanwhile is picked up once the registry is back)."""
+        cache_key = (model_id, revision)
+        cached = self._resolved.get(cache_key)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < self.resolve_cache_s:
+            return cached[0]
+        try:
+            resolved = await self.resolver.resolve(model_id, revision)
+        except Unavailable as err:
+            if cached is not None and self.slots.get(ModelKey(cached[0].model_id, cached[0].revision)) is not None:
+                log.warning("registry unreachable (%s); serving %s from the last answer", err.message, model_id)
+                return cached[0]
+            raise
+        self._resolved[cache_key] = (resolved, now)
+        return resolved
 
     async def _worker(self) -> None:
         while True:
@@ -547,7 +569,7 @@ class ExecutorCore:
         if target not in (Tier.STANDBY, Tier.HOST):
             raise InvalidArgument.field("target_tier", "must be TIER_STANDBY or TIER_HOST")
         target = Tier(target)
-        resolved = await self.resolver.resolve(model_id, revision)
+        resolved = await self._resolve(model_id, revision)
         key = ModelKey(resolved.model_id, resolved.revision)
         self.slots.check_fits(key, resolved.total_bytes)
         times = PhaseTimes()

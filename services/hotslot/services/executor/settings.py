@@ -29,6 +29,12 @@ class ExecutorSettings(ServiceSettings):
     )
     registry_address: str = Field("127.0.0.1:50051", description="host:port of the model-registry.")
     storage_address: str = Field("127.0.0.1:50052", description="host:port of the storage-cache on this node.")
+    resolve_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds a registry answer (model -> latest revision) is reused; held models keep serving on "
+        "the last answer while the registry is unreachable.",
+    )
     rpc_timeout_s: float = Field(600.0, gt=0, description="Deadline of each call to the registry and storage-cache.")
     active_budget_bytes: ByteSize = Field(
         ByteSize(16 * GiB), description="Largest model the active slot may hold (device memory)."

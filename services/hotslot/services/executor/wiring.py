@@ -81,6 +81,7 @@ def build_core(
         lookahead=settings.lookahead,
         lease_ttl_s=settings.lease_ttl_s,
         device_memory=lambda: device_memory(settings.device),
+        resolve_cache_s=settings.resolve_cache_s,
         tracer_provider=tracer_provider,
     )
     return core, preloader, [registry, storage]
