@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -28,6 +27,7 @@ from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from tests.support.procs import HOTSLOT, ServiceProcess
 from tests.support.proctree import descendants, wait_gone
 from tests.support.stack import Stack, ms, start_stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,16 +39,6 @@ def request(model_id: str, *, stream: bool = False, prompt: str = "a lighthouse 
     cls = pb.GenerateStreamRequest if stream else pb.GenerateRequest
     return cls(model=common_pb2.ModelRef(model_id=model_id),
                params=common_pb2.GenerationParams(prompt=prompt, seed=seed, **params))
-
-
-def wait_for(predicate, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def cluster_status(stub: pb_grpc.RouterServiceStub) -> pb.GetClusterStatusResponse:

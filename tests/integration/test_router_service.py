@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from hotslot.router.v1 import router_service_pb2 as pb
 from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from tests.support.procs import ServiceProcess, start_service
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -228,14 +228,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def loop():
     thread = LoopThread()
@@ -301,7 +293,7 @@ def stub(router: ServiceProcess, executors):
         executor.reset()
     with grpc.insecure_channel(router.address) as channel:
         stub = pb_grpc.RouterServiceStub(channel)
-        wait_until(lambda: connected(stub) == ["exec-a", "exec-b"], "the router follows both executors")
+        wait_for(lambda: connected(stub) == ["exec-a", "exec-b"], "the router follows both executors")
         yield stub
 
 
@@ -351,7 +343,7 @@ def test_placement_prefers_the_executor_holding_the_model_and_follows_status(stu
     preloaded = stub.Preload(pb.PreloadRequest(model=common_pb2.ModelRef(model_id="cold")), timeout=10)
     assert preloaded.result.tier == STANDBY
     # The executor's next status says it holds the model in standby; the router places by it.
-    wait_until(
+    wait_for(
         lambda: any(
             m.model.model_id == "cold"
             for e in stub.GetClusterStatus(pb.GetClusterStatusRequest()).executors
@@ -416,19 +408,19 @@ def test_executor_stopped_mid_request_is_retried_and_rejoins_when_back(stub, exe
     a, b = executors
     a.servicer.mode = "hold"
     pending = stub.Generate.future(generate("alpha"), timeout=20)
-    wait_until(lambda: a.servicer.holding == 1, "the request reaches exec-a")
+    wait_for(lambda: a.servicer.holding == 1, "the request reaches exec-a")
     a.stop()
     reply = pending.result()
     assert list(reply.attempted_executor_ids) == ["exec-a", "exec-b"] and reply.result.executor_id == "exec-b"
 
-    wait_until(lambda: connected(stub) == ["exec-b"], "exec-a is dropped")
+    wait_for(lambda: connected(stub) == ["exec-b"], "exec-a is dropped")
     status = stub.GetClusterStatus(pb.GetClusterStatusRequest())
     assert list(status.unreachable_addresses) == [a.address]
     assert stub.Generate(generate("alpha"), timeout=10).placement_reason == "least-loaded"
 
     a.servicer.mode = "ok"
     a.start()
-    wait_until(lambda: connected(stub) == ["exec-a", "exec-b"], "exec-a is back without a router restart")
+    wait_for(lambda: connected(stub) == ["exec-a", "exec-b"], "exec-a is back without a router restart")
     assert stub.Generate(generate("alpha"), timeout=10).result.executor_id == "exec-a"
 
 
@@ -436,9 +428,9 @@ def test_overfilled_queues_are_refused_with_a_retry_hint(stub, executors) -> Non
     a, b = executors
     a.servicer.mode = b.servicer.mode = "hold"
     running = [stub.Generate.future(generate("alpha"), timeout=30), stub.Generate.future(generate("beta"), timeout=30)]
-    wait_until(lambda: a.servicer.holding == 1 and b.servicer.holding == 1, "both executors are busy")
+    wait_for(lambda: a.servicer.holding == 1 and b.servicer.holding == 1, "both executors are busy")
     waiting = stub.Generate.future(generate("alpha"), timeout=30)
-    wait_until(
+    wait_for(
         lambda: stub.GetClusterStatus(pb.GetClusterStatusRequest()).router_queue_depth == 1, "one request waits"
     )
 
@@ -477,16 +469,16 @@ def test_executors_join_and_leave_without_restart(tmp_path: Path, loop: LoopThre
     try:
         with grpc.insecure_channel(router.address) as channel:
             stub = pb_grpc.RouterServiceStub(channel)
-            wait_until(lambda: connected(stub) == ["exec-a"], "exec-a is followed")
+            wait_for(lambda: connected(stub) == ["exec-a"], "exec-a is followed")
             assert list(stub.GetClusterStatus(pb.GetClusterStatusRequest()).unreachable_addresses) == [late.address]
 
             late.start()
-            wait_until(lambda: connected(stub) == ["exec-a", "exec-c"], "exec-c joins")
+            wait_for(lambda: connected(stub) == ["exec-a", "exec-c"], "exec-c joins")
             reply = stub.Generate(generate("gamma"), timeout=10)
             assert (reply.result.executor_id, reply.placement_reason) == ("exec-c", "active")
 
             late.stop()
-            wait_until(lambda: connected(stub) == ["exec-a"], "exec-c leaves")
+            wait_for(lambda: connected(stub) == ["exec-a"], "exec-c leaves")
             reply = stub.Generate(generate("gamma"), timeout=10)
             assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", "least-loaded")
 

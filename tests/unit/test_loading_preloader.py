@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from hotslot.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from hotslot.loading.pipeline_loader import load_pipeline
 from hotslot.loading.preloader import Preloader
+from tests.support.waiting import wait_for
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 WAIT_S = 60.0  # generous: the CI box is shared and spawning imports torch
@@ -25,14 +25,6 @@ def _image(pipe) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(0)
     return pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np", generator=generator).images
-
-
-def _wait_for(predicate, what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +87,7 @@ def test_pipeline_through_the_preloader_matches_from_pretrained(
     assert report.via_preloader and report.files == 3 and report.wire_bytes < 64 * 1024
     assert report.read_s > 0 and report.materialize_s > 0 and report.handoff_s >= 0
     # on CPU the child lets go once the pipeline holds the tensors; shared memory stays mapped in this process
-    _wait_for(lambda: "tiny-1" not in preloader.held(), "the automatic release")
+    wait_for(lambda: "tiny-1" not in preloader.held(), "the automatic release")
     reference = StableDiffusionPipeline.from_pretrained(tiny_family[1], local_files_only=True)
     np.testing.assert_array_equal(_image(pipe), _image(reference))
 
@@ -158,11 +150,11 @@ def test_kill_9_mid_load_fails_the_load_and_restart_recovers(tiny_family: list[P
     with Preloader(read_bytes_per_s=2_000_000) as p:
         first_pid = p.pid
         future = p.load("doomed", "tiny-0", tiny_family[0])
-        _wait_for(lambda: "doomed" in p.in_flight(), "the child to start loading")
+        wait_for(lambda: "doomed" in p.in_flight(), "the child to start loading")
         os.kill(first_pid, signal.SIGKILL)
         with pytest.raises(Unavailable, match=r"preloader died while loading tiny-0 \(killed by SIGKILL, signal 9\)"):
             future.result(WAIT_S)
-        _wait_for(lambda: not p.is_alive(), "the death to be noticed")
+        wait_for(lambda: not p.is_alive(), "the death to be noticed")
         late = p.load("too-late", "tiny-0", tiny_family[0])
         with pytest.raises(Unavailable, match="not running"):
             late.result(WAIT_S)
@@ -178,12 +170,12 @@ def test_auto_restart_replaces_a_dead_child_a_bounded_number_of_times(tiny_famil
     with Preloader(auto_restart=1) as p:
         first_pid = p.pid
         os.kill(first_pid, signal.SIGKILL)
-        _wait_for(lambda: p.is_alive() and p.pid != first_pid, "the automatic restart")
+        wait_for(lambda: p.is_alive() and p.pid != first_pid, "the automatic restart")
         assert p.auto_restarts_used == 1 and "signal 9" in p.last_exit
         assert p.load("auto-1", "tiny-0", tiny_family[0]).result(WAIT_S).timings.files == 3
 
         os.kill(p.pid, signal.SIGKILL)  # the budget is spent: it stays down
-        _wait_for(lambda: not p.is_alive() and p.last_exit is not None, "the second death")
+        wait_for(lambda: not p.is_alive() and p.last_exit is not None, "the second death")
         with pytest.raises(Unavailable):
             p.load("auto-2", "tiny-0", tiny_family[0]).result(WAIT_S)
         assert p.auto_restarts_used == 1
