@@ -14,11 +14,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+# Read by `hotslot serve` at start: it asks the kernel for SIGTERM when this launcher dies, so a launcher that
+# crashes or is killed leaves no orphan services.
+from hotslot.bootstrap.parent import PARENT_PID_ENV
+
 LISTENING = re.compile(r"hotslot (\S+) listening on (\S+):(\d+)")
 HOTSLOT = [sys.executable, "-m", "hotslot.cli.main"]
-# Read by `hotslot serve` at start: it asks the kernel for SIGTERM when this launcher dies, so a launcher that
-# crashes or is killed leaves no orphan services (see hotslot.bootstrap.parent).
-PARENT_PID_ENV = "HOTSLOT_PARENT_PID"
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from hotslot.loading.preloader import LoadedWeights, Preloader
 from hotslot.loading.reader import DEFAULT_READ_CHUNK_BYTES, ReadBuffers, ReadStats, read_safetensors
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, keep_fp32_modules, resolve_class
 
-__all__ = ["LoadReport", "load_pipeline", "plan_weights"]
+__all__ = ["LoadReport", "load_pipeline", "plan_weights", "read_weights"]
 
 # Upper bound on waiting for the preloader's weights; a load of many GB from NFS can take minutes.
 DEFAULT_LOAD_TIMEOUT_S = 1800.0
@@ -98,6 +99,42 @@ def _release_if_loaded(preloader: Preloader, key: str, future: Future) -> None:
         preloader.release(key)
 
 
+def read_weights(
+    preloader: Preloader,
+    layout: PipelineLayout,
+    model_key: str,
+    device: str,
+    dtype: torch.dtype | None,
+    *,
+    chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
+    timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
+    variant: str | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> LoadedWeights:
+    """Has the preloader read the weight components of `layout` (converted to `dtype`, keeping the modules that
+    must stay float32) and waits for them; `meanwhile` runs here while the child reads. If anything fails here,
+    the child still releases the weights once they arrive, so nothing stays held."""
+    names, keep = plan_weights(layout, dtype)
+    future = preloader.load(
+        f"load-{uuid.uuid4().hex}",
+        model_key,
+        layout.root,
+        device,
+        dtype,
+        components=names,
+        keep_fp32=keep,
+        chunk_bytes=chunk_bytes,
+        variant=variant,
+    )
+    try:
+        if meanwhile is not None:
+            meanwhile()
+        return future.result(timeout_s)
+    except BaseException:
+        future.add_done_callback(lambda f: _release_if_loaded(preloader, model_key, f))
+        raise
+
+
 def load_pipeline(
     view_path: str | Path,
     *,
@@ -142,27 +179,15 @@ def load_pipeline(
         return pipeline, report
 
     key = model_key or str(view_path)
-    future = preloader.load(
-        f"load-{uuid.uuid4().hex}",
-        key,
-        view_path,
-        device,
-        dtype,
-        components=names,
-        keep_fp32=keep,
-        chunk_bytes=chunk_bytes,
-        variant=variant,
-    )
-    # Overlap: build (and cache) the skeletons while the child reads. A failure here must not leave the
-    # child holding the weights once they arrive.
-    try:
+
+    def prefetch_skeletons() -> None:
+        # Overlap: build (and cache) the skeletons while the child reads.
         for cname in names:
             comp = layout.components[cname]
             skeletons.prefetch(resolve_class(comp.library, comp.class_name), comp.directory)
-        weights = future.result(timeout_s)
-    except BaseException:
-        future.add_done_callback(lambda f: _release_if_loaded(preloader, key, f))
-        raise
+
+    weights = read_weights(preloader, layout, key, device, dtype, chunk_bytes=chunk_bytes, timeout_s=timeout_s,
+                           variant=variant, meanwhile=prefetch_skeletons)
     try:
         pipeline, materialize_s = build_pipeline(layout, weights.components, skeletons=skeletons, dtype=dtype)
     except BaseException:

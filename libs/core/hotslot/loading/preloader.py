@@ -125,7 +125,12 @@ class LoadedWeights:
     def owned_copy(self) -> LoadedWeights:
         """The same weights copied into memory this process owns (one copy per file). Needed on CUDA before the
         preloader may release or lose them: IPC memory belongs to the child and dies with it."""
-        files = [(c, p, buf.clone(), specs) for c, p, buf, specs in self.files]
+        return self.with_buffers([buf.clone() for buf in self.buffers])
+
+    def with_buffers(self, buffers: Sequence[torch.Tensor]) -> LoadedWeights:
+        """The same weights over other buffers (one per file, same layout): a copy, or the files moved to another
+        device or to pinned memory; the tensor views are rebuilt over them."""
+        files = [(c, p, buf, specs) for (c, p, _, specs), buf in zip(self.files, buffers, strict=True)]
         return _weights(self.request_id, self.model_key, self.device, self.dtype, files, self.timings)
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hotslot.manifest import PICKLE_SUFFIXES
+
 if TYPE_CHECKING:  # the heavy imports happen inside the functions, so importing this module stays cheap
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -44,7 +46,6 @@ __all__ = [
 ]
 
 # Suffixes of pickle-based weight formats. None of them may appear in a written model.
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".ckpt", ".pth", ".pkl", ".pickle"})
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -175,9 +175,8 @@ class ExecutorCore:
         self._changed_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._preloader_seen: tuple = ()
-        slots_on_evict = self._on_evict
-        self.slots._on_evict = slots_on_evict  # the slot manager tells us when a model leaves, to unpin it
-        self.slots._on_demote = lambda entry: self.loader.demote(entry.weights)
+        self.slots.on_evict = self._on_evict  # a model that leaves releases its storage-cache lease
+        self.slots.on_demote = lambda entry: self.loader.demote(entry.weights)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:

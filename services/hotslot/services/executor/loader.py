@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +12,8 @@ import torch
 
 from hotslot.loading.layout import PipelineLayout, read_layout
 from hotslot.loading.materialize import build_pipeline
-from hotslot.loading.pipeline_loader import plan_weights
+from hotslot.loading.pipeline_loader import read_weights
 from hotslot.loading.preloader import LoadedWeights, Preloader
-from hotslot.loading.reader import tensor_views
 from hotslot.loading.skeleton import SkeletonCache, resolve_class
 
 log = logging.getLogger(__name__)
@@ -97,16 +95,8 @@ class ModelLoader:
         this phase measures reading alone."""
         t0 = time.perf_counter()
         layout = read_layout(view_path)
-        names, keep = plan_weights(layout, self.dtype)
-        future = self.preloader.load(
-            f"load-{uuid.uuid4().hex[:12]}", key, view_path, self.device, self.dtype,
-            components=names, keep_fp32=keep, chunk_bytes=self.chunk_bytes,
-        )
-        try:
-            weights = future.result(timeout_s)
-        except BaseException:
-            future.add_done_callback(lambda f: self._release_quietly(key, f))
-            raise
+        weights = read_weights(self.preloader, layout, key, self.device, self.dtype, chunk_bytes=self.chunk_bytes,
+                               timeout_s=timeout_s)
         if self.is_cuda:
             # IPC memory belongs to the child and dies with it: own a copy so a preloader crash cannot take the
             # weights of held models with it. This runs beside inference, never on the request path.
@@ -129,23 +119,16 @@ class ModelLoader:
         """STANDBY -> HOST. On CPU the weights already are host (shared) memory; on CUDA copy them to pinned
         host memory so device memory is freed."""
         if self.is_cuda and host.on_device:
-            files = [(c, p, buf.to("cpu").pin_memory(), specs) for c, p, buf, specs in host.weights.files]
-            host.weights = _rebuild(host.weights, files)
+            host.weights = host.weights.with_buffers([buf.to("cpu").pin_memory() for buf in host.weights.buffers])
             host.on_device = False
 
     def to_device(self, host: HostWeights) -> None:
         if self.is_cuda and not host.on_device:
-            files = [(c, p, buf.to(self.device, non_blocking=True), specs) for c, p, buf, specs in host.weights.files]
+            buffers = [buf.to(self.device, non_blocking=True) for buf in host.weights.buffers]
             torch.cuda.synchronize(self.device)
-            host.weights = _rebuild(host.weights, files)
+            host.weights = host.weights.with_buffers(buffers)
             host.on_device = True
 
-    def _release_quietly(self, key: str, future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            try:
-                self.preloader.release(key)
-            except Exception:  # noqa: BLE001 - best effort: a dead preloader holds nothing
-                log.debug("release of %s failed", key, exc_info=True)
 
 
 PAGE_BYTES = 4096
@@ -159,14 +142,6 @@ def prefault(buffers: list[torch.Tensor]) -> None:
         if buf.device.type == "cpu" and buf.numel():
             flat = buf.view(torch.uint8) if buf.dtype != torch.uint8 else buf
             flat[::PAGE_BYTES].sum()
-
-
-def _rebuild(weights: LoadedWeights, files: list) -> LoadedWeights:
-    components: dict[str, dict[str, torch.Tensor]] = {}
-    for component, _path, buf, specs in files:
-        components.setdefault(component, {}).update(tensor_views(buf, specs))
-    return LoadedWeights(weights.request_id, weights.model_key, weights.device, weights.dtype, components, files,
-                         weights.timings)
 
 
 def device_memory(device: str) -> tuple[int, int]:

@@ -85,8 +85,9 @@ class SlotManager:
             Tier.STANDBY: standby_budget_bytes,
             Tier.HOST: host_budget_bytes,
         }
-        self._on_demote = on_demote or (lambda entry: None)
-        self._on_evict = on_evict or (lambda entry: None)
+        # Public: the executor core, built after the slots, installs what a demotion or eviction does.
+        self.on_demote = on_demote or (lambda entry: None)
+        self.on_evict = on_evict or (lambda entry: None)
         self._clock = clock
         self._entries: dict[ModelKey, SlotEntry] = {}
         self.active: SlotEntry | None = None
@@ -228,11 +229,11 @@ class SlotManager:
     def _demote(self, entry: SlotEntry) -> None:
         entry.pipeline = None
         entry.tier = Tier.HOST
-        self._on_demote(entry)
+        self.on_demote(entry)
         self._enforce(Tier.HOST)
 
     def _drop(self, entry: SlotEntry) -> None:
         self._entries.pop(entry.key, None)
         entry.pipeline = None
-        self._on_evict(entry)
+        self.on_evict(entry)
         entry.weights = None
