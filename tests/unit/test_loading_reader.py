@@ -1,9 +1,13 @@
-"""The safetensors reader: bit-identical to safetensors.torch.load_file (with and without dtype conversion), one
-shared buffer per file, and clear domain errors for files that are missing, corrupt or pickles."""
+"""The safetensors reader: bit-identical to safetensors.torch.load_file (with and without dtype conversion, at any
+read concurrency), one shared buffer per file (a memfd with no pages before the read writes them), and clear
+domain errors for files that are missing, corrupt or pickles."""
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,8 @@ from hotslot.loading import reader as reader_mod
 from hotslot.loading.reader import (
     OUTPUT_ALIGNMENT_BYTES,
     PAGE_BYTES,
+    ReadRequest,
+    read_files,
     read_header,
     read_safetensors,
 )
@@ -176,13 +182,112 @@ def test_pickle_files_are_refused_without_being_opened(tmp_path: Path, suffix: s
         read_safetensors(path)
 
 
-def test_full_shared_memory_is_resource_exhausted_with_advice(
-    mixed_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_full_dev_shm_is_resource_exhausted_with_advice(mixed_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reader_mod, "_shm_free_bytes", lambda: 1024)
     with pytest.raises(ResourceExhausted, match=r"shared memory is full: .*larger /dev/shm"):
-        read_safetensors(mixed_file)
+        read_safetensors(mixed_file, shm="torch")
     assert read_safetensors(mixed_file, shared=False).stats.bytes_out > 0  # private memory is not limited by it
+    assert read_safetensors(mixed_file).buffer.is_shared()  # nor is a memfd: it does not live in /dev/shm
+
+
+def test_too_little_memory_for_a_memfd_is_resource_exhausted(mixed_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader_mod, "_mem_available_bytes", lambda: 1024)
+    with pytest.raises(ResourceExhausted, match=r"not enough memory for \d+ bytes of weights: 1024 bytes available"):
+        read_safetensors(mixed_file)
+
+
+def test_memfd_buffer_has_no_pages_until_written_and_is_shareable() -> None:
+    """The point of the memfd: ftruncate makes a sparse file, so nothing is zero-filled before the read writes
+    it (torch's _new_shared reserves and clears every page). Its descriptor is what the hand-off passes."""
+    stats = reader_mod.ReadStats()
+    buf = reader_mod._allocate(64 * PAGE_BYTES, torch.device("cpu"), True, stats, "memfd")
+    fd, size = buf.untyped_storage()._share_fd_cpu_()
+    assert size == 64 * PAGE_BYTES and buf.is_shared()
+    assert os.fstat(fd).st_blocks == 0  # no page exists yet
+    buf[:PAGE_BYTES].fill_(7)
+    assert 0 < os.fstat(fd).st_blocks * 512 <= 4 * PAGE_BYTES  # writing one page allocates about one page
+    torch_buf = reader_mod._allocate(64 * PAGE_BYTES, torch.device("cpu"), True, stats, "torch")
+    assert os.fstat(torch_buf.untyped_storage()._share_fd_cpu_()[0]).st_blocks * 512 >= 64 * PAGE_BYTES
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("concurrency", [2, 3, 8])
+@pytest.mark.parametrize("shared", [True, False])
+def test_parallel_reads_are_bit_identical_to_a_sequential_read(
+    mixed_file: Path, dtype: torch.dtype | None, concurrency: int, shared: bool
+) -> None:
+    # 4 kB chunks cut the file into many ranges, read and converted by different threads in any order
+    one = read_safetensors(mixed_file, dtype=dtype, chunk_bytes=4096, concurrency=1).tensors()
+    many = read_safetensors(mixed_file, dtype=dtype, chunk_bytes=4096, concurrency=concurrency, shared=shared)
+    assert many.buffer.is_shared() == shared
+    ours = many.tensors()
+    assert ours.keys() == one.keys()
+    for name in one:
+        assert _same_bits(ours[name], one[name]), name
+
+
+@pytest.fixture(scope="module")
+def big_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three files of ~1-3 MB each: many 64 kB ranges per file, tensors larger than one range."""
+    root = tmp_path_factory.mktemp("big")
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for i in range(3):
+        tensors = {f"t{j}": torch.randn(257 * (i + 1), 129 + j, generator=g) for j in range(5)}
+        tensors["half"] = torch.randn(1000, 33, generator=g).half()
+        paths.append(root / f"part-{i}.safetensors")
+        save_file(tensors, str(paths[-1]))
+    return paths
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_read_files_reads_several_files_at_once_in_order(big_files: list[Path], dtype: torch.dtype | None) -> None:
+    seen: set[str] = set()
+    real = os.preadv
+
+    def spy(fd, buffers, offset):
+        seen.add(threading.current_thread().name)
+        time.sleep(0.002)  # a slow mount: no one thread can take every range before the others start
+        return real(fd, buffers, offset)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reader_mod.os, "preadv", spy)
+        loaded = read_files(big_files, dtype=dtype, chunk_bytes=64 * 1024, concurrency=4, shared=False)
+    assert len(seen) > 1  # the ranges were read by more than one thread
+    assert [f.path for f in loaded] == [str(p) for p in big_files]
+    for path, got in zip(big_files, loaded, strict=True):
+        ref = reference_load(str(path))
+        for name, t in got.tensors().items():
+            expected = ref[name].to(dtype) if dtype is not None else ref[name]
+            assert _same_bits(t, expected), (path.name, name)
+        assert got.stats.bytes_read == path.stat().st_size - read_header(path).data_start
+
+
+def test_keep_fp32_per_file_in_read_files(big_files: list[Path]) -> None:
+    loaded = read_files(
+        [ReadRequest(big_files[0], keep_fp32=lambda name: name == "t0"), big_files[1]],
+        dtype=torch.float16,
+        concurrency=2,
+    )
+    assert loaded[0].tensors()["t0"].dtype == torch.float32 and loaded[0].tensors()["t1"].dtype == torch.float16
+    assert loaded[1].tensors()["t0"].dtype == torch.float16
+
+
+def test_a_truncated_file_among_several_fails_the_whole_read_with_data_loss(
+    tmp_path: Path, big_files: list[Path]
+) -> None:
+    bad = tmp_path / "cut.safetensors"
+    data = big_files[2].read_bytes()
+    bad.write_bytes(data[: len(data) - 1000])
+    before = threading.active_count()
+    with pytest.raises(DataLoss, match="cut.safetensors"):
+        read_files([big_files[0], bad, big_files[1]], chunk_bytes=64 * 1024, concurrency=4)
+    assert threading.active_count() == before  # no reading thread outlives the call
+
+
+def test_concurrency_below_one_is_refused(mixed_file: Path) -> None:
+    with pytest.raises(InvalidArgument, match="concurrency"):
+        read_safetensors(mixed_file, concurrency=0)
 
 
 def test_rate_cap_is_accounted_as_throttle_time(mixed_file: Path) -> None:

@@ -17,7 +17,13 @@ from hotslot.errors import InvalidArgument
 from hotslot.loading.layout import PipelineLayout, read_layout
 from hotslot.loading.materialize import build_pipeline
 from hotslot.loading.preloader import LoadedWeights, Preloader
-from hotslot.loading.reader import DEFAULT_READ_CHUNK_BYTES, ReadBuffers, ReadStats, read_safetensors
+from hotslot.loading.reader import (
+    DEFAULT_READ_CHUNK_BYTES,
+    DEFAULT_READ_CONCURRENCY,
+    ReadRequest,
+    ReadStats,
+    read_files,
+)
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, keep_fp32_modules, resolve_class
 
 __all__ = ["LoadReport", "load_pipeline", "plan_weights", "read_weights"]
@@ -71,26 +77,23 @@ def _read_here(
     device: str,
     dtype: torch.dtype | None,
     chunk_bytes: int,
+    concurrency: int,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], ReadStats]:
-    stats = ReadStats()
-    buffers = ReadBuffers()
-    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
+    requests, owners = [], []
     for cname in names:
         patterns = keep.get(cname, ())
         predicate = (lambda n, p=patterns: any(part in p for part in n.split("."))) if patterns else None
         for path in layout.components[cname].weight_files:
-            # private memory: nothing crosses a process here, and /dev/shm is often small (64 MB in Docker)
-            loaded = read_safetensors(
-                path,
-                device=device,
-                dtype=dtype,
-                keep_fp32=predicate,
-                chunk_bytes=chunk_bytes,
-                shared=False,
-                buffers=buffers,
-            )
-            state_dicts.setdefault(cname, {}).update(loaded.tensors())
-            stats.add(loaded.stats)
+            requests.append(ReadRequest(path, predicate))
+            owners.append(cname)
+    # private memory: nothing crosses a process here, and /dev/shm is often small (64 MB in Docker)
+    loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
+                        shared=False)
+    stats = ReadStats()
+    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
+    for cname, file in zip(owners, loaded, strict=True):
+        state_dicts.setdefault(cname, {}).update(file.tensors())
+        stats.add(file.stats)
     return state_dicts, stats
 
 
@@ -146,6 +149,7 @@ def load_pipeline(
     variant: str | None = None,
     release: bool | None = None,
     chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY,
     timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
 ) -> tuple[Any, LoadReport]:
     """Loads the diffusers pipeline at `view_path` onto `device` (weights converted to `dtype`; None keeps the
@@ -163,7 +167,7 @@ def load_pipeline(
     names, keep = plan_weights(layout, dtype)
     skeletons = SkeletonCache() if skeletons is None else skeletons
     if preloader is None:
-        state_dicts, stats = _read_here(layout, names, keep, device, dtype, chunk_bytes)
+        state_dicts, stats = _read_here(layout, names, keep, device, dtype, chunk_bytes, read_concurrency)
         pipeline, materialize_s = build_pipeline(layout, state_dicts, skeletons=skeletons, dtype=dtype)
         report = LoadReport(
             read_s=stats.read_s,

@@ -8,6 +8,9 @@ from hotslot.bootstrap.settings import ServiceSettings
 
 DEFAULT_PORT = 50053
 GiB = 1024**3
+# Reads in flight per load (the reader's DEFAULT_READ_CONCURRENCY; not imported, it would pull torch into the CLI).
+DEFAULT_READ_CONCURRENCY = 4
+MAX_READ_CONCURRENCY = 64
 
 
 class ExecutorSettings(ServiceSettings):
@@ -68,6 +71,13 @@ class ExecutorSettings(ServiceSettings):
         "other I/O on the node; 0 = no cap.",
     )
     read_chunk_bytes: ByteSize = Field(ByteSize(16 * 1024 * 1024), description="Read size when loading weights.")
+    read_concurrency: int = Field(
+        DEFAULT_READ_CONCURRENCY,
+        ge=1,
+        le=MAX_READ_CONCURRENCY,
+        description="Reads in flight at once when the preloader loads a model: several files, and large files in "
+        "read_chunk_bytes ranges. More streams reach a network mount's bandwidth; on a local disk 2-4 suffice.",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads for CPU inference; 0 = torch default.")
     max_width: int = Field(1024, gt=0, description="Largest image width in pixels.")
     max_height: int = Field(1024, gt=0, description="Largest image height in pixels.")

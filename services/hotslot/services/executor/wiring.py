@@ -51,6 +51,7 @@ def build_core(
     preloader = Preloader(
         auto_restart=settings.preloader_restarts,
         chunk_bytes=int(settings.read_chunk_bytes),
+        read_concurrency=settings.read_concurrency,
         read_bytes_per_s=float(settings.preload_read_bytes_per_s) or None,
     )
     preloader.start()
