@@ -47,3 +47,22 @@ demo: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache
+
+# -- GPU check (README, "GPU check"): the wheels are fetched here, the check runs on the device machine, which has
+# the image's python3 with torch and CUDA but no network and no venv.
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= .whl
+GPU_WHEELS_PYTHON ?= 3.12
+GPU_CHECK_ARGS ?=
+
+.PHONY: gpu-wheels gpu-check
+
+# Here (network): the wheels of what hotslot needs and the GPU image lacks, at this venv's versions, for Python
+# $(GPU_WHEELS_PYTHON), into $(GPU_WHEELS) (git-ignored; about 17 MiB).
+gpu-wheels: $(BIN)/.installed
+	$(BIN)/python tools/gpu_wheels.py --dest $(GPU_WHEELS) --python-version $(GPU_WHEELS_PYTHON)
+
+# On the device: installs $(GPU_WHEELS) offline, runs tests/gpu/check_cuda_loading.py and
+# bench/bench_executor.py --device cuda (under 8 minutes) and prints one table. Exits 2 at once without CUDA.
+gpu-check:
+	$(GPU_PYTHON) tests/gpu/gpu_check.py --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
