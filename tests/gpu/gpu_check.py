@@ -66,6 +66,7 @@ IMPORTS = ("hotslot.cli.main", "hotslot.services.executor.wiring", "hotslot.serv
            "hotslot.modelgen", "tests.support.procs", "diffusers", "transformers", "safetensors.torch")
 # Carried although the image has them (tools/gpu_wheels.py FORCED): the import must find the carried copy.
 SHADOWING = {"grpcio": "grpc", "protobuf": "google.protobuf", "typing-extensions": "typing_extensions"}
+SHOWN_PROBLEMS = 8  # in the table; preflight.json has them all
 VERSIONS = ("torch", "diffusers", "transformers", "huggingface-hub", "accelerate", "grpcio", "protobuf",
             "safetensors", "pydantic")
 GB = 1e9
@@ -142,23 +143,28 @@ def preflight(wheels: Path, site: Path) -> dict:
         for line in (wheels / "requirements.txt").read_text().split():
             name, _, version = line.partition("==")
             pinned[name] = version
+    present = []
     for name, version in pinned.items():
         try:
             found = md.version(name)
+            present.append(name)
         except md.PackageNotFoundError:
             found = "none"
         if found != version:
             problems.append(f"{name}: {found} found, {version} carried")
     for name, module in SHADOWING.items():
-        if name in pinned:
-            origin = getattr(importlib.import_module(module), "__file__", "") or ""
+        if name in present:
+            try:
+                origin = getattr(importlib.import_module(module), "__file__", "") or ""
+            except ImportError as err:
+                origin = f"nowhere ({err})"
             if not origin.startswith(str(site)):
                 problems.append(f"{module} comes from {origin}, not from the carried {name}")
 
     env = {**default_environment(), "extra": ""}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [("hotslot", r) for r in project["dependencies"]]
-    for name in pinned:
+    for name in present:
         wanted += [(name, r) for r in md.requires(name) or []]
     for owner, line in wanted:
         req = Requirement(line)
@@ -167,7 +173,7 @@ def preflight(wheels: Path, site: Path) -> dict:
         try:
             found = md.version(req.name)
         except md.PackageNotFoundError:
-            problems.append(f"{owner} needs {req}: not installed (add it to tools/gpu_wheels.py?)")
+            problems.append(f"{owner} needs {req}: missing")
             continue
         if req.specifier and not req.specifier.contains(found, prereleases=True):
             problems.append(f"{owner} needs {req}: {found} installed")
@@ -458,6 +464,7 @@ def main() -> int:
     if args.preflight:
         print(json.dumps(preflight(args.wheels, args.site)))
         return 0
+    args.wheels, args.site = args.wheels.resolve(), args.site.resolve()  # the children run in ROOT
     device = args.device
     kind = "cpu" if device == "cpu" else "cuda"
     started = time.perf_counter()
@@ -480,13 +487,20 @@ def main() -> int:
     rows = [Row("CUDA device" if kind == "cuda" else "device (dry run on CPU)", "PASS", device_s)]
     if not problem:
         progress(f"{n_wheels} wheels installed from {args.wheels}; checking imports and requirements ...")
-        done = subprocess.run([args.python, __file__, "--preflight", "--wheels", str(args.wheels),
+        done = subprocess.run([args.python, str(Path(__file__).resolve()), "--preflight", "--wheels", str(args.wheels),
                                "--site", str(args.site)], env=env, capture_output=True, text=True, cwd=ROOT)
         found = last_json(done.stdout)
+        (logs / "preflight.json").write_text(json.dumps(found, indent=2) + "\n")
         if found is None:
             problem = f"preflight crashed: {done.stderr.strip()[-1500:]}"
         elif found["problems"]:
-            problem = "; ".join(found["problems"])
+            shown = found["problems"][:SHOWN_PROBLEMS]
+            more = len(found["problems"]) - len(shown)
+            problem = "; ".join(shown) + (f"; {more} more in preflight.json" if more else "")
+            if not n_wheels:
+                problem = f"no wheels in {args.wheels}: run `make gpu-wheels` where there is a network and carry it; {problem}"
+            elif "missing" in problem:
+                problem += " (a package the image lacks: add it to tools/gpu_wheels.py's closure or FORCED)"
         versions = ", ".join(f"{k} {v}" for k, v in (found or {}).get("versions", {}).items())
     env_value = f"{n_wheels} carried wheels from {args.wheels.name}/" if n_wheels else "no wheels carried"
     rows.append(Row("packages: carried wheels + image import, requirements met", "FAIL" if problem else "PASS",
