@@ -67,6 +67,7 @@ IMPORTS = ("hotslot.cli.main", "hotslot.services.executor.wiring", "hotslot.serv
 # Carried although the image has them (tools/gpu_wheels.py FORCED): the import must find the carried copy.
 SHADOWING = {"grpcio": "grpc", "protobuf": "google.protobuf", "typing-extensions": "typing_extensions"}
 SHOWN_PROBLEMS = 8  # in the table; preflight.json has them all
+MAX_CELL = 600  # characters of a problem in the table; the last line on stderr has it whole
 VERSIONS = ("torch", "diffusers", "transformers", "huggingface-hub", "accelerate", "grpcio", "protobuf",
             "safetensors", "pydantic")
 GB = 1e9
@@ -124,6 +125,7 @@ def child_env(site: Path | None) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",  # nothing can be fetched there; fail at once instead of retrying a hub
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # keeps the logs (and the device's output tail) to what matters
         "TOKENIZERS_PARALLELISM": "false",
     }
 
@@ -504,7 +506,7 @@ def main() -> int:
         versions = ", ".join(f"{k} {v}" for k, v in (found or {}).get("versions", {}).items())
     env_value = f"{n_wheels} carried wheels from {args.wheels.name}/" if n_wheels else "no wheels carried"
     rows.append(Row("packages: carried wheels + image import, requirements met", "FAIL" if problem else "PASS",
-                    f"{env_value}; " + (problem if problem else versions)))
+                    f"{env_value}; " + (problem[:MAX_CELL] if problem else f"{len(IMPORTS)} modules import")))
     if problem:
         print(render(rows))
         print(f"gpu-check: FAIL: packages: {problem}", file=sys.stderr)
@@ -534,7 +536,7 @@ def main() -> int:
     failed = [r.check for r in rows if r.result == "FAIL"]
     elapsed = time.perf_counter() - started
     report = (f"\ngpu-check on {device_s}; whole run {elapsed:.0f} s (budget "
-              f"{args.budget_s or BUDGET_S[kind]:.0f} s); logs in {logs}\n\n{render(rows)}\n")
+              f"{args.budget_s or BUDGET_S[kind]:.0f} s); logs in {logs}\npackages: {versions}\n\n{render(rows)}\n")
     print(report)
     (logs / "gpu-check.md").write_text(report)
     if failed:
