@@ -203,3 +203,33 @@ def test_cuda_handoff_uses_ipc_and_the_child_keeps_the_memory(tiny_family: list[
         owned = weights.owned_copy()
         p.release("tiny-cuda").result(WAIT_S)
         assert bool((owned.components["unet"]["conv_in.weight"] == 3.0).all())
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_map_files_maps_what_needs_no_conversion_and_the_child_reads_the_rest(
+    preloader: Preloader, tiny_family: list[Path], dtype: torch.dtype | None
+) -> None:
+    """The tiny family is stored as float32: kept as it is, every file is mapped and the child reads nothing;
+    converted to bfloat16, the child reads and converts them. Either way the images equal from_pretrained's."""
+    from diffusers import StableDiffusionPipeline
+
+    from hotslot.loading.layout import read_layout
+    from hotslot.loading.materialize import build_pipeline
+    from hotslot.loading.pipeline_loader import read_weights
+
+    layout = read_layout(tiny_family[2])
+    weights = read_weights(preloader, layout, "mapped", "cpu", dtype, map_files=True)
+    try:
+        shared = [buf.is_shared() for buf in weights.buffers]
+        assert len(shared) == 3
+        if dtype is None:
+            assert not any(shared) and "mapped" not in preloader.held()  # file mappings, nothing in the child
+        else:
+            assert all(shared) and "mapped" in preloader.held()  # converted in the child, handed over
+        pipe, _ = build_pipeline(layout, weights.components, dtype=dtype)
+        reference = StableDiffusionPipeline.from_pretrained(
+            tiny_family[2], local_files_only=True, dtype=dtype or torch.float32
+        )
+        np.testing.assert_array_equal(_image(pipe), _image(reference))
+    finally:
+        preloader.release("mapped").result(WAIT_S)

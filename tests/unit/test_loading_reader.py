@@ -309,3 +309,40 @@ def test_cuda_read_is_bit_identical(mixed_file: Path, dtype: torch.dtype | None)
         if dtype is not None and expected.is_floating_point():
             expected = expected.to(dtype)
         assert t.is_cuda and _same_bits(t, expected), name
+
+
+def test_a_mapped_file_gives_the_same_bits_without_reading_it(mixed_file: Path) -> None:
+    mapped = reader_mod.map_safetensors(mixed_file)
+    assert not mapped.buffer.is_shared() and mapped.stats.bytes_read == 0  # nothing copied: the page cache's pages
+    ref = reference_load(str(mixed_file))
+    ours = mapped.tensors()
+    for name in ref:
+        assert _same_bits(ours[name], ref[name]), name
+
+
+def test_writing_a_mapped_tensor_copies_the_page_and_leaves_the_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(path))
+    before = path.read_bytes()
+    tensors = reader_mod.map_safetensors(path).tensors()
+    tensors["w"].add_(1.0)  # e.g. a LoRA fused into the weight
+    assert tensors["w"][0].item() == 1.0
+    assert path.read_bytes() == before  # copy-on-write: a blob shared by many views is never changed
+    assert reader_mod.map_safetensors(path).tensors()["w"][0].item() == 0.0
+
+
+def test_keeps_dtypes_says_when_a_file_can_be_mapped(mixed_file: Path) -> None:
+    header = read_header(mixed_file)
+    assert reader_mod.keeps_dtypes(header, None)
+    assert not reader_mod.keeps_dtypes(header, torch.float16)  # w32, w64, wbf16 would be converted
+    only_f16 = {e.name for e in header.tensors if e.dtype == torch.float16}
+    assert only_f16 == {"w16"}
+
+
+def test_populate_maps_every_page_of_mapped_and_shared_buffers(mixed_file: Path) -> None:
+    mapped = reader_mod.map_safetensors(mixed_file)
+    shared = read_safetensors(mixed_file)
+    assert reader_mod.populate([mapped.buffer, shared.buffer], concurrency=2) == (
+        mapped.buffer.numel() + shared.buffer.numel()
+    )
+    assert reader_mod.populate([torch.empty(0, dtype=torch.uint8)]) == 0

@@ -16,13 +16,17 @@ import torch
 from hotslot.errors import InvalidArgument
 from hotslot.loading.layout import PipelineLayout, read_layout
 from hotslot.loading.materialize import build_pipeline
-from hotslot.loading.preloader import LoadedWeights, Preloader
+from hotslot.loading.preloader import LoadedWeights, LoadTimings, Preloader
 from hotslot.loading.reader import (
     DEFAULT_READ_CHUNK_BYTES,
     DEFAULT_READ_CONCURRENCY,
     ReadRequest,
     ReadStats,
+    keeps_dtypes,
+    map_safetensors,
+    module_predicate,
     read_files,
+    read_header,
 )
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, keep_fp32_modules, resolve_class
 
@@ -81,8 +85,7 @@ def _read_here(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], ReadStats]:
     requests, owners = [], []
     for cname in names:
-        patterns = keep.get(cname, ())
-        predicate = (lambda n, p=patterns: any(part in p for part in n.split("."))) if patterns else None
+        predicate = module_predicate(keep.get(cname, ()))
         for path in layout.components[cname].weight_files:
             requests.append(ReadRequest(path, predicate))
             owners.append(cname)
@@ -102,6 +105,18 @@ def _release_if_loaded(preloader: Preloader, key: str, future: Future) -> None:
         preloader.release(key)
 
 
+def mappable_components(layout: PipelineLayout, names: list[str], keep: dict[str, tuple[str, ...]],
+                        dtype: torch.dtype | None) -> list[str]:
+    """The components whose every file holds its tensors in the dtypes wanted at `dtype`: on CPU their files are
+    the weights as they are, so they can be mapped rather than read (`map_safetensors`)."""
+    out = []
+    for cname in names:
+        predicate = module_predicate(keep.get(cname, ()))
+        if all(keeps_dtypes(read_header(p), dtype, predicate) for p in layout.components[cname].weight_files):
+            out.append(cname)
+    return out
+
+
 def read_weights(
     preloader: Preloader,
     layout: PipelineLayout,
@@ -110,32 +125,55 @@ def read_weights(
     dtype: torch.dtype | None,
     *,
     chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
+    read_concurrency: int | None = None,
+    map_files: bool = False,
     timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
     variant: str | None = None,
     meanwhile: Callable[[], None] | None = None,
 ) -> LoadedWeights:
     """Has the preloader read the weight components of `layout` (converted to `dtype`, keeping the modules that
     must stay float32) and waits for them; `meanwhile` runs here while the child reads. If anything fails here,
-    the child still releases the weights once they arrive, so nothing stays held."""
+    the child still releases the weights once they arrive, so nothing stays held.
+
+    `map_files` (CPU only; the view must be on a local disk): components that need no conversion are mapped
+    here instead (copy-on-write file mappings: no copy, no allocation, the page cache's pages); only the others
+    go through the preloader. The mapped files are part of the returned weights like the read ones."""
     names, keep = plan_weights(layout, dtype)
-    future = preloader.load(
-        f"load-{uuid.uuid4().hex}",
-        model_key,
-        layout.root,
-        device,
-        dtype,
-        components=names,
-        keep_fp32=keep,
-        chunk_bytes=chunk_bytes,
-        variant=variant,
-    )
+    mapped: list[str] = []
+    if map_files and torch.device(device).type == "cpu":
+        mapped = mappable_components(layout, names, keep, dtype)
+    to_read = [n for n in names if n not in mapped]
+    if to_read:
+        future = preloader.load(
+            f"load-{uuid.uuid4().hex}",
+            model_key,
+            layout.root,
+            device,
+            dtype,
+            components=to_read,
+            keep_fp32={n: keep[n] for n in to_read if n in keep},
+            chunk_bytes=chunk_bytes,
+            read_concurrency=read_concurrency,
+            variant=variant,
+        )
     try:
+        files = [(c, str(p), *_mapped(p)) for c in mapped for p in layout.components[c].weight_files]
         if meanwhile is not None:
             meanwhile()
-        return future.result(timeout_s)
+        if not to_read:
+            return LoadedWeights(f"map-{uuid.uuid4().hex}", model_key, device, dtype, {}, [],
+                                 LoadTimings(files=len(files))).with_files(files)
+        weights = future.result(timeout_s)
     except BaseException:
-        future.add_done_callback(lambda f: _release_if_loaded(preloader, model_key, f))
+        if to_read:
+            future.add_done_callback(lambda f: _release_if_loaded(preloader, model_key, f))
         raise
+    return weights.with_files(files) if files else weights
+
+
+def _mapped(path: Path) -> tuple[torch.Tensor, tuple]:
+    loaded = map_safetensors(path)
+    return loaded.buffer, loaded.specs
 
 
 def load_pipeline(

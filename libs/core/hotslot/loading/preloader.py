@@ -53,6 +53,7 @@ from hotslot.loading.reader import (
     ReadRequest,
     ReadStats,
     TensorSpec,
+    module_predicate,
     read_files,
     tensor_views,
 )
@@ -130,6 +131,11 @@ class LoadedWeights:
         preloader may release or lose them: IPC memory belongs to the child and dies with it."""
         return self.with_buffers([buf.clone() for buf in self.buffers])
 
+    def with_files(self, files: Sequence[tuple[str, str, torch.Tensor, tuple[TensorSpec, ...]]]) -> LoadedWeights:
+        """These weights plus more files (component, path, buffer, specs), e.g. files mapped in this process."""
+        return _weights(self.request_id, self.model_key, self.device, self.dtype, [*self.files, *files],
+                        self.timings)
+
     def with_buffers(self, buffers: Sequence[torch.Tensor]) -> LoadedWeights:
         """The same weights over other buffers (one per file, same layout): a copy, or the files moved to another
         device or to pinned memory; the tensor views are rebuilt over them."""
@@ -204,8 +210,7 @@ class _Child:
             comp = layout.components.get(cname)
             if comp is None or not comp.has_weights:
                 raise NotFound(f"{view_path}: component {cname!r} has no safetensors weights")
-            patterns = tuple(keep_fp32.get(cname, ())) if keep_fp32 else ()
-            keep = (lambda n, p=patterns: any(part in p for part in n.split("."))) if patterns else None
+            keep = module_predicate(keep_fp32.get(cname, ()) if keep_fp32 else ())
             for path in comp.weight_files:
                 requests.append(ReadRequest(path, keep))
                 owners.append(cname)

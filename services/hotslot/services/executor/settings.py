@@ -78,6 +78,13 @@ class ExecutorSettings(ServiceSettings):
         description="Reads in flight at once when the preloader loads a model: several files, and large files in "
         "read_chunk_bytes ranges. More streams reach a network mount's bandwidth; on a local disk 2-4 suffice.",
     )
+    map_view_files: bool = Field(
+        True,
+        description="On CPU, map weight files that need no dtype conversion straight from the storage-cache's view "
+        "(copy-on-write, the page cache's pages, as from_pretrained does) instead of copying them into shared "
+        "memory; only files that are converted go through the preloader. Turn off if the node cache is on a network "
+        "file system.",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads for CPU inference; 0 = torch default.")
     max_width: int = Field(1024, gt=0, description="Largest image width in pixels.")
     max_height: int = Field(1024, gt=0, description="Largest image height in pixels.")

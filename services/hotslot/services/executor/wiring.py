@@ -55,7 +55,8 @@ def build_core(
         read_bytes_per_s=float(settings.preload_read_bytes_per_s) or None,
     )
     preloader.start()
-    loader = ModelLoader(preloader, device=settings.device, dtype=dtype, chunk_bytes=int(settings.read_chunk_bytes))
+    loader = ModelLoader(preloader, device=settings.device, dtype=dtype, chunk_bytes=int(settings.read_chunk_bytes),
+                         read_concurrency=settings.read_concurrency, map_files=settings.map_view_files)
 
     def channel(address: str):
         return insecure_channel(address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes)
