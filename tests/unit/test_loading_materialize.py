@@ -2,6 +2,7 @@
 copy, key-name differences handled, and every mismatch a loud error rather than a silently meta parameter."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,10 @@ from safetensors.torch import save_file
 
 from hotslot.errors import InvalidArgument
 from hotslot.loading.layout import read_layout
-from hotslot.loading.materialize import build_pipeline, materialize_module, meta_tensors
+from hotslot.loading.materialize import build_pipeline, materialize_module, materialize_skeleton, meta_tensors
 from hotslot.loading.pipeline_loader import load_pipeline
 from hotslot.loading.reader import read_safetensors
-from hotslot.loading.skeleton import SkeletonCache, build_skeleton
+from hotslot.loading.skeleton import Skeleton, SkeletonCache, build_skeleton, meta_parameters, resolve_class
 
 PROMPT = "a photo of a cat"
 
@@ -227,3 +228,81 @@ def test_tied_weights_are_tied_after_assignment(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         assert torch.equal(ours(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_pipelines_from_one_cache_share_no_module_state_with_each_other_or_the_skeleton(
+    tiny_family: list[Path],
+) -> None:
+    cache = SkeletonCache()
+    layout = read_layout(tiny_family[0])
+    weights = _state_dicts(tiny_family[0])
+    a, _ = build_pipeline(layout, weights, skeletons=cache)
+    b, _ = build_pipeline(layout, weights, skeletons=cache)
+    np.testing.assert_array_equal(_image(a), _image(b))
+    for cname in ("unet", "vae", "text_encoder"):
+        comp = layout.components[cname]
+        skeleton = cache.skeleton(resolve_class(comp.library, comp.class_name), comp.directory)
+        assert all(p.is_meta for p in skeleton.module.parameters()), cname  # the cached original stays empty
+        trees = [list(m.modules()) for m in (getattr(a, cname), getattr(b, cname), skeleton.module)]
+        assert len({len(t) for t in trees}) == 1
+        for mine, theirs, original in zip(*trees, strict=True):
+            assert mine is not theirs and mine is not original
+            for attr in ("_forward_hooks", "_forward_pre_hooks", "_parameters", "_buffers", "_modules"):
+                ids = {id(getattr(m, attr)) for m in (mine, theirs, original)}
+                assert len(ids) == 3, attr
+        buffers = [dict(m.named_buffers()) for m in (getattr(a, cname), getattr(b, cname), skeleton.module)]
+        for key in buffers[2]:  # position_ids: a copy each, not the skeleton's tensor
+            assert len({bufs[key].data_ptr() for bufs in buffers}) == 3, key
+    assert a.unet.config is not b.unet.config and dict(a.unet.config) == dict(b.unet.config)
+    assert a.unet.config.block_out_channels is not b.unet.config.block_out_channels  # attribute view of the dict
+    assert a.unet.config.block_out_channels == b.unet.config.block_out_channels == a.unet.config["block_out_channels"]
+    assert a.text_encoder.config is not b.text_encoder.config
+    # state a request could leave behind stays in its own pipeline
+    a.unet.conv_in.register_forward_hook(lambda *args: None)
+    a.text_encoder.config.output_hidden_states = True
+    assert not b.unet.conv_in._forward_hooks and not b.text_encoder.config.output_hidden_states
+    c, _ = build_pipeline(layout, weights, skeletons=cache)
+    assert not c.unet.conv_in._forward_hooks and not c.text_encoder.config.output_hidden_states
+
+
+def test_tokenizers_are_shared_and_schedulers_are_fresh(tiny_family: list[Path]) -> None:
+    cache = SkeletonCache()
+    a, _ = build_pipeline(read_layout(tiny_family[0]), _state_dicts(tiny_family[0]), skeletons=cache)
+    b, _ = build_pipeline(read_layout(tiny_family[0]), _state_dicts(tiny_family[0]), skeletons=cache)
+    assert a.tokenizer is b.tokenizer  # read-only for a request: built once
+    assert a.scheduler is not b.scheduler
+    a.scheduler.set_timesteps(3)
+    assert b.scheduler.num_inference_steps is None
+    c, _ = build_pipeline(read_layout(tiny_family[0]), _state_dicts(tiny_family[0]), skeletons=cache)
+    assert c.scheduler.num_inference_steps is None  # the cached scheduler was never the one handed out
+    assert dict(c.scheduler.config) == dict(_reference(tiny_family[0]).scheduler.config)
+    assert (cache.stats.plain_misses, cache.stats.plain_hits) == (2, 4)
+
+
+def test_rewritten_tokenizer_files_are_loaded_again(model_copy: Path) -> None:
+    cache = SkeletonCache()
+    a, _ = build_pipeline(read_layout(model_copy), _state_dicts(model_copy), skeletons=cache)
+    config_file = model_copy / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["model_max_length"] = 33
+    config_file.write_text(json.dumps(config))
+    b, _ = build_pipeline(read_layout(model_copy), _state_dicts(model_copy), skeletons=cache)
+    assert a.tokenizer is not b.tokenizer and b.tokenizer.model_max_length == 33
+
+
+def test_modules_with_loading_code_of_their_own_still_load_through_load_state_dict() -> None:
+    # BatchNorm has its own _load_from_state_dict (num_batches_tracked); the direct assignment must not bypass it
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    reference[1].running_mean.normal_()
+    weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    with meta_parameters():
+        skeleton = Skeleton(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval())
+    assert not skeleton.plain_assign
+    ours = materialize_skeleton(skeleton, weights)
+    x = torch.randn(2, 4)
+    assert torch.equal(ours(x), reference(x))
+    assert ours[1].running_mean.data_ptr() == weights["1.running_mean"].data_ptr()
+    del weights["0.bias"]
+    with pytest.raises(InvalidArgument, match=r"no weights for 0\.bias"):
+        materialize_skeleton(skeleton, weights)

@@ -14,6 +14,7 @@ from hotslot.errors import InvalidArgument, NotFound
 from hotslot.loading import skeleton as skeleton_mod
 from hotslot.loading.layout import read_layout
 from hotslot.loading.skeleton import (
+    Skeleton,
     SkeletonCache,
     build_skeleton,
     config_digest,
@@ -186,3 +187,18 @@ def test_keep_fp32_modules_follows_each_library() -> None:
     assert keep_fp32_modules(CLIPTextModel, torch.float16) == ()
     assert "wo" in keep_fp32_modules(T5EncoderModel, torch.float16)
     assert keep_fp32_modules(T5EncoderModel, None) == ()
+
+
+class _PicklesItsOwnWay(torch.nn.Linear):
+    def __getstate__(self):
+        return {**self.__dict__, "copied_by_pickling": True}
+
+
+def test_a_module_that_pickles_its_own_way_is_deep_copied_rather_than_cloned_by_plan() -> None:
+    with meta_parameters():
+        original = torch.nn.Sequential(_PicklesItsOwnWay(2, 2), torch.nn.Linear(2, 2))
+    skeleton = Skeleton(original)
+    assert not skeleton.clonable
+    fresh = skeleton.fresh()
+    assert fresh[0].copied_by_pickling and fresh[0] is not original[0]
+    assert fresh[0].weight.is_meta and fresh[0].weight is not original[0].weight

@@ -1,5 +1,11 @@
-"""Turns meta skeletons plus loaded state dicts into live modules (`load_state_dict(assign=True)`: the loaded
-tensors become the parameters, nothing is copied), and assembles the diffusers pipeline from them.
+"""Turns meta skeletons plus loaded state dicts into live modules (the loaded tensors become the parameters,
+nothing is copied), and assembles the diffusers pipeline from them.
+
+A pipeline gets fresh instances of the cached skeletons (`Skeleton.instantiate`) with the tensors put straight into
+the parameter slots the skeleton lists, which is what `load_state_dict(assign=True)` does for modules without
+loading code of their own; modules with some (BatchNorm, load hooks) go through `load_state_dict` itself. That,
+cached key sets and cached tokenizers/scheduler prototypes is what makes materializing an SD-sized pipeline cost
+less than a memcpy of its weights (bench/profile_materialize.py).
 
 Key names: the safetensors names must become `module.state_dict()` names. Three differences occur in practice and
 are handled: diffusers' legacy attention-block names (`query/key/value/proj_attn`, via the model's own
@@ -11,10 +17,11 @@ buffer still on `meta` afterwards.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,9 +30,9 @@ from torch import nn
 from hotslot.errors import InvalidArgument
 from hotslot.loading.layout import SKIPPED_COMPONENTS, PipelineLayout
 from hotslot.loading.skeleton import (
+    Skeleton,
     SkeletonCache,
     is_model_class,
-    load_plain_component,
     resolve_class,
     resolve_pipeline_class,
 )
@@ -34,6 +41,7 @@ __all__ = [
     "assemble_pipeline",
     "build_pipeline",
     "materialize_module",
+    "materialize_skeleton",
     "meta_tensors",
 ]
 
@@ -55,15 +63,7 @@ def meta_tensors(module: nn.Module) -> list[str]:
     return out
 
 
-def _non_persistent_buffers(module: nn.Module) -> set[str]:
-    names = set()
-    for prefix, sub in module.named_modules():
-        for b in sub._non_persistent_buffers_set:
-            names.add(f"{prefix}.{b}" if prefix else b)
-    return names
-
-
-def _transformers_renames(module: nn.Module, keys: list[str], expected: set[str]) -> dict[str, str]:
+def _transformers_renames(module: nn.Module, keys: list[str], expected: frozenset[str]) -> dict[str, str]:
     """old name -> new name for keys transformers' own loader would rename for this model (transformers 5:
     `conversion_mapping`); falls back to adding/stripping `base_model_prefix` on older transformers."""
     prefix = getattr(module, "base_model_prefix", "") or ""
@@ -96,36 +96,166 @@ def _transformers_renames(module: nn.Module, keys: list[str], expected: set[str]
     return renames
 
 
-def _align_keys(module: nn.Module, state_dict: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def _cached_renames(skeleton: Skeleton, unknown: list[str]) -> dict[str, str]:
+    """`_transformers_renames`, once per skeleton and set of unknown keys: the same weight files (a text encoder
+    written by transformers 4, shared by many fine-tunes) come back again and again, and the rules are regex work
+    per key. They read only the class and config, so the skeleton's own module answers."""
+    key = frozenset(unknown)
+    renames = skeleton.renames.get(key)
+    if renames is None:
+        renames = skeleton.renames[key] = _transformers_renames(skeleton.module, unknown, skeleton.keys)
+    return renames
+
+
+def _align_keys(
+    skeleton: Skeleton, module: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str
+) -> tuple[Mapping[str, torch.Tensor], bool]:
+    """`state_dict` with its names turned into the module's state_dict names, and whether the model's own key
+    fixer ran (diffusers' `_fix_state_dict_keys_on_load`, which may also change the module, so its keys must be
+    asked again)."""
     from transformers import PreTrainedModel
 
-    expected = set(module.state_dict().keys())
+    expected = skeleton.keys
+    if state_dict.keys() == expected:
+        return state_dict, False  # the common case: a file written by the same library version
     sd = dict(state_dict)
-    if set(sd) == expected:
-        return sd  # the common case: a file written by the same library version
+    fixed = False
     fix = getattr(module, "_fix_state_dict_keys_on_load", None)
     if callable(fix) and not isinstance(module, PreTrainedModel):
         fix(sd)  # diffusers: legacy attention block names, renamed in place
+        fixed = True
     if isinstance(module, PreTrainedModel):
         unknown = [k for k in sd if k not in expected]
         if unknown:
-            for old, new in _transformers_renames(module, unknown, expected).items():
+            for old, new in _cached_renames(skeleton, unknown).items():
                 if new in sd and new != old:
                     raise InvalidArgument(f"{name}: weights {old!r} and {new!r} both map to {new!r}")
                 sd[new] = sd.pop(old)
     unexpected = set(sd) - expected
     if unexpected:
-        droppable = _non_persistent_buffers(module)
         ignore = [re.compile(p) for p in (getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ())]
         for k in list(unexpected):
-            if k in droppable or any(p.search(k) for p in ignore):
+            if k in skeleton.non_persistent or any(p.search(k) for p in ignore):
                 del sd[k]
                 unexpected.discard(k)
     if unexpected:
         raise InvalidArgument(
             f"{name}: the weight files hold tensors {type(module).__name__} does not have: {_names(unexpected)}"
         )
-    return sd
+    return sd, fixed
+
+
+def _assign(
+    skeleton: Skeleton, modules: tuple[nn.Module, ...], sd: Mapping[str, torch.Tensor], name: str
+) -> list[str]:
+    """What `load_state_dict(sd, strict=False, assign=True)` does for modules without loading code of their own
+    (`Skeleton.plain_assign`), straight into the slots: each loaded tensor becomes the parameter (wrapped as an
+    nn.Parameter, no copy) or the persistent buffer. Returns the keys `sd` lacks; their parameters get meta
+    placeholders of their own (never the skeleton's). Raises InvalidArgument on shape mismatches, worded as torch
+    words them."""
+    missing: list[str] = []
+    mismatched: list[str] = []
+    make = torch.Tensor._make_subclass  # what nn.Parameter(t) does for a plain tensor, minus a Python frame
+    for i, pname, key, shape, requires_grad in skeleton.params:
+        t = sd.get(key)
+        if t is None:
+            missing.append(key)
+            placeholder = modules[i]._parameters[pname]  # the skeleton's own: replace it by one of our own
+            modules[i]._parameters[pname] = nn.Parameter(torch.empty_like(placeholder, device="meta"), requires_grad)
+        elif t.shape != shape:
+            mismatched.append(_size_mismatch(key, t.shape, shape))
+        elif type(t) is torch.Tensor:
+            modules[i]._parameters[pname] = make(nn.Parameter, t, requires_grad)
+        elif isinstance(t, nn.Parameter):
+            modules[i]._parameters[pname] = t.requires_grad_(requires_grad)
+        else:
+            modules[i]._parameters[pname] = nn.Parameter(t, requires_grad)
+    for i, bname, key, shape, _ in skeleton.buffers:
+        if key is None:
+            continue  # non-persistent: the constructor's value, copied below
+        t = sd.get(key)
+        if t is None:
+            missing.append(key)
+        elif t.shape != shape:
+            mismatched.append(_size_mismatch(key, t.shape, shape))
+        else:
+            modules[i]._buffers[bname] = t
+    if mismatched:
+        cls = type(modules[0]).__name__
+        details = "\n\t".join(mismatched)
+        raise InvalidArgument(
+            f"{name}: weights do not fit {cls}: Error(s) in loading state_dict for {cls}:\n\t{details}"
+        )
+    return missing
+
+
+def _size_mismatch(key: str, loaded: torch.Size, current: torch.Size) -> str:
+    return (
+        f"size mismatch for {key}: copying a param with shape {loaded} from checkpoint, "
+        f"the shape in current model is {current}."
+    )
+
+
+def _load_generic(module: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[str]:
+    """`load_state_dict(assign=True)` itself, for modules with loading code of their own. Returns missing keys."""
+    missing = set(module.state_dict().keys()) - set(sd)
+    try:
+        # strict unless keys are missing; those may be tied weights, and the meta check catches the rest
+        module.load_state_dict(sd, strict=not missing, assign=True)
+    except RuntimeError as err:
+        raise InvalidArgument(f"{name}: weights do not fit {type(module).__name__}: {err}") from None
+    return sorted(missing)
+
+
+def _own_buffers(
+    buffers: Iterable[tuple[dict[str, torch.Tensor | None], str]],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    shared: frozenset[int],
+) -> None:
+    """Buffers onto the weights' device (floating ones cast to `dtype` when given, as `module.to(dtype)` would),
+    and a copy of each one that is still the skeleton's tensor (id in `shared`), so no two pipelines share one."""
+    for where, bname in buffers:
+        buf = where[bname]
+        if buf is None or buf.is_meta:
+            continue
+        target = dtype if dtype is not None and buf.is_floating_point() else buf.dtype
+        if id(buf) in shared or buf.device != device or buf.dtype != target:
+            where[bname] = buf.to(device=device, dtype=target, copy=True)
+
+
+def _materialize(
+    skeleton: Skeleton,
+    root: nn.Module,
+    modules: tuple[nn.Module, ...],
+    state_dict: Mapping[str, torch.Tensor],
+    name: str,
+    dtype: torch.dtype | None,
+) -> nn.Module:
+    sd, fixed = _align_keys(skeleton, root, state_dict, name)
+    generic = fixed or not skeleton.plain_assign
+    missing = _load_generic(root, sd, name) if generic else _assign(skeleton, modules, sd, name)
+    tied = bool(missing or getattr(root, "_tied_weights_keys", None))
+    if tied:
+        tie = getattr(root, "tie_weights", None)
+        if callable(tie):
+            tie()
+    device = next(iter(sd.values())).device if sd else torch.device("cpu")
+    shared = skeleton.buffer_ids if root is not skeleton.module else frozenset()
+    if generic or tied:
+        # the tree may have changed (the key fixer, tie_weights): walk it as it is now
+        _own_buffers(((sub._buffers, b) for sub in root.modules() for b in list(sub._buffers)), device, dtype, shared)
+        left = meta_tensors(root)
+    else:
+        _own_buffers(((modules[s.module]._buffers, s.name) for s in skeleton.buffers), device, dtype, shared)
+        # nothing was missing, so only a meta tensor among the loaded ones could be left on meta
+        left = [k for k, t in sd.items() if t.is_meta]
+        left += [s.key or s.name for s in skeleton.buffers if modules[s.module]._buffers[s.name].is_meta]
+    if left:
+        raise InvalidArgument(
+            f"{name}: no weights for {_names(left)} of {type(root).__name__} (still on the meta device)"
+        )
+    return root
 
 
 def materialize_module(
@@ -135,35 +265,31 @@ def materialize_module(
     name: str = "module",
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Assigns `state_dict` to the meta skeleton `module` (the tensors become its parameters, no copy) and returns
-    it in eval mode. Non-persistent buffers move to the weights' device (cast to `dtype` when floating and a
-    dtype is given, as `module.to(dtype)` would). Raises InvalidArgument when names or shapes do not match or
-    anything is left on meta."""
-    sd = _align_keys(module, dict(state_dict), name)
-    missing = set(module.state_dict().keys()) - set(sd)
-    try:
-        # strict unless keys are missing; those may be tied weights, and the meta check below catches the rest
-        module.load_state_dict(sd, strict=not missing, assign=True)
-    except RuntimeError as err:
-        raise InvalidArgument(f"{name}: weights do not fit {type(module).__name__}: {err}") from None
-    if missing or getattr(module, "_tied_weights_keys", None):
-        tie = getattr(module, "tie_weights", None)
-        if callable(tie):
-            tie()
-    device = next(iter(sd.values())).device if sd else torch.device("cpu")
-    for sub in module.modules():
-        for bname, buf in list(sub._buffers.items()):
-            if buf is None or buf.is_meta:
-                continue
-            target_dtype = dtype if dtype is not None and buf.is_floating_point() else buf.dtype
-            if buf.device != device or buf.dtype != target_dtype:
-                sub._buffers[bname] = buf.to(device=device, dtype=target_dtype)
-    left = meta_tensors(module)
-    if left:
-        raise InvalidArgument(
-            f"{name}: no weights for {_names(left)} of {type(module).__name__} (still on the meta device)"
-        )
-    return module.eval()
+    """Assigns `state_dict` to the meta skeleton `module` in place (the tensors become its parameters, no copy)
+    and returns it in eval mode. Non-persistent buffers move to the weights' device (cast to `dtype` when
+    floating and a dtype is given, as `module.to(dtype)` would). Raises InvalidArgument when names or shapes do
+    not match or anything is left on meta."""
+    skeleton = Skeleton(module)
+    return _materialize(skeleton, module, skeleton.modules, state_dict, name, dtype).eval()
+
+
+def materialize_skeleton(
+    skeleton: Skeleton,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    name: str = "module",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A new module from the cached `skeleton` (left untouched) with `state_dict` assigned, as
+    `materialize_module` would make of a deep copy of it, in eval mode."""
+    root, modules = skeleton.instantiate()
+    module = _materialize(skeleton, root, modules, state_dict, name, dtype)
+    return module.eval() if module.training else module  # cached skeletons are built in eval mode
+
+
+@functools.lru_cache(maxsize=256)
+def _init_parameters(cls: type) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(cls.__init__).parameters
 
 
 def assemble_pipeline(layout: PipelineLayout, components: Mapping[str, Any]) -> Any:
@@ -171,7 +297,7 @@ def assemble_pipeline(layout: PipelineLayout, components: Mapping[str, Any]) -> 
     feature_extractor None, requires_safety_checker False, and model_index.json's other settings (e.g. SDXL's
     force_zeros_for_empty_prompt) passed where the constructor takes them."""
     cls = resolve_pipeline_class(layout.pipeline_class)
-    params = inspect.signature(cls.__init__).parameters
+    params = _init_parameters(cls)
     kwargs: dict[str, Any] = {}
     for pname, param in params.items():
         if pname == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -199,8 +325,9 @@ def build_pipeline(
     dtype: torch.dtype | None = None,
     config_digests: Mapping[str, str] | None = None,
 ) -> tuple[Any, float]:
-    """The pipeline from loaded weights: skeletons (from `skeletons`, cached), plain components (tokenizers,
-    schedulers) from their files, assignment of `state_dicts[component]`, assembly. Returns (pipeline, seconds).
+    """The pipeline from loaded weights: skeletons and plain components from `skeletons` (cached: tokenizers
+    shared, schedulers fresh copies), assignment of `state_dicts[component]` to a fresh instance
+    of each skeleton, assembly. Returns (pipeline, seconds).
     `config_digests` (component -> sha256 of its config.json, from the manifest) spares hashing the configs."""
     t0 = time.perf_counter()
     skeletons = SkeletonCache() if skeletons is None else skeletons
@@ -210,12 +337,12 @@ def build_pipeline(
             continue
         cls = resolve_class(comp.library, comp.class_name)
         if not is_model_class(cls):
-            components[cname] = load_plain_component(cls, comp.directory)
+            components[cname] = skeletons.plain_component(cls, comp.directory)
             continue
         if cname not in state_dicts:
             raise InvalidArgument(f"{layout.root}: no weights were loaded for component {cname!r}")
         digest = (config_digests or {}).get(cname)
-        skeleton = skeletons.get(cls, comp.directory, digest=digest)
-        components[cname] = materialize_module(skeleton, state_dicts[cname], name=cname, dtype=dtype)
+        skeleton = skeletons.skeleton(cls, comp.directory, digest=digest)
+        components[cname] = materialize_skeleton(skeleton, state_dicts[cname], name=cname, dtype=dtype)
     pipeline = assemble_pipeline(layout, components)
     return pipeline, time.perf_counter() - t0

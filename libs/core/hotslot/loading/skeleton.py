@@ -7,22 +7,33 @@ buffers are real, small CPU tensors built by the model's own constructor: non-pe
 `position_ids`, rotary tables) are not in the weight files, so their constructor-computed values are the only
 correct ones. (This is what accelerate's `init_empty_weights(include_buffers=False)` does, which diffusers uses.)
 
-Sharing rule of the cache: a skeleton is mutated by assignment, so `SkeletonCache.get` returns a fresh deep copy
-each time; the cached original is never handed out.
+Sharing rule of the cache: a skeleton is mutated by assignment, so the cached original is never handed out. Each
+use gets a fresh copy from `Skeleton.instantiate`, which clones the module tree by a plan made once per skeleton
+(new module objects, their own hook dicts, configs and buffers; see `Skeleton`) instead of `copy.deepcopy`, which
+re-discovers the same tree through `__reduce_ex__` on every use (~70 ms for the three skeletons of the small SD
+pipeline of bench/profile_materialize.py, ~4 ms by plan).
+
+Plain components (tokenizers, schedulers) are cached beside the skeletons, per file identity: a tokenizer is
+shared (read-only for a request); a scheduler is a fresh copy of a cached one every time, because
+`set_timesteps` writes to it.
 """
 from __future__ import annotations
 
 import copy
+import copyreg
+import enum
 import hashlib
+import os
 import threading
 import time
+import types
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -32,6 +43,7 @@ from hotslot.loading.layout import ALLOWED_LIBRARIES
 
 __all__ = [
     "DEFAULT_SKELETON_CACHE_ENTRIES",
+    "Skeleton",
     "SkeletonCache",
     "SkeletonCacheStats",
     "build_skeleton",
@@ -192,23 +204,265 @@ def config_digest(config_file: str | Path) -> str:
     return hashlib.sha256(Path(config_file).read_bytes()).hexdigest()
 
 
+# --------------------------------------------------------------------------------------------------------------
+# instantiating a cached skeleton
+
+# Values a clone may share with the cached skeleton: immutable, or holding nothing a request could change.
+_ATOMIC_TYPES = frozenset({
+    type(None), bool, int, float, complex, str, bytes, range, type(Ellipsis), type(NotImplemented),
+    torch.dtype, torch.device, torch.layout, torch.memory_format,
+    types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType,
+})
+# Containers a clone gets its own shallow copy of when everything in them is atomic (hook dicts, buffer-name sets).
+_COPIED_TYPES = (dict, OrderedDict, set, list)
+_OWN_ENTRIES = ("_parameters", "_buffers", "_modules")
+
+
+def _atomic(value: object) -> bool:
+    kind = type(value)
+    if kind in _ATOMIC_TYPES or isinstance(value, (type, enum.Enum)):
+        return True
+    if kind in (tuple, frozenset):
+        return all(_atomic(v) for v in value)
+    return False
+
+
+class _Slot(NamedTuple):
+    """A parameter or buffer of one module of the skeleton, and its state_dict key (None: non-persistent)."""
+
+    module: int  # index into Skeleton.modules
+    name: str
+    key: str | None
+    shape: torch.Size
+    requires_grad: bool
+
+
+def _stateless(value: object) -> bool:
+    """An instance of a diffusers class with no state of its own (an empty `__dict__`, no slots): its attention
+    processors. A copy would be indistinguishable, and diffusers itself shares one among many modules. (Only
+    Python classes of diffusers qualify: a C type, an OrderedDict say, can keep state outside `__dict__`.)"""
+    kind = type(value)
+    return (
+        kind.__module__.startswith("diffusers.")
+        and not isinstance(value, (torch.Tensor, nn.Module, Collection))
+        and getattr(value, "__dict__", None) == {}
+        and not copyreg._slotnames(kind)  # type: ignore[attr-defined]
+    )
+
+
+def _plain_values(mapping: dict) -> bool:
+    return all(_atomic(v) or (type(v) is list and all(_atomic(x) for x in v)) for v in mapping.values())
+
+
+def _simple_config(value: object) -> bool:
+    """A diffusers model config (FrozenDict) holding only atomic values and lists of them, which `_copy_config`
+    copies as deepcopy would, in a tenth of the time."""
+    from diffusers.configuration_utils import FrozenDict
+
+    if type(value) is not FrozenDict or not _plain_values(value):
+        return False
+    attrs = vars(value)
+    return attrs.keys() <= value.keys() | {"_FrozenDict__frozen"} and _plain_values(attrs)
+
+
+def _copy_config(config: OrderedDict) -> OrderedDict:
+    """A copy of a `_simple_config` FrozenDict: its own lists, its items mirrored as attributes like the original."""
+    items = {k: (v.copy() if type(v) is list else v) for k, v in config.items()}
+    new = type(config).__new__(type(config))
+    for k, v in items.items():
+        _odict_setitem(new, k, v)  # FrozenDict.update refuses, and its __setitem__ is Python code: 2.5x slower
+    attrs = vars(new)
+    attrs.update(vars(config))
+    attrs.update((k, items[k]) for k in vars(config).keys() & items.keys())
+    return new
+
+
+_odict_setitem = OrderedDict.__setitem__
+
+
+class _ModulePlan(NamedTuple):
+    copied: tuple[str, ...]  # __dict__ entries that get a shallow copy (hook dicts, buffer-name sets)
+    configs: tuple[str, ...]  # __dict__ entries that are `_simple_config`s
+    deep: tuple[str, ...]  # __dict__ entries that get copy.deepcopy (transformers configs, tensors, ...)
+    children: tuple[tuple[str, int], ...]  # _modules entries: name, index into Skeleton.modules (-1: None)
+
+
+def _clonable(module: nn.Module) -> bool:
+    """Whether a shell plus a copy of `__dict__` is what deepcopy would make of this module: no slots, and no
+    pickling hooks other than torch.nn's own (Module.__setstate__ only fills in attributes that already exist)."""
+    cls = type(module)
+    if copyreg._slotnames(cls):  # type: ignore[attr-defined]
+        return False
+    for hook in ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__"):
+        impl = getattr(cls, hook, None)
+        if impl is not getattr(nn.Module, hook, None) and not getattr(impl, "__module__", "").startswith("torch.nn"):
+            return False
+    return True
+
+
+def _loads_plainly(module: nn.Module) -> bool:
+    """Whether `load_state_dict(assign=True)` would do nothing for this module beyond setting its parameters and
+    persistent buffers: no own `_load_from_state_dict`, no load hooks, no extra state."""
+    cls = type(module)
+    return (
+        cls._load_from_state_dict is nn.Module._load_from_state_dict
+        and cls.get_extra_state is nn.Module.get_extra_state
+        and not module._load_state_dict_pre_hooks
+        and not module._load_state_dict_post_hooks
+        and not module._state_dict_hooks
+        and not module._state_dict_pre_hooks
+    )
+
+
+def _walk(
+    module: nn.Module,
+) -> tuple[tuple[nn.Module, ...], dict[int, int], tuple[_Slot, ...], tuple[_Slot, ...], frozenset[str]]:
+    """(modules, id -> index, parameter slots, buffer slots, non-persistent buffer names) of a module tree, walked
+    as named_modules(remove_duplicate=False) walks it: a module registered twice has two key prefixes."""
+    modules: list[nn.Module] = []
+    index: dict[int, int] = {}
+    params: list[_Slot] = []
+    buffers: list[_Slot] = []
+    non_persistent: set[str] = set()
+
+    def visit(sub: nn.Module, prefix: str) -> None:
+        if id(sub) not in index:
+            index[id(sub)] = len(modules)
+            modules.append(sub)
+        i = index[id(sub)]
+        for name, p in sub._parameters.items():
+            if p is not None:
+                params.append(_Slot(i, name, prefix + name, p.shape, p.requires_grad))
+        non_persistent.update(prefix + name for name in sub._non_persistent_buffers_set)
+        for name, b in sub._buffers.items():
+            if b is not None:
+                persistent = name not in sub._non_persistent_buffers_set
+                buffers.append(_Slot(i, name, prefix + name if persistent else None, b.shape, False))
+        for name, child in sub._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}{name}.")
+
+    visit(module, "")
+    return tuple(modules), index, tuple(params), tuple(buffers), frozenset(non_persistent)
+
+
+class Skeleton:
+    """A meta skeleton and what using it takes, worked out once: its module tree as a flat list, every parameter
+    and buffer slot with its state_dict key, the expected keys, the non-persistent buffer names, and per module
+    which `__dict__` entries a clone must not share.
+
+    `instantiate()` clones the tree from that plan: per module a new object of the same class whose `__dict__` is a
+    copy of the original's, with its own hook dicts and sets, its own copy of a diffusers config, deep copies of
+    anything else mutable (a transformers config, once per instance as deepcopy's memo would; tensors), its own
+    children, and the original's parameter and buffer dicts copied (the parameters are meta: assignment replaces
+    them). Immutable values and stateless diffusers attention processors are shared. That is what
+    `copy.deepcopy` builds, at a twentieth of the cost. Modules with slots or pickling hooks of their own
+    (`clonable` False) are deep-copied instead.
+
+    `plain_assign` is True when `load_state_dict(assign=True)` would only set the slots (no module has its own
+    loading code, hooks or extra state), so assignment may set them directly."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        modules, index, params, buffers, non_persistent = _walk(module)
+        self.modules: tuple[nn.Module, ...] = modules
+        self.params: tuple[_Slot, ...] = params
+        self.buffers: tuple[_Slot, ...] = buffers
+        self.non_persistent: frozenset[str] = non_persistent
+        self.keys: frozenset[str] = frozenset(module.state_dict().keys())
+        slot_keys = {s.key for s in params} | {s.key for s in buffers if s.key is not None}
+        self.plain_assign = slot_keys == self.keys and all(_loads_plainly(m) for m in modules)
+        self.clonable = all(_clonable(m) for m in modules)
+        self._plans = tuple(self._plan(m, index) for m in modules) if self.clonable else ()
+        self._deep = tuple(i for i, plan in enumerate(self._plans) if plan.deep)
+        # per module: its __dict__ (read, never written), the entries to copy (incl. the parameter and buffer
+        # dicts, whose entries assignment replaces), its children, its configs
+        self._recipe = tuple(
+            (m.__dict__, (*plan.copied, "_parameters", "_buffers"), plan.children, plan.configs)
+            for m, plan in zip(modules, self._plans, strict=True)
+        ) if self.clonable else ()
+        # the skeleton's buffer tensors, which an instance must replace by copies of its own
+        self.buffer_ids: frozenset[int] = frozenset(id(modules[s.module]._buffers[s.name]) for s in buffers)
+        # key renames that `materialize` worked out for weight files of this skeleton (unknown keys -> renames)
+        self.renames: dict[frozenset[str], dict[str, str]] = {}
+
+    @staticmethod
+    def _plan(module: nn.Module, index: dict[int, int]) -> _ModulePlan:
+        copied, configs, deep = [], [], []
+        for key, value in module.__dict__.items():
+            if key in _OWN_ENTRIES or _atomic(value) or _stateless(value):
+                continue
+            if type(value) in _COPIED_TYPES:
+                items = value.items() if isinstance(value, dict) else ((v, v) for v in value)
+                if all(_atomic(k) and _atomic(v) for k, v in items):
+                    copied.append(key)
+                    continue
+            (configs if _simple_config(value) else deep).append(key)
+        children = tuple((n, -1 if c is None else index[id(c)]) for n, c in module._modules.items())
+        return _ModulePlan(tuple(copied), tuple(configs), tuple(deep), children)
+
+    def instantiate(self) -> tuple[nn.Module, tuple[nn.Module, ...]]:
+        """A fresh copy of the skeleton: (root module, its modules in the order of `modules`). Its parameters are
+        the skeleton's meta parameters (shared, and to be replaced by assignment); its buffers are the skeleton's
+        tensors (shared, and to be replaced by copies, see `materialize`). `fresh()` gives a fully independent
+        copy instead."""
+        if not self.clonable:
+            root = copy.deepcopy(self.module)
+            return root, _walk(root)[0]
+        # The hot loop of materialize (~1000 modules for an SD pipeline): everything it reads is precomputed.
+        shells = tuple(object.__new__(m.__class__) for m in self.modules)
+        for shell, (source, copied, children, configs) in zip(shells, self._recipe, strict=True):
+            d = shell.__dict__
+            d.update(source)
+            for key in copied:
+                d[key] = source[key].copy()
+            d["_modules"] = {n: (shells[i] if i >= 0 else None) for n, i in children} if children else {}
+            for key in configs:
+                d[key] = _copy_config(source[key])
+        if self._deep:
+            # after every shell is filled, so a copied object that refers back to a module finds it complete
+            memo: dict[int, Any] = {id(m): s for m, s in zip(self.modules, shells, strict=True)}
+            for i in self._deep:
+                d = shells[i].__dict__
+                for key in self._plans[i].deep:
+                    d[key] = copy.deepcopy(d[key], memo)
+        return shells[0], shells
+
+    def fresh(self) -> nn.Module:
+        """A copy that shares nothing mutable with the skeleton: new meta parameters, copied buffers."""
+        root, modules = self.instantiate()
+        for slot in self.params:
+            sub = modules[slot.module]
+            p = sub._parameters[slot.name]
+            sub._parameters[slot.name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for slot in self.buffers:
+            sub = modules[slot.module]
+            sub._buffers[slot.name] = sub._buffers[slot.name].clone()
+        return root
+
+
 @dataclass
 class SkeletonCacheStats:
     hits: int = 0
     misses: int = 0
     build_s: float = 0.0  # building on misses
-    copy_s: float = 0.0  # deep copies handed out
+    copy_s: float = 0.0  # fresh copies handed out by `get`
+    plain_hits: int = 0  # plain components (tokenizers, schedulers) served from the cache
+    plain_misses: int = 0
 
 
 class SkeletonCache:
-    """Meta skeletons per (class, config digest), LRU-bounded; `get` returns a fresh deep copy every time."""
+    """Meta skeletons per (class, config digest), LRU-bounded, and plain components per (class, file identity),
+    bounded alike. `get` returns a fresh copy every time; `skeleton` the cached `Skeleton` (read-only: instantiate
+    it); `plain_component` a tokenizer (shared) or a fresh scheduler."""
 
     def __init__(self, max_entries: int = DEFAULT_SKELETON_CACHE_ENTRIES) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self.max_entries = max_entries
         self.stats = SkeletonCacheStats()
-        self._entries: OrderedDict[tuple[str, str, str], nn.Module] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, str], Skeleton] = OrderedDict()
+        self._plain: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -217,18 +471,20 @@ class SkeletonCache:
     def get(self, cls: type, config_dir: str | Path, *, digest: str | None = None) -> nn.Module:
         """A fresh skeleton of `cls` for the config in `config_dir`. Pass the config file's sha256 as `digest`
         when it is known (from the model's manifest) and the config file is not even read on a hit."""
-        skeleton = self._cached(cls, config_dir, digest)
+        skeleton = self.skeleton(cls, config_dir, digest=digest)
         t0 = time.perf_counter()
-        fresh = copy.deepcopy(skeleton)
+        fresh = skeleton.fresh()
         with self._lock:
             self.stats.copy_s += time.perf_counter() - t0
         return fresh
 
     def prefetch(self, cls: type, config_dir: str | Path, *, digest: str | None = None) -> None:
         """Builds and caches the skeleton without handing out a copy (e.g. while the weights are being read)."""
-        self._cached(cls, config_dir, digest)
+        self.skeleton(cls, config_dir, digest=digest)
 
-    def _cached(self, cls: type, config_dir: str | Path, digest: str | None) -> nn.Module:
+    def skeleton(self, cls: type, config_dir: str | Path, *, digest: str | None = None) -> Skeleton:
+        """The cached Skeleton of `cls` for the config in `config_dir`, built on a miss. Never mutate it: use
+        `Skeleton.instantiate` (as `materialize` does) or `get`."""
         if digest is None:
             path = Path(config_dir) / "config.json"
             try:
@@ -243,19 +499,70 @@ class SkeletonCache:
                 self.stats.hits += 1
                 return skeleton
         t0 = time.perf_counter()
-        skeleton = build_skeleton(cls, config_dir)
+        skeleton = Skeleton(build_skeleton(cls, config_dir))
         with self._lock:
             self.stats.misses += 1
             self.stats.build_s += time.perf_counter() - t0
-            self._entries[key] = skeleton
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._remember(self._entries, key, skeleton)
         return skeleton
+
+    def plain_component(self, cls: type, directory: str | Path) -> Any:
+        """The component of `cls` in `directory` (a tokenizer, scheduler, image processor): tokenizers are built
+        once per (class, files) and shared, since a request only reads them; a scheduler is a new instance
+        every time (requests call its `set_timesteps`): a deep copy of one built once from its files and never
+        handed out (a fifth of the cost of `from_config`); anything else is loaded from its files each time.
+        Files are identified by inode, size and mtime: storage-cache views link to immutable content-addressed
+        blobs, so equal files of different models are one entry."""
+        from diffusers import SchedulerMixin
+        from transformers import PreTrainedTokenizerBase
+
+        if issubclass(cls, SchedulerMixin):
+            kind = "scheduler"
+        elif issubclass(cls, PreTrainedTokenizerBase):
+            kind = "tokenizer"
+        else:
+            return load_plain_component(cls, directory)
+        key = (kind, cls.__module__, cls.__qualname__, _files_identity(directory))
+        with self._lock:
+            cached = self._plain.get(key)
+            if cached is not None:
+                self._plain.move_to_end(key)
+                self.stats.plain_hits += 1
+        if cached is None:
+            cached = load_plain_component(cls, directory)
+            with self._lock:
+                self.stats.plain_misses += 1
+                self._remember(self._plain, key, cached)
+        return cached if kind == "tokenizer" else copy.deepcopy(cached)
+
+    def _remember(self, entries: OrderedDict, key: tuple, value: Any) -> None:
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._plain.clear()
+
+
+def _files_identity(directory: str | Path) -> tuple[tuple[str, int, int, int, int], ...]:
+    """(name, device, inode, size, mtime) of each file in `directory`, following links: changes whenever a file is
+    replaced or rewritten, and is the same for two views whose files link to the same blobs."""
+    out = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        raise NotFound(f"{directory} is missing") from None
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue  # a dangling link: from_pretrained will not read it either
+        if entry.is_file():
+            out.append((entry.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))
 
 
 def load_plain_component(cls: type, directory: str | Path) -> Any:
