@@ -1,5 +1,6 @@
 """Benchmark of the storage-cache (not a test): cold fill of the cache from the backing directory against `cp -r` of the
-same files, warm Ensure latency of a cached 20-file model, and the bytes a 10-model family saves by dedupe. Each
+same files and against the disk's read limit (`cat` of the same files to /dev/null), with CPU seconds per GB of
+each, warm Ensure latency of a cached 20-file model, and the bytes a 10-model family saves by dedupe. Each
 number comes from a real `hotslot serve storage-cache` process called over gRPC, with the baselines measured in
 the same run. The models (random weights in safetensors files, diffusers layout) are written to bench/.data once
 and reused by later runs with the same sizes.
@@ -13,14 +14,16 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -36,6 +39,12 @@ GB = 1000**3
 WRITE_CHUNK = 64 * 1024 * 1024
 LISTENING = re.compile(r"hotslot storage-cache listening on (\S+):(\d+)")
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Before each cold run the script waits (at most QUIET_WAIT_S) for the CPUs to be this idle over QUIET_WINDOW_S:
+# the fill hashes every byte, so a neighbour's CPU load changes its time far more than cp's.
+QUIET_IDLE = 0.9
+QUIET_WINDOW_S = 0.5
+QUIET_WAIT_S = 30.0
 
 # A 20-file diffusers pipeline with sharded weights; each weight file's share of the model's size. The family
 # shares everything but unet/ (fine-tunes of one base).
@@ -104,14 +113,62 @@ def prepared(dest: Path, size: int, seed: int, shared_from: Path | None = None) 
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    cpu_s: float  # CPU time (user + system) of the process doing the copy, over the run
+    load: str  # /proc/loadavg's first three fields when the run started
+
+
 def drop_page_cache(enabled: bool) -> None:
     os.sync()
     if enabled:
         DROP_CACHES.write_text("3\n")
 
 
+def idle_fraction(window_s: float) -> float:
+    def sample() -> tuple[int, int]:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    idle0, all0 = sample()
+    time.sleep(window_s)
+    idle1, all1 = sample()
+    return (idle1 - idle0) / max(1, all1 - all0)
+
+
+def wait_for_quiet() -> bool:
+    """Waits until other processes leave the CPUs idle; False if they never did within QUIET_WAIT_S."""
+    deadline = time.monotonic() + QUIET_WAIT_S
+    while idle_fraction(QUIET_WINDOW_S) < QUIET_IDLE:
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_s(pid: int) -> float:
+    # Fields 14 and 15 of /proc/<pid>/stat (utime, stime), counted after the ")" that ends the command name.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class Service:
+    stub: pb_grpc.StorageCacheServiceStub
+    pid: int
+
+
 @contextmanager
-def storage_cache(backing: Path, cache_dir: Path, *args: str) -> Iterator[pb_grpc.StorageCacheServiceStub]:
+def storage_cache(backing: Path, cache_dir: Path, *args: str) -> Iterator[Service]:
     shutil.rmtree(cache_dir, ignore_errors=True)
     log_path = cache_dir.with_name(cache_dir.name + ".log")
     with open(log_path, "wb") as log:
@@ -128,45 +185,75 @@ def storage_cache(backing: Path, cache_dir: Path, *args: str) -> Iterator[pb_grp
             time.sleep(0.05)
         with grpc.insecure_channel(f"{match.group(1)}:{match.group(2)}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
-            yield pb_grpc.StorageCacheServiceStub(channel)
+            yield Service(pb_grpc.StorageCacheServiceStub(channel), proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
+def cold(drop: bool, quiet: list[bool], measure: Callable[[], tuple[float, float]]) -> Run:
+    """One cold run: page cache dropped, CPUs quiet (or waited for long enough), then `measure`."""
+    drop_page_cache(drop)
+    quiet.append(wait_for_quiet())
+    load = load_average()
+    seconds, cpu_s = measure()
+    return Run(seconds, cpu_s, load)
+
+
+def timed_child(command: list[str], after: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    cpu0 = children_cpu_s()
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    after()
+    return time.perf_counter() - started, children_cpu_s() - cpu0
+
+
 def ensure_request(source: str, manifest: Manifest) -> pb.EnsureModelRequest:
     return pb.EnsureModelRequest(manifest=pb.ManifestTarget(source=source, manifest=manifest_to_proto(manifest)))
 
 
-def timed_cp(src: Path, dst: Path, fsync: bool) -> float:
+def timed_cat(src: Path) -> tuple[float, float]:
+    """Every file of src read once to /dev/null: how fast this disk can deliver the bytes, the fill's limit."""
+    return timed_child(["cat", *sorted(str(p) for p in src.rglob("*") if p.is_file())])
+
+
+def timed_cp(src: Path, dst: Path, fsync: bool) -> tuple[float, float]:
     shutil.rmtree(dst, ignore_errors=True)
-    started = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    if fsync:
-        for path in dst.rglob("*"):
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-    elapsed = time.perf_counter() - started
-    shutil.rmtree(dst)
-    return elapsed
+
+    def fsync_all() -> None:
+        if fsync:
+            for path in dst.rglob("*"):
+                if path.is_file():
+                    fd = os.open(path, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+
+    try:
+        return timed_child(["cp", "-r", str(src), str(dst)], after=fsync_all)  # the fsyncs' CPU is not counted
+    finally:
+        shutil.rmtree(dst)
 
 
-def cold_fill(backing: Path, work: Path, source: str, manifest: Manifest, drop: bool, *args: str) -> float:
-    with storage_cache(backing, work / "cache", *args) as stub:
-        drop_page_cache(drop)
-        started = time.perf_counter()
-        reply = stub.EnsureModel(ensure_request(source, manifest), timeout=3600)
-        elapsed = time.perf_counter() - started
-        # Each distinct file exactly once (the two empty weight maps of the index files are one blob).
-        assert reply.bytes_fetched == sum({f.sha256: f.size_bytes for f in manifest.files}.values())
-    return elapsed
+def cold_fill(
+    backing: Path, work: Path, source: str, manifest: Manifest, drop: bool, quiet: list[bool], *args: str
+) -> Run:
+    with storage_cache(backing, work / "cache", *args) as service:
+        def fill() -> tuple[float, float]:
+            cpu0 = process_cpu_s(service.pid)
+            started = time.perf_counter()
+            reply = service.stub.EnsureModel(ensure_request(source, manifest), timeout=3600)
+            elapsed = time.perf_counter() - started
+            # Each distinct file exactly once (the two empty weight maps of the index files are one blob).
+            assert reply.bytes_fetched == sum({f.sha256: f.size_bytes for f in manifest.files}.values())
+            return elapsed, process_cpu_s(service.pid) - cpu0
+
+        return cold(drop, quiet, fill)
 
 
 def warm_ensure(backing: Path, work: Path, source: str, manifest: Manifest, calls: int) -> tuple[list[float], ...]:
-    with storage_cache(backing, work / "cache", "--no-fsync") as stub:
+    with storage_cache(backing, work / "cache", "--no-fsync") as service:
+        stub = service.stub
         request = ensure_request(source, manifest)
         stub.EnsureModel(request, timeout=3600)
         for _ in range(20):  # connection and code paths warmed before timing
@@ -182,15 +269,19 @@ def warm_ensure(backing: Path, work: Path, source: str, manifest: Manifest, call
 
 
 def family_dedupe(backing: Path, work: Path, sources: list[str], manifests: list[Manifest]) -> pb.GetUsageResponse:
-    with storage_cache(backing, work / "cache", "--no-fsync") as stub:
+    with storage_cache(backing, work / "cache", "--no-fsync") as service:
         for source, manifest in zip(sources, manifests, strict=True):
-            stub.EnsureModel(ensure_request(source, manifest), timeout=3600)
-        return stub.GetUsage(pb.GetUsageRequest())
+            service.stub.EnsureModel(ensure_request(source, manifest), timeout=3600)
+        return service.stub.GetUsage(pb.GetUsageRequest())
 
 
 # -- report ------------------------------------------------------------------------------------------------------
 def rate(size: int, seconds: float) -> str:
     return f"{seconds:.2f} s ({size / seconds / 1e6:,.0f} MB/s)"
+
+
+def cpu_per_gb(size: int, run: Run) -> str:
+    return f"{run.cpu_s / (size / GB):.2f}"
 
 
 def main() -> None:
@@ -222,20 +313,22 @@ def main() -> None:
     family_sources = [f"family-{args.family_size_gb:g}gb-{i}" for i in range(args.family)]
 
     print("measuring cold copies ...", file=sys.stderr)
+    load_start = load_average()
     tuning = ("--read-chunk-bytes", args.read_chunk_bytes, "--parallel-fetches", str(args.parallel_fetches))
+    quiet: list[bool] = []
     # Interleaved and best-of-N: on a shared machine, writeback and neighbours make single runs noisy.
-    kinds = {
-        "cp": lambda: timed_cp(backing / big_name, work / "cp", fsync=False),
-        "fill": lambda: cold_fill(backing, work, big_name, big, drop, "--no-fsync", *tuning),
-        "cp_sync": lambda: timed_cp(backing / big_name, work / "cp", fsync=True),
-        "fill_sync": lambda: cold_fill(backing, work, big_name, big, drop, "--fsync", *tuning),
+    kinds: dict[str, Callable[[], Run]] = {
+        "cat": lambda: cold(drop, quiet, lambda: timed_cat(backing / big_name)),
+        "cp": lambda: cold(drop, quiet, lambda: timed_cp(backing / big_name, work / "cp", fsync=False)),
+        "fill": lambda: cold_fill(backing, work, big_name, big, drop, quiet, "--no-fsync", *tuning),
+        "cp_sync": lambda: cold(drop, quiet, lambda: timed_cp(backing / big_name, work / "cp", fsync=True)),
+        "fill_sync": lambda: cold_fill(backing, work, big_name, big, drop, quiet, "--fsync", *tuning),
     }
-    runs: dict[str, list[float]] = {kind: [] for kind in kinds}
+    runs: dict[str, list[Run]] = {kind: [] for kind in kinds}
     for _ in range(args.repeat):
         for kind, measure in kinds.items():
-            drop_page_cache(drop)
             runs[kind].append(measure())
-    cp_plain, fill_plain, cp_sync, fill_sync = (min(runs[kind]) for kind in kinds)
+    cat, cp_plain, fill_plain, cp_sync, fill_sync = (min(runs[kind], key=lambda r: r.seconds) for kind in kinds)
     print("measuring warm Ensure ...", file=sys.stderr)
     client, server = warm_ensure(backing, work, big_name, big, args.warm_calls)
     print("measuring family dedupe ...", file=sys.stderr)
@@ -244,29 +337,39 @@ def main() -> None:
     logical = sum(m.total_bytes for m in family)
     saved = logical - usage.used_bytes
     q = statistics.quantiles
+    n = big.total_bytes
     rows = [
-        ("cp -r (no fsync)", rate(big.total_bytes, cp_plain), ""),
-        ("cold fill, --no-fsync", rate(big.total_bytes, fill_plain), ""),
-        ("  ratio: cp time / fill time", f"{cp_plain / fill_plain:.2f}", ">= 0.9"),
-        ("cp -r + fsync of every file", rate(big.total_bytes, cp_sync), ""),
-        ("cold fill, --fsync (default)", rate(big.total_bytes, fill_sync), ""),
-        ("  ratio: cp time / fill time", f"{cp_sync / fill_sync:.2f}", ">= 0.9"),
+        ("cat to /dev/null (disk read limit)", rate(n, cat.seconds), cpu_per_gb(n, cat), ""),
+        ("cp -r (no fsync)", rate(n, cp_plain.seconds), cpu_per_gb(n, cp_plain), ""),
+        ("cold fill, --no-fsync", rate(n, fill_plain.seconds), cpu_per_gb(n, fill_plain), ""),
+        ("  ratio: cp time / fill time", f"{cp_plain.seconds / fill_plain.seconds:.2f}", "", ">= 0.9"),
+        ("  share of the read limit: cat time / fill time", f"{cat.seconds / fill_plain.seconds:.2f}", "", ""),
+        ("cp -r + fsync of every file", rate(n, cp_sync.seconds), cpu_per_gb(n, cp_sync), ""),
+        ("cold fill, --fsync (default)", rate(n, fill_sync.seconds), cpu_per_gb(n, fill_sync), ""),
+        ("  ratio: cp time / fill time", f"{cp_sync.seconds / fill_sync.seconds:.2f}", "", ">= 0.9"),
+        ("  share of the read limit: cat time / fill time", f"{cat.seconds / fill_sync.seconds:.2f}", "", ""),
         (f"warm Ensure p50 / p99, gRPC round trip ({len(big.files)} files)",
-         f"{statistics.median(client) * 1e3:.2f} / {q(client, n=100)[98] * 1e3:.2f} ms", "p50 <= 5 ms"),
-        ("warm Ensure p50, inside the service", f"{statistics.median(server) * 1e3:.3f} ms", ""),
-        (f"family: {args.family} models x {fam_size / GB:.2f} GB, logical bytes", f"{logical / GB:.3f} GB", ""),
-        ("family: bytes stored (blob store used)", f"{usage.used_bytes / GB:.3f} GB", ""),
-        ("family: saved by dedupe", f"{saved / GB:.3f} GB ({saved / logical:.0%})", ""),
+         f"{statistics.median(client) * 1e3:.2f} / {q(client, n=100)[98] * 1e3:.2f} ms", "", "p50 <= 5 ms"),
+        ("warm Ensure p50, inside the service", f"{statistics.median(server) * 1e3:.3f} ms", "", ""),
+        (f"family: {args.family} models x {fam_size / GB:.2f} GB, logical bytes", f"{logical / GB:.3f} GB", "", ""),
+        ("family: bytes stored (blob store used)", f"{usage.used_bytes / GB:.3f} GB", "", ""),
+        ("family: saved by dedupe", f"{saved / GB:.3f} GB ({saved / logical:.0%})", "", ""),
     ]
     cpus = os.cpu_count()
-    print(f"\nstorage-cache benchmark: model {big.total_bytes / GB:.2f} GB in {len(big.files)} files; "
+    same_fs = (backing.stat().st_dev == work.stat().st_dev)
+    print(f"\nstorage-cache benchmark: model {n / GB:.2f} GB in {len(big.files)} files; "
           f"page cache dropped before each cold run: {'yes' if drop else 'no'}; best of {args.repeat}; {cpus} CPUs; "
-          f"{args.parallel_fetches} parallel fetches, {args.read_chunk_bytes} reads\n")
+          f"{args.parallel_fetches} parallel fetches, {args.read_chunk_bytes} reads; backing and cache on "
+          f"{'one filesystem' if same_fs else 'two filesystems'}; load average {load_start} at start, "
+          f"{load_average()} at end; {quiet.count(False)} of {len(quiet)} cold runs started on a busy machine\n")
     width = max(len(r[0]) for r in rows)
-    print(f"| {'measure'.ljust(width)} | {'value'.ljust(26)} | goal        |")
-    print(f"|{'-' * (width + 2)}|{'-' * 28}|-------------|")
-    for name, value, goal in rows:
-        print(f"| {name.ljust(width)} | {value.ljust(26)} | {goal.ljust(11)} |")
+    print(f"| {'measure'.ljust(width)} | {'value'.ljust(26)} | CPU s/GB | goal        |")
+    print(f"|{'-' * (width + 2)}|{'-' * 28}|----------|-------------|")
+    for name, value, cpu, goal in rows:
+        print(f"| {name.ljust(width)} | {value.ljust(26)} | {cpu.ljust(8)} | {goal.ljust(11)} |")
+    print("\nevery cold run, seconds (load average at its start):")
+    for kind, kind_runs in runs.items():
+        print(f"  {kind:9} " + "  ".join(f"{r.seconds:.2f} ({r.load.split()[0]})" for r in kind_runs))
 
 
 if __name__ == "__main__":

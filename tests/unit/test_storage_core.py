@@ -22,6 +22,7 @@ from hotslot.errors import (
     ResourceExhausted,
 )
 from hotslot.manifest import FileEntry, Manifest
+from hotslot.services.storage_cache import fill
 from hotslot.services.storage_cache.backing import BackingStore
 from hotslot.services.storage_cache.blobstore import BlobStore
 from hotslot.services.storage_cache.core import (
@@ -271,6 +272,221 @@ async def test_a_file_longer_than_its_manifest_is_not_copied_past_its_size(core,
     with pytest.raises(DataLoss, match="101 bytes"):
         await core.ensure(ManifestTarget("models/a", manifest))
     assert backing.bytes_read[str(share / "models/a/w.safetensors")] == 2 * 101
+
+
+# -- cold fill: kernel copy, its fallbacks, fsync ------------------------------------------------------------
+class KernelCopies:
+    """Records the kernel copies a fill makes (os.copy_file_range and os.sendfile, patched), and can refuse them
+    with an errno or make them misbehave."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: Counter[str] = Counter()
+        self.copied: Counter[str] = Counter()
+        self.refuse: dict[str, int] = {}
+        self.report_eof: set[str] = set()
+        self.corrupt_copy = False
+        for name in ("copy_file_range", "sendfile"):
+            monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
+
+    def _wrap(self, name: str, real):
+        def kernel_copy(*args, **kwargs) -> int:
+            self.calls[name] += 1
+            if name in self.refuse:
+                raise OSError(self.refuse[name], os.strerror(self.refuse[name]))
+            if name in self.report_eof:
+                return 0  # as copy_file_range does on procfs: "nothing to copy" although there is
+            n = real(*args, **kwargs)
+            self.copied[name] += n
+            if self.corrupt_copy and n:
+                dst = args[1] if name == "copy_file_range" else args[0]
+                os.pwrite(dst, b"\0", os.lseek(dst, 0, os.SEEK_CUR) - 1)  # the copy, not the source, goes wrong
+            return n
+        return kernel_copy
+
+
+@pytest.fixture
+def kernel(monkeypatch: pytest.MonkeyPatch) -> KernelCopies:
+    return KernelCopies(monkeypatch)
+
+
+@pytest.fixture
+async def real_core(tmp_path: Path, share: Path, resolver: FakeResolver):
+    """A core over the real BackingStore, whose readers are files: fills take the kernel path where it works."""
+    c = make_core(tmp_path, BackingStore(share), resolver)
+    yield c
+    await c.close()
+
+
+def fetch_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The temp files of fetches that get fsynced, recorded by a patched os.fsync."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.startswith("fetch-"):
+            synced.append(name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def assert_view_matches_share(result: EnsureResult, share: Path, source: str, manifest: Manifest) -> None:
+    for entry in manifest.files:
+        assert (result.view_path / entry.path).read_bytes() == (share / source / entry.path).read_bytes(), entry.path
+
+
+async def ensure_family_and_close(core: StorageCacheCore, share: Path) -> Manifest:
+    """Ensures a family model with a core of the test's own, closes it, and checks the view holds the share's bytes."""
+    try:
+        manifest = write_model(share, "models/a", family_files(0))
+        result = await core.ensure(ManifestTarget("models/a", manifest))
+    finally:
+        await core.close()
+    assert_view_matches_share(result, share, "models/a", manifest)
+    return manifest
+
+
+async def test_a_fill_copies_in_the_kernel_and_the_blobs_are_bit_identical(real_core, kernel, share) -> None:
+    manifest = write_model(share, "models/a", family_files(0))
+    result = await real_core.ensure(ManifestTarget("models/a", manifest))
+    assert_view_matches_share(result, share, "models/a", manifest)
+    assert kernel.copied["copy_file_range"] == manifest.total_bytes  # every byte, none through user space
+    assert kernel.calls["sendfile"] == 0
+    assert real_core.usage().bytes_fetched == manifest.total_bytes
+    nothing_partial(real_core)
+
+
+async def test_chunks_that_are_not_page_multiples_are_hashed_right(tmp_path, share, resolver, kernel) -> None:
+    store = BlobStore(tmp_path / "cache", 10**9)
+    core = StorageCacheCore(store, BackingStore(share), resolver, read_chunk_bytes=5000)  # mappings start unaligned
+    manifest = await ensure_family_and_close(core, share)
+    assert kernel.copied["copy_file_range"] == manifest.total_bytes
+
+
+async def test_the_copy_method_is_on_the_fetch_span(tmp_path, share, resolver, kernel) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from hotslot.bootstrap.telemetry import configure_tracing
+
+    exporter = InMemorySpanExporter()
+    kernel.refuse["copy_file_range"] = errno.EXDEV
+    core = make_core(tmp_path, BackingStore(share), resolver,
+                     tracer_provider=configure_tracing("hotslot-fill-test", exporter=exporter))
+    try:
+        manifest = write_model(share, "models/a", {"w.safetensors": os.urandom(3 * CHUNK)})
+        await core.ensure(ManifestTarget("models/a", manifest))
+    finally:
+        await core.close()
+    fetches = [s for s in exporter.get_finished_spans() if s.name == "storage.fetch"]
+    assert [s.attributes["hotslot.copy_method"] for s in fetches] == ["sendfile"]
+
+
+@pytest.mark.parametrize(
+    ("refused", "expected"),
+    [
+        # Another filesystem (NFS to a local disk) refuses copy_file_range: sendfile copies across filesystems.
+        ({"copy_file_range": errno.EXDEV}, "sendfile"),
+        ({"copy_file_range": errno.ENOSYS}, "sendfile"),
+        # No kernel copy at all (an old kernel, a sandbox): user-space reads and writes.
+        ({"copy_file_range": errno.EXDEV, "sendfile": errno.EINVAL}, None),
+        ({"copy_file_range": errno.ENOSYS, "sendfile": errno.ENOSYS}, None),
+    ],
+)
+async def test_a_refused_kernel_copy_falls_back_with_identical_blobs(real_core, kernel, share, refused, expected):
+    kernel.refuse.update(refused)
+    manifest = write_model(share, "models/a", family_files(0))
+    result = await real_core.ensure(ManifestTarget("models/a", manifest))
+    assert_view_matches_share(result, share, "models/a", manifest)
+    for name in ("copy_file_range", "sendfile"):
+        assert kernel.copied[name] == (manifest.total_bytes if name == expected else 0), name
+    nothing_partial(real_core)
+
+
+async def test_a_kernel_copy_that_wrongly_reports_the_end_is_finished_by_reads(real_core, kernel, share) -> None:
+    kernel.report_eof.update({"copy_file_range", "sendfile"})
+    manifest = write_model(share, "models/a", family_files(0))
+    result = await real_core.ensure(ManifestTarget("models/a", manifest))
+    assert_view_matches_share(result, share, "models/a", manifest)
+
+
+async def test_a_corrupt_backing_file_is_data_loss_through_the_kernel_copy_too(real_core, kernel, share) -> None:
+    manifest = write_model(share, "models/a", family_files(0))
+    unet = next(f for f in manifest.files if f.path.startswith("unet/diffusion"))
+    target = share / "models/a" / unet.path
+    data = bytearray(target.read_bytes())
+    data[5 * CHUNK] ^= 0xFF  # one bit in the middle of a chunk
+    target.write_bytes(bytes(data))
+    with pytest.raises(DataLoss, match=unet.path):
+        await real_core.ensure(ManifestTarget("models/a", manifest))
+    assert kernel.copied["copy_file_range"] > 0
+    assert not real_core.store.has(unet.sha256)
+    assert not real_core.store.view_path(manifest.digest).exists()
+    nothing_partial(real_core)
+
+
+async def test_a_copy_that_goes_wrong_in_the_kernel_is_caught_by_hashing_the_local_copy(real_core, kernel, share):
+    kernel.corrupt_copy = True  # the source is right; the bytes landing in the temp file are not
+    manifest = write_model(share, "models/a", {"w.safetensors": os.urandom(4 * CHUNK + 3)})
+    with pytest.raises(DataLoss, match="w.safetensors"):
+        await real_core.ensure(ManifestTarget("models/a", manifest))
+    assert not real_core.store.has(manifest.files[0].sha256)
+    nothing_partial(real_core)
+
+
+async def test_a_file_longer_than_its_manifest_is_not_kernel_copied_past_its_size(real_core, kernel, share) -> None:
+    manifest = write_model(share, "models/a", {"w.safetensors": b"x" * 100})
+    (share / "models/a/w.safetensors").write_bytes(b"x" * (50 * CHUNK))
+    with pytest.raises(DataLoss, match="101 bytes"):
+        await real_core.ensure(ManifestTarget("models/a", manifest))
+    assert kernel.copied["copy_file_range"] == 2 * 101
+
+
+async def test_a_failing_kernel_copy_is_an_error_and_leaves_nothing(real_core, kernel, share) -> None:
+    kernel.refuse["copy_file_range"] = errno.EIO  # a read error, not "unsupported": no fallback hides it
+    manifest = write_model(share, "models/a", family_files(0))
+    with pytest.raises(OSError, match="Input/output error"):
+        await real_core.ensure(ManifestTarget("models/a", manifest))
+    assert kernel.calls["sendfile"] == 0
+    assert real_core.usage().store.blob_count == 0
+    nothing_partial(real_core)
+
+
+async def test_a_local_copy_that_cannot_be_mapped_is_hashed_from_reads(real_core, kernel, share, monkeypatch) -> None:
+    def no_mmap(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(fill.mmap, "mmap", no_mmap)
+    manifest = write_model(share, "models/a", family_files(0))
+    result = await real_core.ensure(ManifestTarget("models/a", manifest))
+    assert_view_matches_share(result, share, "models/a", manifest)
+    assert kernel.copied["copy_file_range"] == manifest.total_bytes
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_fsync_setting_is_honoured_by_every_copy_path(
+    tmp_path, share, resolver, kernel, monkeypatch, fsync, kernel_copy
+) -> None:
+    if not kernel_copy:
+        kernel.refuse.update({"copy_file_range": errno.ENOSYS, "sendfile": errno.ENOSYS})
+    synced = fetch_fsyncs(monkeypatch)
+    writebacks: list[tuple[int, int]] = []
+    real_sync_file_range = fill._SYNC_FILE_RANGE
+    assert real_sync_file_range is not None  # Linux
+
+    def sync_file_range(fd: int, offset: int, n: int, flags: int) -> int:
+        writebacks.append((offset, n))
+        return real_sync_file_range(fd, offset, n, flags)
+
+    monkeypatch.setattr(fill, "_SYNC_FILE_RANGE", sync_file_range)
+    core = make_core(tmp_path, BackingStore(share), resolver, fsync=fsync)
+    manifest = await ensure_family_and_close(core, share)
+    assert len(synced) == (len(manifest.files) if fsync else 0)
+    assert len(set(synced)) == len(synced)  # one fsync per fetched blob
+    # With fsync on, the writeback of each chunk starts as soon as it is hashed.
+    assert sum(n for _, n in writebacks) == (manifest.total_bytes if fsync else 0)
 
 
 @pytest.mark.parametrize(

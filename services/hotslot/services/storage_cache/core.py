@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import hashlib
 import logging
 import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +27,15 @@ from hotslot.errors import (
 )
 from hotslot.manifest import SHA256_PATTERN, FileEntry, Manifest, validate_model_id, validate_relative_path
 
-from .backing import BackingStore, write_all
+from .backing import BackingStore
 from .blobstore import BlobStore, Lease, Reservation, StoreUsage, VerifyReport, format_bytes
+from .fill import CopyMethod, HashingCopy
 from .put import PutHeader, PutResult, WriteThroughUploader
 
 log = logging.getLogger(__name__)
 
 DEFAULT_READ_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_PARALLEL_FETCHES = 4
-# Read buffers per running fetch: one being filled and written while the previous ones are hashed.
-COPY_BUFFERS = 3
 DEFAULT_LEASE_TTL_S = 300.0
 DEFAULT_MAX_LEASE_TTL_S = 24 * 3600.0
 # Progress updates buffered per streaming Ensure; a client that reads slower than that skips intermediate updates
@@ -139,6 +137,7 @@ class _Copied:
     temp: Path
     sha256: str
     size: int
+    method: CopyMethod
 
 
 class _Flight:
@@ -420,6 +419,7 @@ class StorageCacheCore:
         # A mismatch is read once more: a file being replaced on NFS, or a flaky read, heals on the second try.
         for _attempt in range(2):
             copied = await loop.run_in_executor(self._pool, self._copy, path, size, report)
+            trace.get_current_span().set_attribute("hotslot.copy_method", copied.method.value)
             read += copied.size
             self.bytes_fetched += copied.size
             if copied.sha256 == digest and copied.size == size:
@@ -440,45 +440,24 @@ class StorageCacheCore:
         )
 
     def _copy(self, src: Path, expected_size: int, report: Callable[[int], None]) -> _Copied:
-        """Copies src into a temp file of the blob store with large sequential reads, hashing while copying.
-        Stops one byte past the expected size: enough to know it is wrong, without filling the disk.
-
-        Hashing runs in a second thread, one chunk behind the read/write loop (hashlib and file I/O release the
-        GIL), over a ring of COPY_BUFFERS buffers: a chunk costs max(hash, read + write) instead of their sum."""
+        """Copies src into a temp file of the blob store with large sequential chunks, hashing while copying
+        (fill.py: in the kernel where it can, hashed from the local copy on a second thread). Stops one byte past
+        the expected size: enough to know it is wrong, without filling the disk."""
         temp = self.store.new_temp_path("fetch")
-        buffers = [bytearray(self.read_chunk_bytes) for _ in range(COPY_BUFFERS)]
-        pending: list[Future | None] = [None] * COPY_BUFFERS
-        digest = hashlib.sha256()
-        limit = expected_size + 1
-        total = 0
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, \
-                    self.backing.open_for_read(src) as reader, open(temp, "xb", buffering=0) as out:
-                slot = 0
-                while total < limit:
-                    if pending[slot] is not None:
-                        pending[slot].result()  # the hasher is done with this buffer: it may be refilled
-                    view = memoryview(buffers[slot])
-                    n = reader.readinto(view[: min(len(view), limit - total)])
-                    if not n:
-                        break
-                    chunk = view[:n]
-                    write_all(out, chunk)
-                    pending[slot] = hasher.submit(digest.update, chunk)  # in order: one hashing thread
-                    total += n
-                    report(total)
-                    slot = (slot + 1) % COPY_BUFFERS
-                for future in pending:
-                    if future is not None:
-                        future.result()
+            # The copier last: leaving it waits for the hashing thread, which reads `out`, before `out` closes.
+            with self.backing.open_for_read(src) as reader, open(temp, "xb+", buffering=0) as out, \
+                    HashingCopy(self.read_chunk_bytes, start_writeback=self.fsync) as copier:
+                total = copier.copy(reader, out, expected_size + 1, report)
                 if self.fsync:
                     # A blob becomes visible by rename; without this a crash could leave a named blob whose data
-                    # never reached the disk.
+                    # never reached the disk. It runs while the last chunks are still being hashed.
                     os.fsync(out.fileno())
+                sha256 = copier.hexdigest()
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return _Copied(temp, digest.hexdigest(), total)
+        return _Copied(temp, sha256, total, copier.method)
 
     # -- uploads -----------------------------------------------------------------------------------------
     async def put(self, header: PutHeader, chunks: AsyncIterable[bytes]) -> PutResult:

@@ -57,7 +57,8 @@ class StorageCacheSettings(ServiceSettings):
     )
     read_chunk_bytes: ByteSize = Field(
         ByteSize(DEFAULT_READ_CHUNK_BYTES),
-        description="Size of each sequential read from the backing store (one buffer of it per running fetch).",
+        description="Size of each chunk a fetch copies from the backing store and hashes (in the kernel where "
+        "the filesystems allow, else read into one of three buffers of this size per running fetch).",
     )
     fsync: bool = Field(
         True,
