@@ -56,6 +56,8 @@ DATA = Path(__file__).resolve().parent / ".data"
 MODELS = DATA / "sd15"  # the backing store ("NFS share") the registry and storage-cache point at
 WORK = DATA / "executor-work"
 MODEL_A, MODEL_B = "sd15-a", "sd15-b"
+MODEL_A32 = "sd15-a-fp32"  # model A with float32 files (the fp32-files rows of the dtype table)
+FILE_DTYPES = {MODEL_A: "float16", MODEL_A32: "float32"}
 GB = 1000**3
 PROMPT = "a photo of a cat in the city"
 TIER = {v: k.removeprefix("TIER_") for k, v in common_pb2.Tier.items()}
@@ -166,6 +168,36 @@ def prepare_models() -> tuple[Path, Path]:
     return a, b
 
 
+def prepare_fp32(a: Path) -> Path:
+    """Model A with every weight file stored as float32 (the same values, 2x the bytes): the fp32-files rows."""
+    from safetensors.torch import load_file, save_file
+
+    dest = MODELS / MODEL_A32
+    if (dest / "model_index.json").exists():
+        return dest
+    print(f"writing {dest} (A's weights as float32 files, once) ...", file=sys.stderr, flush=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for path in a.rglob("*"):
+        rel = path.relative_to(a)
+        if path.is_dir():
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
+            save_file(tensors, tmp / rel, metadata={"format": "pt"})
+            del tensors
+            (tmp / rel).chmod(0o644)
+        else:
+            shutil.copy2(path, tmp / rel)
+    tmp.rename(dest)
+    return dest
+
+
+def weight_files(model: Path) -> list[Path]:
+    return sorted(model.rglob("*.safetensors"))
+
+
 def weight_bytes(model: Path) -> int:
     return sum(p.stat().st_size for p in model.rglob("*.safetensors"))
 
@@ -219,7 +251,7 @@ class Workload:
 class Hotslot:
     """model-registry + storage-cache + executor(s) as `hotslot serve` processes, as in production."""
 
-    def __init__(self, args: argparse.Namespace, model_bytes: int) -> None:
+    def __init__(self, args: argparse.Namespace, model_bytes: int, models: tuple[str, ...]) -> None:
         self.args = args
         # Both models must fit the standby tier (one is active, the other standby) and the host tier.
         self.budget = str(3 * model_bytes)
@@ -234,7 +266,7 @@ class Hotslot:
         self.stub: egrpc.ExecutorServiceStub | None = None
         with grpc.insecure_channel(self.registry.address) as channel:
             stub = rgrpc.RegistryServiceStub(channel)
-            for model in (MODEL_A, MODEL_B):  # hashes every file: seconds for 2 x 2 GB
+            for model in models:  # hashes every file: seconds for 2 x 2 GB
                 stub.RegisterModel(rpb.RegisterModelRequest(model_id=model, source=model), timeout=1800)
 
     def start_storage(self) -> None:
@@ -247,16 +279,18 @@ class Hotslot:
                               "--registry-address", self.registry.address],
             log_path=WORK / "storage-cache.log")
 
-    def start_executor(self, name: str) -> float:
+    def start_executor(self, name: str, dtype: str = "") -> float:
         """A fresh executor (nothing loaded); returns how long it took to start (process, preloader, SERVING)."""
         self.stop_executor()
         a = self.args
+        dtype = dtype or a.dtype
         top = str(max(1024, a.size, a.work_size))
         t0 = time.perf_counter()
         self.executor = start_service(
             "executor",
             ["--registry-address", self.registry.address, "--storage-address", self.storage.address,
-             "--device", a.device, "--dtype", a.dtype, "--standby-budget-bytes", self.budget,
+             "--device", a.device, "--dtype", dtype, "--read-concurrency", str(a.read_concurrency),
+             "--standby-budget-bytes", self.budget,
              "--host-budget-bytes", self.budget, "--active-budget-bytes", self.budget,
              "--max-width", top, "--max-height", top, "--queue-capacity", "64"],
             log_path=WORK / f"executor-{name}.log", timeout=300)
@@ -397,13 +431,78 @@ def drop_page_cache(enabled: bool) -> None:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def diffusers_first_image(args: argparse.Namespace) -> dict:
+def warm_page_cache(paths: list[Path]) -> None:
+    """Reads the files so a timed run finds them in the page cache. Run right before each timed load: a machine
+    that reclaims idle memory (DAMON, a VM balloon: this one pages out what was not touched for ~60 s) would
+    otherwise give one system cached files and the other a disk read."""
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
+def prepare_cache(args: argparse.Namespace, paths: list[Path]) -> None:
+    """Before a timed cold load: the page cache dropped (--drop-caches) or holding `paths` (the files that system
+    will read), so both systems start from the same state."""
+    if args.drop_caches:
+        drop_page_cache(True)
+    else:
+        warm_page_cache(paths)
+
+
+def node_cache_files() -> list[Path]:
+    """The storage-cache's blobs: the files an executor's view links to."""
+    return sorted(p for p in (WORK / "cache").rglob("*") if p.is_file() and "blobs" in p.parts)
+
+
+def diffusers_first_image(args: argparse.Namespace, image: Params, model: str = MODEL_A, dtype: str = "") -> dict:
     """from_pretrained + first image in a fresh process (imports done before the clock starts), as the executor's
     first request runs in a fresh process."""
-    cmd = [sys.executable, __file__, "--diffusers-first-image", "--device", args.device, "--dtype", args.dtype,
-           "--size", str(args.size), "--steps", str(args.steps), "--guidance", str(args.guidance)]
+    cmd = [sys.executable, __file__, "--diffusers-first-image", "--device", args.device, "--dtype",
+           dtype or args.dtype, "--child-model", model,
+           "--size", str(image.size), "--steps", str(image.steps), "--guidance", str(image.guidance)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+# -- physical limits and CPU time -------------------------------------------------------------------------------
+def disk_read_s(files: list[Path]) -> float:
+    """`cat` of the files to /dev/null with the page cache dropped first: what the disk gives a plain reader."""
+    drop_page_cache(True)
+    t0 = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def memcpy_bytes_per_s(nbytes: int, sample: int = 1 << 30) -> float:
+    """A memcpy (torch copy_ between touched buffers) of min(nbytes, 1 GiB), best of 3: the memory limit."""
+    n = min(nbytes, sample)
+    src, dst = torch.ones(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
 
 
 def merged(runs: list[Workload]) -> Workload:
@@ -426,6 +525,213 @@ def quantile(values: list[float], q: int) -> float:
 
 def progress(message: str, started: float) -> None:
     print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+PAIRINGS = ("float16:float32", "float16:bfloat16", "float16:float16", "float32:float32", "float32:bfloat16",
+            "float32:float16")
+
+
+@dataclass
+class ColdRow:
+    """One dtype pairing of the cold table: diffusers' and hotslot's best run, and the limits beside them."""
+
+    files: str
+    dtype: str
+    d_load: float
+    d_gen: float
+    h_wall: float
+    reply: epb.GenerateResponse
+    cpu: dict[str, float]  # process -> CPU seconds spent on the first Generate
+    same_png: bool
+    file_bytes: int
+    out_bytes: int
+
+    @property
+    def d_first(self) -> float:
+        return self.d_load + self.d_gen
+
+    @property
+    def h_load(self) -> float:
+        return sum(seconds(getattr(self.reply.timings, p)) for p in ("ensure", "read", "materialize", "swap"))
+
+
+def cold_by_dtype(args: argparse.Namespace, hot: Hotslot, image: Params, started: float) -> list[ColdRow]:
+    """(d) for each "files:weights" pairing, diffusers from_pretrained + first image against a fresh executor's
+    first Generate with the files in the node cache (tier LOCAL_DISK), best of --repeat, CPU time per process."""
+    rows = []
+    warmed: set[str] = set()
+    for pairing in args.pairings:
+        file_dtype, dtype = pairing.split(":")
+        model = next(m for m, d in FILE_DTYPES.items() if d == file_dtype)
+        if model not in warmed:  # the node cache gets the files once; every timed run then reads them from it
+            hot.start_executor(f"warm-{model}")
+            hot.stub.Preload(epb.PreloadRequest(model=common_pb2.ModelRef(model_id=model),
+                                                target_tier=common_pb2.TIER_HOST), timeout=1800)
+            warmed.add(model)
+        best_d, best_h = None, None
+        pngs = set()
+        for r in range(args.repeat):
+            progress(f"(d) {file_dtype} files -> {dtype}, run {r + 1}/{args.repeat}: diffusers, then hotslot ...",
+                     started)
+            hot.stop_executor()
+            prepare_cache(args, weight_files(MODELS / model))
+            d = diffusers_first_image(args, image, model=model, dtype=dtype)
+            pngs.add(d["png_sha256"])
+            hot.start_executor(f"{model}-{dtype}-{r}", dtype=dtype)
+            pids = {"storage-cache": hot.storage.pid, "executor": hot.executor.pid}
+            for child in child_pids(hot.executor.pid):  # the preloader; not multiprocessing's resource tracker
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                    pids["preloader"] = child
+            prepare_cache(args, node_cache_files())
+            before = {name: cpu_s(pid) for name, pid in pids.items()}
+            reply, wall = hot.generate(model, image)
+            used = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+            pngs.add(hashlib.sha256(reply.images[0].data).hexdigest())
+            if best_d is None or d["load_s"] + d["gen_s"] < best_d["load_s"] + best_d["gen_s"]:
+                best_d = d
+            if best_h is None or wall < best_h[1]:
+                best_h = (reply, wall, used)
+        file_bytes = weight_bytes(MODELS / model)
+        out_bytes = file_bytes // getattr(torch, file_dtype).itemsize * getattr(torch, dtype).itemsize
+        rows.append(ColdRow(file_dtype, dtype, best_d["load_s"], best_d["gen_s"], best_h[1], best_h[0], best_h[2],
+                            len(pngs) == 1, file_bytes, out_bytes))
+    hot.stop_executor()
+    return rows
+
+
+def print_cold_table(rows: list[ColdRow], args: argparse.Namespace, limits: dict[str, float]) -> None:
+    """The (d) table: one row per pairing, the limits and hotslot's share of them beside it."""
+    head = ("files -> weights", "diffusers load+1st", "hotslot 1st Generate", "ratio", "hotslot load (read / mat.)",
+            "read GB/s", "limit GB/s", "share", "CPU s/GB ensure / read / executor", "same PNG")
+    table = []
+    for r in rows:
+        t = r.reply.timings
+        read_s, mat_s = seconds(t.read), seconds(t.materialize)
+        if args.drop_caches:
+            limit = r.file_bytes / limits[r.files]  # the disk: cat of the same files, page cache dropped
+        else:
+            limit = limits["memcpy"]  # files in the page cache: reading them is a memory copy
+        rate = r.file_bytes / read_s if read_s else 0.0
+        gb = r.out_bytes / GB
+        cpu = " / ".join(f"{r.cpu.get(k, 0.0) / gb:.2f}" for k in ("storage-cache", "preloader", "executor"))
+        table.append((f"{r.files} -> {r.dtype}", f"{ms(r.d_first)} ({ms(r.d_load)} load)", ms(r.h_wall), f"{r.d_first / r.h_wall:.2f}",
+                      f"{ms(r.h_load)} ({ms(read_s)} / {ms(mat_s)})", f"{rate / GB:.2f}", f"{limit / GB:.2f}",
+                      f"{rate / limit:.0%}", cpu, "yes" if r.same_png else "NO"))
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in table:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+def section_a(args: argparse.Namespace, hot: Hotslot, first: Params, starts: list[float],
+              started: float) -> list[tuple[str, str, str, str]]:
+    """(a) cold start, best of --repeat; every run in a fresh process (diffusers in a child of this script)."""
+    d_runs, cold_runs, warm_runs = [], [], []
+    for r in range(args.repeat):
+        progress(f"(a) run {r + 1}/{args.repeat}: diffusers from_pretrained + first image ({first}) ...", started)
+        hot.stop_executor()
+        prepare_cache(args, weight_files(MODELS / MODEL_A))
+        d_runs.append(diffusers_first_image(args, first))
+        progress(f"(a) run {r + 1}/{args.repeat}: hotslot, fresh executor, empty node cache ...", started)
+        hot.start_storage()
+        starts.append(hot.start_executor(f"cold-{r}"))
+        prepare_cache(args, weight_files(MODELS / MODEL_A))  # the backing store is what a fill reads
+        cold_runs.append(hot.generate(MODEL_A, first))
+        progress(f"(a) run {r + 1}/{args.repeat}: hotslot, fresh executor, files in the node cache ...", started)
+        starts.append(hot.start_executor(f"warm-{r}"))
+        prepare_cache(args, node_cache_files())
+        warm_runs.append(hot.generate(MODEL_A, first))
+    d_best = min(d_runs, key=lambda d: d["load_s"] + d["gen_s"])
+    d_load, d_gen = d_best["load_s"], d_best["gen_s"]
+    cold, cold_wall = min(cold_runs, key=lambda run: run[1])
+    warm, warm_wall = min(warm_runs, key=lambda run: run[1])
+    pngs = {hashlib.sha256(reply.images[0].data).hexdigest() for reply, _ in cold_runs + warm_runs}
+    pngs |= {d["png_sha256"] for d in d_runs}
+
+    d_first = d_load + d_gen
+    hot_load = {name: sum(seconds(getattr(r.timings, p)) for p in ("ensure", "read", "materialize", "swap"))
+                for name, r in (("cold", cold), ("warm", warm))}
+    return [
+        (f"(a) diffusers from_pretrained (fp16 files -> {args.dtype})", ms(d_load), "", ""),
+        ("(a) diffusers first image", ms(d_gen), "", ""),
+        ("(a) diffusers load + first image", ms(d_first), "1.00", ""),
+        (f"(a) hotslot cold, node cache empty: first Generate (tier {TIER[cold.tier]})", ms(cold_wall),
+         f"{d_first / cold_wall:.2f}", ""),
+        ("      ensure / read / materialize / swap", phases(cold, ("ensure", "read", "materialize", "swap")), "", ""),
+        ("      denoise / encode (VAE decode + PNG)", phases(cold, ("denoise", "encode")), "", ""),
+        ("      load phases summed; ratio = from_pretrained / this", ms(hot_load["cold"]),
+         f"{d_load / hot_load['cold']:.2f}", ""),
+        (f"(a) hotslot cold, files in node cache: first Generate (tier {TIER[warm.tier]})", ms(warm_wall),
+         f"{d_first / warm_wall:.2f}", ""),
+        ("      ensure / read / materialize / swap", phases(warm, ("ensure", "read", "materialize", "swap")), "", ""),
+        ("      denoise / encode (VAE decode + PNG)", phases(warm, ("denoise", "encode")), "", ""),
+        ("      load phases summed; ratio = from_pretrained / this", ms(hot_load["warm"]),
+         f"{d_load / hot_load['warm']:.2f}", ""),
+        ("(a) hotslot PNG == diffusers PNG (same seed and params)",
+         "yes" if len(pngs) == 1 else f"NO: {len(pngs)} different images", "", ""),
+    ]
+
+
+def section_bc(args: argparse.Namespace, hot: Hotslot, work: Params,
+               started: float) -> tuple[epb.GenerateResponse, list[tuple[str, str, str, str]]]:
+    """(b) swap and (c) switch penalty on a warm executor holding A and B, then diffusers' reloads."""
+    rounds = max(1, args.rounds)
+    h_block = -(-args.swaps // rounds)  # ceil: at least --swaps swaps
+    h_block += h_block % 2
+    d_block = max(2, args.requests // rounds // 2 * 2)
+    n_evicted = max(2, args.requests // 2 * 2)
+    if hot.executor is None:
+        hot.start_executor("switch")
+    # (b) + (c) on the last warm executor, both models held: A and B
+    progress(f"(b)/(c) loading B; {rounds} x ({h_block} requests for A, {h_block} alternating B,A) ...", started)
+    b_load, _ = hot.generate(MODEL_B, work)
+    hot.generate(MODEL_A, work)  # warm-up at the workload's shape
+    h_same, h_alt = [], []
+    for _ in range(rounds):
+        h_same.append(hot.run([MODEL_A] * h_block, work))
+        h_alt.append(hot.run([MODEL_B, MODEL_A] * (h_block // 2), work))
+    h_same, h_alt = merged(h_same), merged(h_alt)
+    progress(f"(c) hotslot: B evicted, then A,B x {n_evicted // 2} (lookahead loads B while A computes) ...",
+             started)
+    hot.evict(MODEL_B)
+    h_cold_alt = hot.run([MODEL_A, MODEL_B] * (n_evicted // 2), work)
+    hot.stop_executor()  # frees its memory for the baseline
+
+    progress(f"(c) diffusers: {rounds} x ({d_block} same-model requests, {d_block} alternating with a reload "
+             "per switch) ...", started)
+    base = Diffusers(args)
+    base.load(MODEL_A)
+    base.generate(work)  # warm-up at the workload's shape
+    d_same, d_alt = [], []
+    for _ in range(rounds):
+        d_same.append(base.run([MODEL_A] * d_block, work))
+        d_alt.append(base.run([MODEL_B, MODEL_A] * (d_block // 2), work))
+    d_same, d_alt = merged(d_same), merged(d_alt)
+    base.unload()
+    swap_s = [seconds(r.timings.swap) for r in h_alt.replies]
+    h_pen, hc_pen, d_pen = (h_alt.per_request_s - h_same.per_request_s,
+                            h_cold_alt.per_request_s - h_same.per_request_s,
+                            d_alt.per_request_s - d_same.per_request_s)
+    return b_load, [
+        (f"(b) swap standby -> active, p50 ({len(swap_s)} swaps; tiers: {h_alt.tiers()})",
+         ms(statistics.median(swap_s)), "", "<= 1 ms"),
+        ("(b) swap standby -> active, p99 / max", f"{ms(quantile(swap_s, 99))} / {ms(max(swap_s))}", "", ""),
+        (f"(c) hotslot same model A x {len(h_same.models)}: time per request", ms(h_same.per_request_s), "", ""),
+        (f"(c) hotslot alternating B,A x {len(h_alt.models)}, both held: time per request", ms(h_alt.per_request_s), "", ""),
+        ("(c) hotslot switch penalty (alternating - same)", f"{h_pen:+.3f} s", "", "~ 0"),
+        (f"(c) hotslot A,B x {len(h_cold_alt.models)}, B evicted first ({h_cold_alt.tiers()}): time/request",
+         ms(h_cold_alt.per_request_s), "", ""),
+        ("(c)   its penalty: B's one load over the run, lookahead-overlapped", f"{hc_pen:+.3f} s", "", ""),
+        ("(c)   B's first request: queue / ensure / read / materialize",
+         phases(h_cold_alt.replies[1], ("queue", "ensure", "read", "materialize")), "", ""),
+        (f"(c) diffusers same model A x {len(d_same.models)}: time per request", ms(d_same.per_request_s), "", ""),
+        (f"(c) diffusers alternating B,A x {len(d_alt.models)}, reload per switch: time/request", ms(d_alt.per_request_s), "", ""),
+        ("(c) diffusers switch penalty (alternating - same)", f"{d_pen:+.3f} s", "", ""),
+        ("(c) alternating, time per request: diffusers / hotslot (both held)", "",
+         f"{d_alt.per_request_s / h_alt.per_request_s:.2f}", ""),
+    ]
 
 
 def main() -> None:
@@ -451,129 +757,71 @@ def main() -> None:
                              "interleaved, so load from other processes hits both alike")
     parser.add_argument("--drop-caches", action="store_true",
                         help="drop the page cache before each cold load (needs root; slows the whole machine)")
+    parser.add_argument("--pairings", default=",".join(PAIRINGS),
+                        help="(d) comma-separated FILES:WEIGHTS dtype pairings of the cold table (files float16 or "
+                             "float32; weights float16, bfloat16 or float32); empty to skip (d)")
+    parser.add_argument("--d-size", type=int, default=8,
+                        help="(d) image size of the first image; the default is the cheapest the pipeline runs, so "
+                             "the table measures loading (fp16 convolutions on a CPU take minutes at 64 px)")
+    parser.add_argument("--d-steps", type=int, default=1, help="(d) denoising steps of the first image")
+    parser.add_argument("--d-guidance", type=float, default=1.0, help="(d) guidance of the first image")
+    parser.add_argument("--sections", default="abcd", help="which parts to run: any of a, b, c (b needs c), d")
+    parser.add_argument("--read-concurrency", type=int, default=4, help="the executor's read_concurrency")
     parser.add_argument("--diffusers-first-image", action="store_true", help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--child-model", default=MODEL_A, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.dtype:
         args.dtype = "float16" if args.device.startswith("cuda") else "float32"
     first, work = Params(args.size, args.steps, args.guidance), Params(args.work_size, args.work_steps,
                                                                        args.work_guidance)
+    args.pairings = [p for p in args.pairings.split(",") if p] if "d" in args.sections else []
+    for pairing in args.pairings:
+        files, _, weights = pairing.partition(":")
+        if files not in FILE_DTYPES.values() or weights not in ("float16", "bfloat16", "float32"):
+            parser.error(f"--pairings: {pairing!r} is not FILES:WEIGHTS with FILES float16|float32 and WEIGHTS "
+                         "float16|bfloat16|float32")
     if args.diffusers_first_image:
         base = Diffusers(args)
-        load_s = base.load(MODEL_A)
+        load_s = base.load(args.child_model)
         png, gen_s = base.generate(first)
         print(json.dumps({"load_s": load_s, "gen_s": gen_s, "png_sha256": hashlib.sha256(png).hexdigest()}))
         return
-    rounds = max(1, args.rounds)
-    h_block = -(-args.swaps // rounds)  # ceil: at least --swaps swaps
-    h_block += h_block % 2
-    d_block = max(2, args.requests // rounds // 2 * 2)
-    n_evicted = max(2, args.requests // 2 * 2)
     started = time.perf_counter()
     load0 = os.getloadavg()
 
     a_dir, _ = prepare_models()
+    models = (MODEL_A, MODEL_B)
+    if any(p.startswith("float32:") for p in args.pairings):
+        prepare_fp32(a_dir)
+        models += (MODEL_A32,)
     disk_bytes = weight_bytes(a_dir)
     model_bytes = disk_bytes * getattr(torch, args.dtype).itemsize // 2
-    progress("registering A and B (the registry hashes every file) ...", started)
-    hot = Hotslot(args, model_bytes)
+    progress(f"registering {', '.join(models)} (the registry hashes every file) ...", started)
+    hot = Hotslot(args, 2 * model_bytes if MODEL_A32 in models else model_bytes, models)
+    rows: list[tuple[str, str, str, str]] = []
+    starts: list[float] = []
+    b_load = None
+    cold_rows: list[ColdRow] = []
+    limits: dict[str, float] = {}
     try:
-        # (a) cold start, best of --repeat; every run in a fresh process (diffusers in a child of this script)
-        d_runs, cold_runs, warm_runs, starts = [], [], [], []
-        for r in range(args.repeat):
-            progress(f"(a) run {r + 1}/{args.repeat}: diffusers from_pretrained + first image ({first}) ...", started)
-            hot.stop_executor()
-            drop_page_cache(args.drop_caches)
-            d_runs.append(diffusers_first_image(args))
-            progress(f"(a) run {r + 1}/{args.repeat}: hotslot, fresh executor, empty node cache ...", started)
-            hot.start_storage()
-            starts.append(hot.start_executor(f"cold-{r}"))
-            drop_page_cache(args.drop_caches)
-            cold_runs.append(hot.generate(MODEL_A, first))
-            progress(f"(a) run {r + 1}/{args.repeat}: hotslot, fresh executor, files in the node cache ...", started)
-            starts.append(hot.start_executor(f"warm-{r}"))
-            drop_page_cache(args.drop_caches)
-            warm_runs.append(hot.generate(MODEL_A, first))
-        d_best = min(d_runs, key=lambda d: d["load_s"] + d["gen_s"])
-        d_load, d_gen = d_best["load_s"], d_best["gen_s"]
-        cold, cold_wall = min(cold_runs, key=lambda run: run[1])
-        warm, warm_wall = min(warm_runs, key=lambda run: run[1])
-        pngs = {hashlib.sha256(reply.images[0].data).hexdigest() for reply, _ in cold_runs + warm_runs}
-        pngs |= {d["png_sha256"] for d in d_runs}
-
-        # (b) + (c) on the last warm executor, both models held: A and B
-        progress(f"(b)/(c) loading B; {rounds} x ({h_block} requests for A, {h_block} alternating B,A) ...", started)
-        b_load, _ = hot.generate(MODEL_B, work)
-        hot.generate(MODEL_A, work)  # warm-up at the workload's shape
-        h_same, h_alt = [], []
-        for _ in range(rounds):
-            h_same.append(hot.run([MODEL_A] * h_block, work))
-            h_alt.append(hot.run([MODEL_B, MODEL_A] * (h_block // 2), work))
-        h_same, h_alt = merged(h_same), merged(h_alt)
-        progress(f"(c) hotslot: B evicted, then A,B x {n_evicted // 2} (lookahead loads B while A computes) ...",
-                 started)
-        hot.evict(MODEL_B)
-        h_cold_alt = hot.run([MODEL_A, MODEL_B] * (n_evicted // 2), work)
-        hot.stop_executor()  # frees its memory for the baseline
-
-        progress(f"(c) diffusers: {rounds} x ({d_block} same-model requests, {d_block} alternating with a reload "
-                 "per switch) ...", started)
-        base = Diffusers(args)
-        base.load(MODEL_A)
-        base.generate(work)  # warm-up at the workload's shape
-        d_same, d_alt = [], []
-        for _ in range(rounds):
-            d_same.append(base.run([MODEL_A] * d_block, work))
-            d_alt.append(base.run([MODEL_B, MODEL_A] * (d_block // 2), work))
-        d_same, d_alt = merged(d_same), merged(d_alt)
-        base.unload()
+        hot.start_storage()
+        if "a" in args.sections:
+            rows += section_a(args, hot, first, starts, started)
+        if "c" in args.sections:
+            b_load, switch_rows = section_bc(args, hot, work, started)
+            rows += switch_rows
+        if args.pairings:
+            limits["memcpy"] = memcpy_bytes_per_s(2 * model_bytes)
+            if args.drop_caches:
+                for model, file_dtype in FILE_DTYPES.items():
+                    if model in models:
+                        limits[file_dtype] = disk_read_s(weight_files(MODELS / model))
+            cold_rows = cold_by_dtype(args, hot, Params(args.d_size, args.d_steps, args.d_guidance), started)
     finally:
         hot.close()
     elapsed = time.perf_counter() - started
     load1 = os.getloadavg()
 
-    # -- table
-    swap_s = [seconds(r.timings.swap) for r in h_alt.replies]
-    d_first = d_load + d_gen
-    hot_load = {name: sum(seconds(getattr(r.timings, p)) for p in ("ensure", "read", "materialize", "swap"))
-                for name, r in (("cold", cold), ("warm", warm))}
-    h_pen, hc_pen, d_pen = (h_alt.per_request_s - h_same.per_request_s,
-                            h_cold_alt.per_request_s - h_same.per_request_s,
-                            d_alt.per_request_s - d_same.per_request_s)
-    rows = [
-        (f"(a) diffusers from_pretrained (fp16 files -> {args.dtype})", ms(d_load), "", ""),
-        ("(a) diffusers first image", ms(d_gen), "", ""),
-        ("(a) diffusers load + first image", ms(d_first), "1.00", ""),
-        (f"(a) hotslot cold, node cache empty: first Generate (tier {TIER[cold.tier]})", ms(cold_wall),
-         f"{d_first / cold_wall:.2f}", ""),
-        ("      ensure / read / materialize / swap", phases(cold, ("ensure", "read", "materialize", "swap")), "", ""),
-        ("      denoise / encode (VAE decode + PNG)", phases(cold, ("denoise", "encode")), "", ""),
-        ("      load phases summed; ratio = from_pretrained / this", ms(hot_load["cold"]),
-         f"{d_load / hot_load['cold']:.2f}", ""),
-        (f"(a) hotslot cold, files in node cache: first Generate (tier {TIER[warm.tier]})", ms(warm_wall),
-         f"{d_first / warm_wall:.2f}", ""),
-        ("      ensure / read / materialize / swap", phases(warm, ("ensure", "read", "materialize", "swap")), "", ""),
-        ("      denoise / encode (VAE decode + PNG)", phases(warm, ("denoise", "encode")), "", ""),
-        ("      load phases summed; ratio = from_pretrained / this", ms(hot_load["warm"]),
-         f"{d_load / hot_load['warm']:.2f}", ""),
-        ("(a) hotslot PNG == diffusers PNG (same seed and params)",
-         "yes" if len(pngs) == 1 else f"NO: {len(pngs)} different images", "", ""),
-        (f"(b) swap standby -> active, p50 ({len(swap_s)} swaps; tiers: {h_alt.tiers()})",
-         ms(statistics.median(swap_s)), "", "<= 1 ms"),
-        ("(b) swap standby -> active, p99 / max", f"{ms(quantile(swap_s, 99))} / {ms(max(swap_s))}", "", ""),
-        (f"(c) hotslot same model A x {len(h_same.models)}: time per request", ms(h_same.per_request_s), "", ""),
-        (f"(c) hotslot alternating B,A x {len(h_alt.models)}, both held: time per request", ms(h_alt.per_request_s), "", ""),
-        ("(c) hotslot switch penalty (alternating - same)", f"{h_pen:+.3f} s", "", "~ 0"),
-        (f"(c) hotslot A,B x {len(h_cold_alt.models)}, B evicted first ({h_cold_alt.tiers()}): time/request",
-         ms(h_cold_alt.per_request_s), "", ""),
-        ("(c)   its penalty: B's one load over the run, lookahead-overlapped", f"{hc_pen:+.3f} s", "", ""),
-        ("(c)   B's first request: queue / ensure / read / materialize",
-         phases(h_cold_alt.replies[1], ("queue", "ensure", "read", "materialize")), "", ""),
-        (f"(c) diffusers same model A x {len(d_same.models)}: time per request", ms(d_same.per_request_s), "", ""),
-        (f"(c) diffusers alternating B,A x {len(d_alt.models)}, reload per switch: time/request", ms(d_alt.per_request_s), "", ""),
-        ("(c) diffusers switch penalty (alternating - same)", f"{d_pen:+.3f} s", "", ""),
-        ("(c) alternating, time per request: diffusers / hotslot (both held)", "",
-         f"{d_alt.per_request_s / h_alt.per_request_s:.2f}", ""),
-    ]
     import diffusers
 
     accel = importlib.util.find_spec("accelerate") is not None
@@ -585,11 +833,24 @@ def main() -> None:
           f"{'dropped before each cold load' if args.drop_caches else 'warm (files read before)'}")
     print(f"(a) image: {first}; (b)/(c) each request: {work}; (c) hotslot keeps 2 requests in flight so the next "
           f"waits in its queue; time per request = wall time of the run / requests")
-    print(f"(a) best of {args.repeat} runs each, every run in a fresh process; (c) same-model and alternating runs "
-          f"interleaved in {rounds} blocks each")
-    print(f"executor start (not counted): {min(starts):.1f}-{max(starts):.1f} s; B's first load for "
-          f"(b): {seconds(b_load.timings.read):.2f} s read, {seconds(b_load.timings.materialize):.2f} s "
-          f"materialize; whole run {elapsed:.0f} s\n")
+    print(f"(a), (d) best of {args.repeat} runs each, every run in a fresh process; (c) same-model and alternating "
+          f"runs interleaved in {max(1, args.rounds)} blocks each; executor read_concurrency {args.read_concurrency}")
+    if starts:
+        print(f"executor start (not counted): {min(starts):.1f}-{max(starts):.1f} s")
+    if b_load is not None:
+        print(f"B's first load for (b): {seconds(b_load.timings.read):.2f} s read, "
+              f"{seconds(b_load.timings.materialize):.2f} s materialize")
+    print(f"whole run {elapsed:.0f} s\n")
+    if cold_rows:
+        limit = ("disk: cat of the same files with the page cache dropped" if args.drop_caches
+                 else f"memcpy of the same bytes ({limits['memcpy'] / GB:.1f} GB/s; the files are in the page cache)")
+        print(f"(d) cold start by dtype: from_pretrained + first image vs a fresh executor's first Generate, files in "
+              f"the node cache (tier LOCAL_DISK); read GB/s = file bytes / read phase; limit = {limit}; CPU s per "
+              "GB of weights during the first Generate, per process (executor includes denoising)\n")
+        print_cold_table(cold_rows, args, limits)
+        print()
+    if not rows:
+        return
     width = max(len(r[0]) for r in rows)
     vw = max(len(r[1]) for r in rows)
     print(f"| {'measure'.ljust(width)} | {'value'.ljust(vw)} | ratio | goal    |")
