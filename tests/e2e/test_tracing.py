@@ -98,7 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_family: list[Path], rec
     try:
         # A capped read rate makes every load last over a second, so a second request reliably arrives while the
         # first one's model is still loading (see the lookahead test).
-        s.start_executor("--preload-read-bytes-per-s", "4MB")
+        s.start_executor("--preload-read-bytes-per-s", "4MB", "--no-map-view-files")  # mapped files load at once
         s.start_router()
         yield s
     finally:

@@ -114,7 +114,8 @@ def test_lookahead_preloads_the_next_model_while_the_current_one_computes(stack:
 
 def test_preloader_killed_mid_load_executor_keeps_serving(stack: Stack) -> None:
     # A read-rate cap makes each load last a few seconds, so the kill lands mid-load.
-    svc = stack.start_executor("--preload-read-bytes-per-s", "2MB", name="kill")
+    # Files kept in their dtype would be mapped, not read: this test needs the preloader to read them.
+    svc = stack.start_executor("--preload-read-bytes-per-s", "2MB", "--no-map-view-files", name="kill")
     try:
         with grpc.insecure_channel(svc.address) as channel:
             stub = executor_stub(channel)
