@@ -205,12 +205,13 @@ def test_cuda_handoff_uses_ipc_and_the_child_keeps_the_memory(tiny_family: list[
         assert bool((owned.components["unet"]["conv_in.weight"] == 3.0).all())
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_map_files_maps_what_needs_no_conversion_and_the_child_reads_the_rest(
-    preloader: Preloader, tiny_family: list[Path], dtype: torch.dtype | None
+@pytest.mark.parametrize(("dtype", "convert_here"), [(None, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_map_files_maps_what_needs_no_conversion_and_the_rest_is_converted_once(
+    preloader: Preloader, tiny_family: list[Path], dtype: torch.dtype | None, convert_here: bool
 ) -> None:
     """The tiny family is stored as float32: kept as it is, every file is mapped and the child reads nothing;
-    converted to bfloat16, the child reads and converts them. Either way the images equal from_pretrained's."""
+    converted to bfloat16, the child converts them into shared memory, or with `convert_here` this process does,
+    into private memory, and the child is not asked at all. Every way, the images equal from_pretrained's."""
     from diffusers import StableDiffusionPipeline
 
     from hotslot.loading.layout import read_layout
@@ -218,14 +219,19 @@ def test_map_files_maps_what_needs_no_conversion_and_the_child_reads_the_rest(
     from hotslot.loading.pipeline_loader import read_weights
 
     layout = read_layout(tiny_family[2])
-    weights = read_weights(preloader, layout, "mapped", "cpu", dtype, map_files=True)
+    prefetched = []
+    weights = read_weights(preloader, layout, "mapped", "cpu", dtype, map_files=True, convert_here=convert_here,
+                           meanwhile=lambda: prefetched.append(True))
     try:
+        assert prefetched == [True]
         shared = [buf.is_shared() for buf in weights.buffers]
-        assert len(shared) == 3
-        if dtype is None:
-            assert not any(shared) and "mapped" not in preloader.held()  # file mappings, nothing in the child
+        assert len(shared) == 3 and len(weights.components) == 3
+        if dtype is None or convert_here:
+            assert not any(shared) and "mapped" not in preloader.held()  # nothing went through the child
         else:
             assert all(shared) and "mapped" in preloader.held()  # converted in the child, handed over
+        if dtype is not None:
+            assert all(t.dtype == dtype for t in weights.components["unet"].values() if t.is_floating_point())
         pipe, _ = build_pipeline(layout, weights.components, dtype=dtype)
         reference = StableDiffusionPipeline.from_pretrained(
             tiny_family[2], local_files_only=True, dtype=dtype or torch.float32

@@ -3,6 +3,7 @@ child when one is given (else in this process), building the skeletons while the
 assigning them. This is what the executor calls; it returns the phase timings it measured."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -127,6 +128,7 @@ def read_weights(
     chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
     read_concurrency: int | None = None,
     map_files: bool = False,
+    convert_here: bool = False,
     timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
     variant: str | None = None,
     meanwhile: Callable[[], None] | None = None,
@@ -137,12 +139,19 @@ def read_weights(
 
     `map_files` (CPU only; the view must be on a local disk): components that need no conversion are mapped
     here instead (copy-on-write file mappings: no copy, no allocation, the page cache's pages); only the others
-    go through the preloader. The mapped files are part of the returned weights like the read ones."""
+    go through the preloader. The mapped files are part of the returned weights like the read ones.
+
+    `convert_here` (CPU only): the components that need a conversion are read and converted in this process
+    instead of the preloader, `read_concurrency` threads at once, into private memory (`meanwhile` runs in another thread beside
+    them): a private page costs ~30 % less to fill than a shared one (measured on an SD 1.5 fp16 -> fp32 load),
+    and nothing has to cross a process. With both, the preloader is not used at all on CPU."""
     names, keep = plan_weights(layout, dtype)
-    mapped: list[str] = []
-    if map_files and torch.device(device).type == "cpu":
-        mapped = mappable_components(layout, names, keep, dtype)
-    to_read = [n for n in names if n not in mapped]
+    on_cpu = torch.device(device).type == "cpu"
+    as_stored = mappable_components(layout, names, keep, dtype) if on_cpu and (map_files or convert_here) else []
+    mapped = as_stored if map_files else []
+    here = [n for n in names if n not in as_stored] if on_cpu and convert_here else []
+    to_read = [n for n in names if n not in mapped and n not in here]
+    future = None
     if to_read:
         future = preloader.load(
             f"load-{uuid.uuid4().hex}",
@@ -158,17 +167,55 @@ def read_weights(
         )
     try:
         files = [(c, str(p), *_mapped(p)) for c in mapped for p in layout.components[c].weight_files]
-        if meanwhile is not None:
+        if here:
+            converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
+                                      read_concurrency or DEFAULT_READ_CONCURRENCY, meanwhile)
+            files += converted.files
+        elif meanwhile is not None:
             meanwhile()
-        if not to_read:
-            return LoadedWeights(f"map-{uuid.uuid4().hex}", model_key, device, dtype, {}, [],
-                                 LoadTimings(files=len(files))).with_files(files)
+        if future is None:
+            timings = converted.timings if here else LoadTimings(files=len(files))
+            return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(
+                files)
         weights = future.result(timeout_s)
     except BaseException:
-        if to_read:
+        if future is not None:
             future.add_done_callback(lambda f: _release_if_loaded(preloader, model_key, f))
         raise
     return weights.with_files(files) if files else weights
+
+
+def _convert_here(
+    layout: PipelineLayout,
+    model_key: str,
+    device: str,
+    dtype: torch.dtype | None,
+    names: list[str],
+    keep: dict[str, tuple[str, ...]],
+    chunk_bytes: int,
+    concurrency: int,
+    meanwhile: Callable[[], None] | None,
+) -> LoadedWeights:
+    beside = threading.Thread(target=meanwhile, name="hotslot-prefetch", daemon=True) if meanwhile else None
+    if beside is not None:
+        beside.start()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    try:
+        requests = [ReadRequest(p, module_predicate(keep.get(c, ()))) for c in names
+                    for p in layout.components[c].weight_files]
+        owners = [c for c in names for _ in layout.components[c].weight_files]
+        loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
+                            shared=False) if requests else []
+    finally:
+        if beside is not None:
+            beside.join()
+    stats = ReadStats()
+    for f in loaded:
+        stats.add(f.stats)
+    timings = LoadTimings(read_s=time.perf_counter() - t0, bytes_read=stats.bytes_read, bytes=stats.bytes_out,
+                          files=stats.files, cpu_s=time.process_time() - cpu0)
+    files = [(c, str(f.path), f.buffer, f.specs) for c, f in zip(owners, loaded, strict=True)]
+    return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(files)
 
 
 def _mapped(path: Path) -> tuple[torch.Tensor, tuple]:

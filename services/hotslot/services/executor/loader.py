@@ -73,6 +73,7 @@ class ModelLoader:
         chunk_bytes: int,
         read_concurrency: int = DEFAULT_READ_CONCURRENCY,
         map_files: bool = False,
+        convert_here: bool = False,
         skeletons: SkeletonCache | None = None,
     ) -> None:
         self.preloader = preloader
@@ -81,6 +82,7 @@ class ModelLoader:
         self.chunk_bytes = chunk_bytes
         self.read_concurrency = read_concurrency
         self.map_files = map_files and torch.device(device).type == "cpu"
+        self.convert_here = convert_here and torch.device(device).type == "cpu"
         self.skeletons = skeletons or SkeletonCache()
         self.is_cuda = torch.device(device).type == "cuda"
 
@@ -111,7 +113,8 @@ class ModelLoader:
         layout = read_layout(view_path)
         weights = read_weights(self.preloader, layout, key, self.device, self.dtype, chunk_bytes=self.chunk_bytes,
                                read_concurrency=self.read_concurrency, map_files=self.map_files,
-                               timeout_s=timeout_s, meanwhile=lambda: self.prefetch(layout))
+                               convert_here=self.convert_here, timeout_s=timeout_s,
+                               meanwhile=lambda: self.prefetch(layout))
         if self.is_cuda:
             # IPC memory belongs to the child and dies with it: own a copy so a preloader crash cannot take the
             # weights of held models with it. This runs beside inference, never on the request path.
@@ -125,9 +128,10 @@ class ModelLoader:
         t = weights.timings
         log.info(
             "read weights",
-            extra={"model": key, "bytes": weights.nbytes, "bytes_read_by_preloader": t.bytes_read,
-                   "files": len(weights.files), "files_read_by_preloader": t.files,
-                   "preloader_s": round(t.child_s, 3), "preloader_cpu_s": round(t.cpu_s, 3),
+            extra={"model": key, "bytes": weights.nbytes, "files": len(weights.files),
+                   "files_read": t.files, "bytes_read": t.bytes_read,
+                   "read_by": "executor" if weights.request_id.startswith("here-") else "preloader",
+                   "read_s": round(t.child_s or t.read_s, 3), "read_cpu_s": round(t.cpu_s, 3),
                    "handoff_s": round(t.handoff_s, 3), "populate_s": round(populate_s, 3),
                    "wall_s": round(time.perf_counter() - t0, 3)},
         )

@@ -56,7 +56,8 @@ def build_core(
     )
     preloader.start()
     loader = ModelLoader(preloader, device=settings.device, dtype=dtype, chunk_bytes=int(settings.read_chunk_bytes),
-                         read_concurrency=settings.read_concurrency, map_files=settings.map_view_files)
+                         read_concurrency=settings.read_concurrency, map_files=settings.map_view_files,
+                         convert_here=settings.convert_in_executor)
 
     def channel(address: str):
         return insecure_channel(address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes)
