@@ -292,7 +292,7 @@ class Hotslot:
              "--device", a.device, "--dtype", dtype, "--read-concurrency", str(a.read_concurrency),
              "--standby-budget-bytes", self.budget,
              "--host-budget-bytes", self.budget, "--active-budget-bytes", self.budget,
-             "--max-width", top, "--max-height", top, "--queue-capacity", "64"],
+             "--max-width", top, "--max-height", top, "--queue-capacity", "64", *a.executor_flag],
             log_path=WORK / f"executor-{name}.log", timeout=300)
         started = time.perf_counter() - t0
         self.channel = grpc.insecure_channel(self.executor.address)
@@ -767,6 +767,8 @@ def main() -> None:
     parser.add_argument("--d-guidance", type=float, default=1.0, help="(d) guidance of the first image")
     parser.add_argument("--sections", default="abcd", help="which parts to run: any of a, b, c (b needs c), d")
     parser.add_argument("--read-concurrency", type=int, default=4, help="the executor's read_concurrency")
+    parser.add_argument("--executor-flag", action="append", default=[],
+                        help="extra flag for every executor, e.g. --executor-flag=--no-convert-in-executor")
     parser.add_argument("--diffusers-first-image", action="store_true", help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--child-model", default=MODEL_A, help=argparse.SUPPRESS)
     args = parser.parse_args()
