@@ -552,7 +552,7 @@ class ColdRow:
 
     @property
     def h_load(self) -> float:
-        return sum(seconds(getattr(self.reply.timings, p)) for p in ("ensure", "read", "materialize", "swap"))
+        return load_s(self.reply)
 
 
 def cold_by_dtype(args: argparse.Namespace, hot: Hotslot, image: Params, started: float) -> list[ColdRow]:
@@ -625,6 +625,27 @@ def print_cold_table(rows: list[ColdRow], args: argparse.Namespace, limits: dict
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
 
 
+LOAD_PHASES = ("ensure", "read", "materialize", "swap")
+
+
+def load_s(reply: epb.GenerateResponse) -> float:
+    """The request's load phases summed: what getting the model active cost it."""
+    return sum(seconds(getattr(reply.timings, p)) for p in LOAD_PHASES)
+
+
+def first_generate_rows(what: str, reply: epb.GenerateResponse, wall: float, d_first: float,
+                        d_load: float) -> list[tuple[str, str, str, str]]:
+    """(a) rows of one fresh executor's first Generate, against diffusers' load + first image."""
+    return [
+        (f"(a) hotslot cold, {what}: first Generate (tier {TIER[reply.tier]})", ms(wall), f"{d_first / wall:.2f}",
+         ""),
+        ("      ensure / read / materialize / swap", phases(reply, LOAD_PHASES), "", ""),
+        ("      denoise / encode (VAE decode + PNG)", phases(reply, ("denoise", "encode")), "", ""),
+        ("      load phases summed; ratio = from_pretrained / this", ms(load_s(reply)), f"{d_load / load_s(reply):.2f}",
+         ""),
+    ]
+
+
 def section_a(args: argparse.Namespace, hot: Hotslot, first: Params, starts: list[float],
               started: float) -> list[tuple[str, str, str, str]]:
     """(a) cold start, best of --repeat; every run in a fresh process (diffusers in a child of this script)."""
@@ -651,24 +672,12 @@ def section_a(args: argparse.Namespace, hot: Hotslot, first: Params, starts: lis
     pngs |= {d["png_sha256"] for d in d_runs}
 
     d_first = d_load + d_gen
-    hot_load = {name: sum(seconds(getattr(r.timings, p)) for p in ("ensure", "read", "materialize", "swap"))
-                for name, r in (("cold", cold), ("warm", warm))}
     return [
         (f"(a) diffusers from_pretrained (fp16 files -> {args.dtype})", ms(d_load), "", ""),
         ("(a) diffusers first image", ms(d_gen), "", ""),
         ("(a) diffusers load + first image", ms(d_first), "1.00", ""),
-        (f"(a) hotslot cold, node cache empty: first Generate (tier {TIER[cold.tier]})", ms(cold_wall),
-         f"{d_first / cold_wall:.2f}", ""),
-        ("      ensure / read / materialize / swap", phases(cold, ("ensure", "read", "materialize", "swap")), "", ""),
-        ("      denoise / encode (VAE decode + PNG)", phases(cold, ("denoise", "encode")), "", ""),
-        ("      load phases summed; ratio = from_pretrained / this", ms(hot_load["cold"]),
-         f"{d_load / hot_load['cold']:.2f}", ""),
-        (f"(a) hotslot cold, files in node cache: first Generate (tier {TIER[warm.tier]})", ms(warm_wall),
-         f"{d_first / warm_wall:.2f}", ""),
-        ("      ensure / read / materialize / swap", phases(warm, ("ensure", "read", "materialize", "swap")), "", ""),
-        ("      denoise / encode (VAE decode + PNG)", phases(warm, ("denoise", "encode")), "", ""),
-        ("      load phases summed; ratio = from_pretrained / this", ms(hot_load["warm"]),
-         f"{d_load / hot_load['warm']:.2f}", ""),
+        *first_generate_rows("node cache empty", cold, cold_wall, d_first, d_load),
+        *first_generate_rows("files in node cache", warm, warm_wall, d_first, d_load),
         ("(a) hotslot PNG == diffusers PNG (same seed and params)",
          "yes" if len(pngs) == 1 else f"NO: {len(pngs)} different images", "", ""),
     ]

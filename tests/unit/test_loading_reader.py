@@ -331,12 +331,15 @@ def test_writing_a_mapped_tensor_copies_the_page_and_leaves_the_file_alone(tmp_p
     assert reader_mod.map_safetensors(path).tensors()["w"][0].item() == 0.0
 
 
-def test_keeps_dtypes_says_when_a_file_can_be_mapped(mixed_file: Path) -> None:
+def test_keeps_dtypes_says_when_a_file_can_be_mapped(mixed_file: Path, tmp_path: Path) -> None:
     header = read_header(mixed_file)
     assert reader_mod.keeps_dtypes(header, None)
     assert not reader_mod.keeps_dtypes(header, torch.float16)  # w32, w64, wbf16 would be converted
-    only_f16 = {e.name for e in header.tensors if e.dtype == torch.float16}
-    assert only_f16 == {"w16"}
+    halves = tmp_path / "halves.safetensors"
+    save_file({"a.weight": torch.ones(8).half(), "norm.weight": torch.ones(8).half()}, str(halves))
+    assert reader_mod.keeps_dtypes(read_header(halves), torch.float16)
+    keep_norm = reader_mod.module_predicate(("norm",))
+    assert not reader_mod.keeps_dtypes(read_header(halves), torch.float16, keep_norm)  # norm becomes float32
 
 
 def test_populate_maps_every_page_of_mapped_and_shared_buffers(mixed_file: Path) -> None:

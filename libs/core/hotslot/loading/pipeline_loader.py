@@ -28,6 +28,7 @@ from hotslot.loading.reader import (
     module_predicate,
     read_files,
     read_header,
+    tensor_views,
 )
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, keep_fp32_modules, resolve_class
 
@@ -75,7 +76,7 @@ def plan_weights(layout: PipelineLayout, dtype: torch.dtype | None) -> tuple[lis
     return names, keep
 
 
-def _read_here(
+def _read_components(
     layout: PipelineLayout,
     names: list[str],
     keep: dict[str, tuple[str, ...]],
@@ -83,22 +84,19 @@ def _read_here(
     dtype: torch.dtype | None,
     chunk_bytes: int,
     concurrency: int,
-) -> tuple[dict[str, dict[str, torch.Tensor]], ReadStats]:
-    requests, owners = [], []
-    for cname in names:
-        predicate = module_predicate(keep.get(cname, ()))
-        for path in layout.components[cname].weight_files:
-            requests.append(ReadRequest(path, predicate))
-            owners.append(cname)
-    # private memory: nothing crosses a process here, and /dev/shm is often small (64 MB in Docker)
+) -> tuple[list[tuple[str, str, torch.Tensor, tuple]], ReadStats]:
+    """Every weight file of `names` read in this process, `concurrency` reads at a time, into private memory
+    (nothing crosses a process here, and /dev/shm is often small: 64 MB in Docker). Returns (component, path,
+    buffer, specs) per file and the summed stats."""
+    requests = [ReadRequest(p, module_predicate(keep.get(c, ()))) for c in names
+                for p in layout.components[c].weight_files]
+    owners = [c for c in names for _ in layout.components[c].weight_files]
     loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
-                        shared=False)
+                        shared=False) if requests else []
     stats = ReadStats()
-    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
-    for cname, file in zip(owners, loaded, strict=True):
-        state_dicts.setdefault(cname, {}).update(file.tensors())
-        stats.add(file.stats)
-    return state_dicts, stats
+    for f in loaded:
+        stats.add(f.stats)
+    return [(c, str(f.path), f.buffer, f.specs) for c, f in zip(owners, loaded, strict=True)], stats
 
 
 def _release_if_loaded(preloader: Preloader, key: str, future: Future) -> None:
@@ -142,8 +140,8 @@ def read_weights(
     go through the preloader. The mapped files are part of the returned weights like the read ones.
 
     `convert_here` (CPU only): the components that need a conversion are read and converted in this process
-    instead of the preloader, `read_concurrency` threads at once, into private memory (`meanwhile` runs in another thread beside
-    them): a private page costs ~30 % less to fill than a shared one (measured on an SD 1.5 fp16 -> fp32 load),
+    instead of the preloader, `read_concurrency` threads at once, into private memory (`meanwhile` runs in
+    another thread beside them): a private page costs ~30 % less to fill than a shared one (measured on an SD 1.5 fp16 -> fp32 load),
     and nothing has to cross a process. With both, the preloader is not used at all on CPU."""
     names, keep = plan_weights(layout, dtype)
     on_cpu = torch.device(device).type == "cpu"
@@ -174,7 +172,7 @@ def read_weights(
         elif meanwhile is not None:
             meanwhile()
         if future is None:
-            timings = converted.timings if here else LoadTimings(files=len(files))
+            timings = converted.timings if here else LoadTimings(files=len(files), reader="executor")
             return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(
                 files)
         weights = future.result(timeout_s)
@@ -201,20 +199,12 @@ def _convert_here(
         beside.start()
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
-        requests = [ReadRequest(p, module_predicate(keep.get(c, ()))) for c in names
-                    for p in layout.components[c].weight_files]
-        owners = [c for c in names for _ in layout.components[c].weight_files]
-        loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
-                            shared=False) if requests else []
+        files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency)
     finally:
         if beside is not None:
             beside.join()
-    stats = ReadStats()
-    for f in loaded:
-        stats.add(f.stats)
     timings = LoadTimings(read_s=time.perf_counter() - t0, bytes_read=stats.bytes_read, bytes=stats.bytes_out,
-                          files=stats.files, cpu_s=time.process_time() - cpu0)
-    files = [(c, str(f.path), f.buffer, f.specs) for c, f in zip(owners, loaded, strict=True)]
+                          files=stats.files, cpu_s=time.process_time() - cpu0, reader="executor")
     return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(files)
 
 
@@ -252,7 +242,10 @@ def load_pipeline(
     names, keep = plan_weights(layout, dtype)
     skeletons = SkeletonCache() if skeletons is None else skeletons
     if preloader is None:
-        state_dicts, stats = _read_here(layout, names, keep, device, dtype, chunk_bytes, read_concurrency)
+        files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, read_concurrency)
+        state_dicts: dict[str, dict[str, torch.Tensor]] = {}
+        for cname, _path, buffer, specs in files:
+            state_dicts.setdefault(cname, {}).update(tensor_views(buffer, specs))
         pipeline, materialize_s = build_pipeline(layout, state_dicts, skeletons=skeletons, dtype=dtype)
         report = LoadReport(
             read_s=stats.read_s,

@@ -2,7 +2,8 @@
 the parent without copying them.
 
 The child reads each safetensors file into ONE buffer (shared memory on CPU, device memory on CUDA) with
-`reader.read_files` (`read_concurrency` reads in flight across files and ranges), then sends (buffer, tensor layout) per file through a torch.multiprocessing queue.
+`reader.read_files` (`read_concurrency` reads in flight across files and ranges), then sends (buffer, tensor
+layout) per file through a torch.multiprocessing queue.
 torch's reductions turn each buffer into a handle (a file descriptor passed over a Unix socket for CPU shared
 memory, a CUDA IPC handle on GPU), so the message is a few kB whatever the model size, and the parent builds the
 tensors as views of the same memory (`reader.tensor_views`). One handle per file, not per tensor: a tensor-per-
@@ -102,7 +103,8 @@ class LoadTimings:
     bytes: int = 0  # bytes of the tensors, in their final dtype
     files: int = 0
     wire_bytes: int = 0  # size of the message that crossed the queue: small unless tensors were pickled
-    cpu_s: float = 0.0  # CPU time the child spent reading and converting (all its threads)
+    cpu_s: float = 0.0  # CPU time spent reading and converting (all the reading threads)
+    reader: str = "preloader"  # who read the files: "preloader" (the child) or "executor" (mapped / converted here)
 
 
 @dataclass

@@ -22,6 +22,7 @@ Nothing is unpickled: the header is JSON and the data section is raw little-endi
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -964,23 +965,23 @@ def populate(buffers: Sequence[torch.Tensor], concurrency: int = DEFAULT_READ_CO
     return sum(r.numel() for r in ranges)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _madvise_populate(part: torch.Tensor) -> bool:
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            _libc = False
-    if not _libc:
+    libc = _libc()
+    if libc is None:
         return False
     addr = part.data_ptr()
     start = addr - addr % PAGE_BYTES
     # ctypes releases the GIL for the call, so several ranges fault in at once
-    return _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(part.numel() + addr - start),
-                         _MADV_POPULATE_READ) == 0
-
-
-_libc: ctypes.CDLL | bool | None = None
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(part.numel() + addr - start),
+                        _MADV_POPULATE_READ) == 0
 
 
 def load_file(path: str | Path, **kwargs) -> dict[str, torch.Tensor]:

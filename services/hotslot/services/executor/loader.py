@@ -130,7 +130,7 @@ class ModelLoader:
             "read weights",
             extra={"model": key, "bytes": weights.nbytes, "files": len(weights.files),
                    "files_read": t.files, "bytes_read": t.bytes_read,
-                   "read_by": "executor" if weights.request_id.startswith("here-") else "preloader",
+                   "read_by": t.reader,
                    "read_s": round(t.child_s or t.read_s, 3), "read_cpu_s": round(t.cpu_s, 3),
                    "handoff_s": round(t.handoff_s, 3), "populate_s": round(populate_s, 3),
                    "wall_s": round(time.perf_counter() - t0, 3)},
