@@ -26,6 +26,14 @@ class ExecutorState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTOR_STATE_STARTING: _ClassVar[ExecutorState]
     EXECUTOR_STATE_READY: _ClassVar[ExecutorState]
     EXECUTOR_STATE_DRAINING: _ClassVar[ExecutorState]
+
+class QueuedState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    QUEUED_STATE_UNSPECIFIED: _ClassVar[QueuedState]
+    QUEUED_STATE_RUNNING: _ClassVar[QueuedState]
+    QUEUED_STATE_READY: _ClassVar[QueuedState]
+    QUEUED_STATE_LOADING: _ClassVar[QueuedState]
+    QUEUED_STATE_WAITING: _ClassVar[QueuedState]
 LOAD_PHASE_UNSPECIFIED: LoadPhase
 LOAD_PHASE_QUEUED: LoadPhase
 LOAD_PHASE_ENSURE: LoadPhase
@@ -36,6 +44,11 @@ EXECUTOR_STATE_UNSPECIFIED: ExecutorState
 EXECUTOR_STATE_STARTING: ExecutorState
 EXECUTOR_STATE_READY: ExecutorState
 EXECUTOR_STATE_DRAINING: ExecutorState
+QUEUED_STATE_UNSPECIFIED: QueuedState
+QUEUED_STATE_RUNNING: QueuedState
+QUEUED_STATE_READY: QueuedState
+QUEUED_STATE_LOADING: QueuedState
+QUEUED_STATE_WAITING: QueuedState
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "params", "request_id")
@@ -48,20 +61,22 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "model", "tier", "timings", "executor_id", "request_id")
+    __slots__ = ("images", "model", "tier", "timings", "executor_id", "request_id", "batch_requests")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     model: _common_pb2.ModelRef
     tier: _common_pb2.Tier
     timings: _common_pb2.PhaseTimings
     executor_id: str
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., timings: _Optional[_Union[_common_pb2.PhaseTimings, _Mapping]] = ..., executor_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    batch_requests: int
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., timings: _Optional[_Union[_common_pb2.PhaseTimings, _Mapping]] = ..., executor_id: _Optional[str] = ..., request_id: _Optional[str] = ..., batch_requests: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
     __slots__ = ("model", "params", "request_id")
@@ -172,7 +187,7 @@ class PreloaderStatus(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., alive: _Optional[bool] = ..., restarts: _Optional[int] = ..., loading: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
-    __slots__ = ("executor_id", "address", "state", "device", "models", "tiers", "queue_depth", "queue_capacity", "device_memory_total_bytes", "device_memory_used_bytes", "preloader", "version")
+    __slots__ = ("executor_id", "address", "state", "device", "models", "tiers", "queue_depth", "queue_capacity", "device_memory_total_bytes", "device_memory_used_bytes", "preloader", "version", "queue", "costs")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +200,8 @@ class ExecutorStatus(_message.Message):
     DEVICE_MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRELOADER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    COSTS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     address: str
     state: ExecutorState
@@ -197,7 +214,49 @@ class ExecutorStatus(_message.Message):
     device_memory_used_bytes: int
     preloader: PreloaderStatus
     version: int
-    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ExecutorState, str]] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., preloader: _Optional[_Union[PreloaderStatus, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    queue: _containers.RepeatedCompositeFieldContainer[QueuedRequest]
+    costs: CostEstimates
+    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ExecutorState, str]] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., preloader: _Optional[_Union[PreloaderStatus, _Mapping]] = ..., version: _Optional[int] = ..., queue: _Optional[_Iterable[_Union[QueuedRequest, _Mapping]]] = ..., costs: _Optional[_Union[CostEstimates, _Mapping]] = ...) -> None: ...
+
+class QueuedRequest(_message.Message):
+    __slots__ = ("request_id", "model", "state", "waited", "overtaken", "num_images")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    WAITED_FIELD_NUMBER: _ClassVar[int]
+    OVERTAKEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: _common_pb2.ModelRef
+    state: QueuedState
+    waited: _duration_pb2.Duration
+    overtaken: _duration_pb2.Duration
+    num_images: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., state: _Optional[_Union[QueuedState, str]] = ..., waited: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., overtaken: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., num_images: _Optional[int] = ...) -> None: ...
+
+class TierCost(_message.Message):
+    __slots__ = ("tier", "fixed_seconds", "seconds_per_gib", "samples")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    FIXED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_GIB_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    tier: _common_pb2.Tier
+    fixed_seconds: float
+    seconds_per_gib: float
+    samples: int
+    def __init__(self, tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., fixed_seconds: _Optional[float] = ..., seconds_per_gib: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class CostEstimates(_message.Message):
+    __slots__ = ("seconds_per_work_unit", "seconds_per_request", "backlog_seconds", "load_costs")
+    SECONDS_PER_WORK_UNIT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_COSTS_FIELD_NUMBER: _ClassVar[int]
+    seconds_per_work_unit: float
+    seconds_per_request: float
+    backlog_seconds: float
+    load_costs: _containers.RepeatedCompositeFieldContainer[TierCost]
+    def __init__(self, seconds_per_work_unit: _Optional[float] = ..., seconds_per_request: _Optional[float] = ..., backlog_seconds: _Optional[float] = ..., load_costs: _Optional[_Iterable[_Union[TierCost, _Mapping]]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

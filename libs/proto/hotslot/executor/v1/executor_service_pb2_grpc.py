@@ -27,7 +27,10 @@ if _version_not_supported:
 
 class ExecutorServiceStub:
     """ExecutorService runs text-to-image generation on the models it holds. A long-lived preloading subprocess fills
-    the standby slot while the active model computes, so switching models is a pointer swap.
+    the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
+    first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
+    is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible
+    parameters may run as one batch (`max_batch_images`).
     """
 
     def __init__(self, channel):
@@ -70,7 +73,10 @@ class ExecutorServiceStub:
 
 class ExecutorServiceServicer:
     """ExecutorService runs text-to-image generation on the models it holds. A long-lived preloading subprocess fills
-    the standby slot while the active model computes, so switching models is a pointer swap.
+    the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
+    first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
+    is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible
+    parameters may run as one batch (`max_batch_images`).
     """
 
     def Generate(self, request, context):
@@ -170,7 +176,10 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ExecutorService:
     """ExecutorService runs text-to-image generation on the models it holds. A long-lived preloading subprocess fills
-    the standby slot while the active model computes, so switching models is a pointer swap.
+    the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
+    first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
+    is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible
+    parameters may run as one batch (`max_batch_images`).
     """
 
     @staticmethod

@@ -2,12 +2,28 @@ from hotslot.common.v1 import common_pb2 as _common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as _executor_service_pb2
 from hotslot.registry.v1 import registry_service_pb2 as _registry_service_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class PlacementReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLACEMENT_REASON_UNSPECIFIED: _ClassVar[PlacementReason]
+    PLACEMENT_REASON_ACTIVE: _ClassVar[PlacementReason]
+    PLACEMENT_REASON_STANDBY: _ClassVar[PlacementReason]
+    PLACEMENT_REASON_HOST: _ClassVar[PlacementReason]
+    PLACEMENT_REASON_LOAD: _ClassVar[PlacementReason]
+    PLACEMENT_REASON_SPREAD: _ClassVar[PlacementReason]
+PLACEMENT_REASON_UNSPECIFIED: PlacementReason
+PLACEMENT_REASON_ACTIVE: PlacementReason
+PLACEMENT_REASON_STANDBY: PlacementReason
+PLACEMENT_REASON_HOST: PlacementReason
+PLACEMENT_REASON_LOAD: PlacementReason
+PLACEMENT_REASON_SPREAD: PlacementReason
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "params", "request_id")
@@ -26,8 +42,8 @@ class GenerateResponse(_message.Message):
     PLACEMENT_REASON_FIELD_NUMBER: _ClassVar[int]
     result: _executor_service_pb2.GenerateResponse
     attempted_executor_ids: _containers.RepeatedScalarFieldContainer[str]
-    placement_reason: str
-    def __init__(self, result: _Optional[_Union[_executor_service_pb2.GenerateResponse, _Mapping]] = ..., attempted_executor_ids: _Optional[_Iterable[str]] = ..., placement_reason: _Optional[str] = ...) -> None: ...
+    placement_reason: PlacementReason
+    def __init__(self, result: _Optional[_Union[_executor_service_pb2.GenerateResponse, _Mapping]] = ..., attempted_executor_ids: _Optional[_Iterable[str]] = ..., placement_reason: _Optional[_Union[PlacementReason, str]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
     __slots__ = ("model", "params", "request_id")
@@ -76,12 +92,24 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[_registry_service_pb2.Model, _Mapping]] = ...) -> None: ...
 
 class PreloadRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "replicas")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+    replicas: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class PreloadResponse(_message.Message):
+    __slots__ = ("executor_id", "result", "replicas")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    result: _executor_service_pb2.PreloadResponse
+    replicas: _containers.RepeatedCompositeFieldContainer[PreloadReplica]
+    def __init__(self, executor_id: _Optional[str] = ..., result: _Optional[_Union[_executor_service_pb2.PreloadResponse, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[PreloadReplica, _Mapping]]] = ...) -> None: ...
+
+class PreloadReplica(_message.Message):
     __slots__ = ("executor_id", "result")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]

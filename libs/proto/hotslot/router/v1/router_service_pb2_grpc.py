@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class RouterServiceStub:
-    """RouterService places each request on the executor that can serve it soonest (model active, then standby, then
-    in host memory, then the least-loaded executor) and passes catalogue calls to the registry.
+    """RouterService places each request on the executor expected to finish it soonest (its queued work, plus the
+    cost of making the model active from the tier it is in there, plus the request's own service time) and passes
+    catalogue calls to the registry.
     """
 
     def __init__(self, channel):
@@ -69,8 +70,9 @@ class RouterServiceStub:
 
 
 class RouterServiceServicer:
-    """RouterService places each request on the executor that can serve it soonest (model active, then standby, then
-    in host memory, then the least-loaded executor) and passes catalogue calls to the registry.
+    """RouterService places each request on the executor expected to finish it soonest (its queued work, plus the
+    cost of making the model active from the tier it is in there, plus the request's own service time) and passes
+    catalogue calls to the registry.
     """
 
     def Generate(self, request, context):
@@ -108,8 +110,11 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Preload(self, request, context):
-        """Hints that a model will be needed soon: the chosen executor loads it into standby.
-        Returns NOT_FOUND if the model is not registered; UNAVAILABLE if no executor is ready.
+        """Hints that a model will be needed soon: `replicas` executors load it into standby (those already holding it
+        first, then the least busy), in parallel, so a known burst finds it warm on several executors.
+        Returns INVALID_ARGUMENT for replicas below 0; NOT_FOUND if the model is not registered; RESOURCE_EXHAUSTED if
+        it is larger than an executor's tier budget; UNAVAILABLE if no executor is ready. When fewer live executors
+        exist than asked for, every one of them loads it and the response lists them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,8 +170,9 @@ def add_RouterServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RouterService:
-    """RouterService places each request on the executor that can serve it soonest (model active, then standby, then
-    in host memory, then the least-loaded executor) and passes catalogue calls to the registry.
+    """RouterService places each request on the executor expected to finish it soonest (its queued work, plus the
+    cost of making the model active from the tier it is in there, plus the request's own service time) and passes
+    catalogue calls to the registry.
     """
 
     @staticmethod
