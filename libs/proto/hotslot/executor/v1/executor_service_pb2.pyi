@@ -247,16 +247,22 @@ class TierCost(_message.Message):
     def __init__(self, tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., fixed_seconds: _Optional[float] = ..., seconds_per_gib: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class CostEstimates(_message.Message):
-    __slots__ = ("seconds_per_work_unit", "seconds_per_request", "backlog_seconds", "load_costs")
+    __slots__ = ("seconds_per_work_unit", "seconds_per_request", "backlog_seconds", "load_costs", "default_steps", "default_width", "default_height")
     SECONDS_PER_WORK_UNIT_FIELD_NUMBER: _ClassVar[int]
     SECONDS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     BACKLOG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_COSTS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     seconds_per_work_unit: float
     seconds_per_request: float
     backlog_seconds: float
     load_costs: _containers.RepeatedCompositeFieldContainer[TierCost]
-    def __init__(self, seconds_per_work_unit: _Optional[float] = ..., seconds_per_request: _Optional[float] = ..., backlog_seconds: _Optional[float] = ..., load_costs: _Optional[_Iterable[_Union[TierCost, _Mapping]]] = ...) -> None: ...
+    default_steps: int
+    default_width: int
+    default_height: int
+    def __init__(self, seconds_per_work_unit: _Optional[float] = ..., seconds_per_request: _Optional[float] = ..., backlog_seconds: _Optional[float] = ..., load_costs: _Optional[_Iterable[_Union[TierCost, _Mapping]]] = ..., default_steps: _Optional[int] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
