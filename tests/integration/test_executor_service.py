@@ -1,5 +1,6 @@
 """The executor with registry and storage-cache as separate processes and tiny real pipelines: generation and
-determinism, tier transitions, lookahead preloading, the preloader dying mid-load, cancellation, and refusals."""
+determinism, tier transitions, lookahead preloading, the preloader dying mid-load, cancellation, refusals, and
+batching of compatible queued requests with the queue and costs in the status."""
 from __future__ import annotations
 
 import io
@@ -249,3 +250,99 @@ def test_held_models_keep_serving_while_the_registry_is_down(tmp_path: Path, tin
         assert "serving tiny-sd-0 from the last answer" in svc.log()
     finally:
         own.stop()
+
+
+def pixels(image: common_pb2.Image):
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB"), dtype=np.int16)
+
+
+def test_queued_compatible_requests_run_as_one_batch_with_their_own_seeds(stack: Stack) -> None:
+    svc = stack.start_executor("--max-batch-images", "4", name="batch")
+    try:
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = executor_stub(channel)
+            stub.Generate(generate_request("tiny-sd-0"), timeout=120)  # active
+            slow = stub.GenerateStream(epb.GenerateStreamRequest(
+                model=common_pb2.ModelRef(model_id="tiny-sd-0"),
+                params=common_pb2.GenerationParams(prompt="slow", steps=150, width=128, height=128)), timeout=300)
+            next(m for m in slow if m.HasField("step"))  # the device is busy: the next ones queue up
+            requests = [generate_request("tiny-sd-0", prompt=f"a lighthouse {i}", seed=20 + 10 * i,
+                                         num_images=1 + i % 2) for i in range(3)]
+            for i, r in enumerate(requests):
+                r.request_id = f"batched-{i}"
+            results: dict[int, epb.GenerateResponse] = {}
+            threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, stub.Generate(r, timeout=300)))
+                       for i, r in enumerate(requests)]
+            for thread in threads:
+                thread.start()
+            queued = wait_for(lambda: (s := status(stub)).queue_depth == 4 and s, what="three queued")
+            assert [q.state for q in queued.queue] == [epb.QUEUED_STATE_RUNNING] + [epb.QUEUED_STATE_READY] * 3
+            assert sorted(q.request_id for q in queued.queue[1:]) == ["batched-0", "batched-1", "batched-2"]
+            slow.cancel()
+            for thread in threads:
+                thread.join(120)
+            batched = [results[i] for i in range(3)]
+            assert [r.batch_requests for r in batched] == [3, 3, 3]
+            alone = [stub.Generate(r, timeout=120) for r in requests]
+            assert all(r.batch_requests == 1 for r in alone)
+            for b, a in zip(batched, alone, strict=True):
+                assert [i.seed for i in b.images] == [i.seed for i in a.images]
+                for bi, ai in zip(b.images, a.images, strict=True):
+                    # Batched kernels may sum in another order: equal up to one level of an 8-bit channel.
+                    assert abs(pixels(bi) - pixels(ai)).max() <= 1
+            assert batched[1].images[0].data != batched[1].images[1].data
+            costs = status(stub).costs
+            assert costs.seconds_per_work_unit + costs.seconds_per_request > 0
+            assert sum(t.samples for t in costs.load_costs) >= 1
+            assert (costs.default_width, costs.default_height) == (64, 64) and costs.default_steps > 0
+            assert status(stub).queue == [] and costs.backlog_seconds == 0
+    finally:
+        svc.stop()
+
+
+def test_held_model_requests_overtake_a_slow_load_until_its_overtake_budget_is_spent(stack: Stack) -> None:
+    # A read-rate cap makes each load take seconds; files kept in their dtype would be mapped, not read.
+    budget_s = 1.5
+    svc = stack.start_executor("--preload-read-bytes-per-s", "1MB", "--no-map-view-files", "--no-lookahead",
+                               "--max-overtake-s", str(budget_s), name="overtake")
+    try:
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = executor_stub(channel)
+            # Active, and its call cost measured (the process's first call is a warm-up, not counted).
+            stub.Generate(generate_request("tiny-sd-0"), timeout=120)
+            stub.Generate(generate_request("tiny-sd-0"), timeout=120)
+            cold: dict[str, epb.GenerateResponse] = {}
+            loading = threading.Thread(target=lambda: cold.update(b=stub.Generate(generate_request("tiny-sd-1"),
+                                                                                  timeout=300)))
+            loading.start()
+            wait_for(lambda: [(q.model.model_id, q.state) for q in status(stub).queue]
+                     == [("tiny-sd-1", epb.QUEUED_STATE_LOADING)], what="tiny-sd-1 loading")
+            # Requests for the active model run while tiny-sd-1 loads, one after another, until the next one
+            # would delay tiny-sd-1 by more than the budget: that one waits behind the load.
+            overtook = 0
+            while True:
+                waiting: dict[str, epb.GenerateResponse] = {}
+                hot = threading.Thread(target=lambda: waiting.update(a=stub.Generate(generate_request("tiny-sd-0"),
+                                                                                     timeout=300)))
+                hot.start()
+                # Served, or listed behind the load (the status lists the queue in the order it will be served).
+                queued = wait_for(lambda: (not hot.is_alive() and [True]) or (
+                    len(q := status(stub).queue) == 2 and q[0].model.model_id == "tiny-sd-1" and list(q)),
+                    what="served or queued behind the load")
+                if queued != [True]:
+                    break
+                assert waiting["a"].tier == common_pb2.TIER_ACTIVE
+                assert "b" not in cold, "the load ended before the budget was spent; slow the reads down"
+                overtook += 1
+            assert overtook >= 1
+            assert [(q.model.model_id, q.state) for q in queued] == [
+                ("tiny-sd-1", epb.QUEUED_STATE_LOADING), ("tiny-sd-0", epb.QUEUED_STATE_READY)]
+            assert 0 < queued[0].overtaken.ToNanoseconds() / 1e9 <= budget_s
+            loading.join(120)
+            hot.join(120)
+            assert cold["b"].tier in COLD and cold["b"].images
+            assert waiting["a"].tier == common_pb2.TIER_STANDBY  # served after tiny-sd-1 became active
+    finally:
+        svc.stop()

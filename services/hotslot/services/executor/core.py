@@ -1,11 +1,14 @@
-"""Executor domain logic: a FIFO of generation requests served one at a time on the device, the hot-swap slot
-kept full by the preloader (looking ahead in the queue so the next model loads while the current one computes),
-phase timings and spans recorded where each phase happens, and a versioned status for watchers. No grpc here."""
+"""Executor domain logic: a queue of generation requests served one pipeline call at a time on the device (first in,
+first out, except that requests for held models may overtake loading ones within a budget, and compatible requests
+for one model share a call: queue_policy), the hot-swap slot kept full by the preloader (looking ahead in the queue
+so the next model loads while the current one computes), phase timings and spans recorded where each phase happens,
+measured costs, and a versioned status for watchers. No grpc here."""
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import enum
 import logging
 import threading
 import time
@@ -20,14 +23,37 @@ from opentelemetry import trace
 from hotslot.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from hotslot.manifest import validate_model_id
 
+from .costs import LOAD_TIERS, CostModel, CostSnapshot, work_units
 from .downstream import ModelResolver, ViewProvider
-from .generation import GenerationLimits, GenerationParams, run_pipeline, validate
+from .generation import GenerationLimits, GenerationParams, run_batch, validate
+from .queue_policy import Plan, plan_next, service_order
 from .slots import HeldModel, ModelKey, SlotEntry, SlotManager, Tier, TierUsage
 
 log = logging.getLogger(__name__)
 
 PHASES = ("queue", "ensure", "read", "materialize", "swap", "denoise", "encode")
 LOAD_PHASES = ("ensure", "read", "materialize")
+# Loads one request may start for its model before it gives up: a model evicted between its load and its turn
+# (the tier budgets too small for the traffic) is loaded again, but not forever.
+MAX_LOAD_ATTEMPTS = 3
+
+
+class QueuedState(enum.IntEnum):
+    # Values match hotslot.executor.v1.QueuedState.
+    RUNNING = 1
+    READY = 2
+    LOADING = 3
+    WAITING = 4
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    request_id: str
+    key: ModelKey
+    state: QueuedState
+    waited_s: float
+    overtaken_s: float
+    num_images: int
 
 
 @dataclass
@@ -65,6 +91,7 @@ class GenerateOutcome:
     timings: PhaseTimes
     executor_id: str
     request_id: str
+    batch_requests: int = 1
 
 
 @dataclass
@@ -97,6 +124,8 @@ class ExecutorSnapshot:
     device_memory_used: int
     preloader: PreloaderState
     version: int
+    queue: list[QueueEntry] = field(default_factory=list)
+    costs: CostSnapshot | None = None
 
 
 @dataclass(eq=False)
@@ -111,6 +140,9 @@ class _Job:
     stop: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future | None = None
     context: Any = None
+    overtaken_s: float = 0.0  # charged by the calls that overtook it
+    front_at: float | None = None  # perf_counter when it first was the head (or ran)
+    preps: list[_Preparation] = field(default_factory=list)  # the loads it waited for as the head
 
 
 @dataclass(eq=False)
@@ -124,6 +156,8 @@ class _Preparation:
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase -> (start, end) perf_counter
     from_tier: Tier = Tier.BACKING_STORE
     pipeline: Any = None  # kept when the standby budget could not hold it, so a waiting request can use it
+    total_bytes: int = 0
+    started_at: float = field(default_factory=time.perf_counter)
 
 
 class ExecutorCore:
@@ -146,6 +180,9 @@ class ExecutorCore:
         retry_after_s: float = 1.0,
         device_memory: Callable[[], tuple[int, int]] = lambda: (0, 0),
         resolve_cache_s: float = 5.0,
+        max_overtake_s: float = 10.0,
+        max_batch_images: int = 1,
+        costs: CostModel | None = None,
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.executor_id = executor_id
@@ -164,11 +201,15 @@ class ExecutorCore:
         self.retry_after_s = retry_after_s
         self._device_memory = device_memory
         self.resolve_cache_s = resolve_cache_s
+        self.max_overtake_s = max_overtake_s
+        self.max_batch_images = max(1, max_batch_images)
+        self.costs = costs or CostModel()
         self._resolved: dict[tuple[str, int], tuple[Any, float]] = {}
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._waiting: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
-        self._running: _Job | None = None
+        self._running: list[_Job] = []  # the requests of the pipeline call on the device now
+        self._run_started = 0.0
         self._preparing: dict[ModelKey, _Preparation] = {}
         self._state = "STARTING"
         self._version = 0
@@ -217,6 +258,7 @@ class ExecutorCore:
 
     # -- status ------------------------------------------------------------------------------------------
     def _changed(self) -> None:
+        self._wake.set()  # the worker plans again: a model became ready, a request left, a load ended
         self._version += 1
         self._changed_event.set()
         self._changed_event = asyncio.Event()
@@ -231,7 +273,7 @@ class ExecutorCore:
             device=self.device,
             models=self.slots.held(),
             tiers=self.slots.usage(),
-            queue_depth=len(self._waiting) + (1 if self._running else 0),
+            queue_depth=len(self._waiting) + len(self._running),
             queue_capacity=self.queue_capacity,
             device_memory_total=total,
             device_memory_used=used,
@@ -242,6 +284,58 @@ class ExecutorCore:
                 loading=loading,
             ),
             version=self._version,
+            queue=self._queue_entries(),
+            costs=self._cost_snapshot(),
+        )
+
+    def _service_order(self) -> list[_Job]:
+        return service_order([j for j in self._waiting if not j.stop.is_set()], ready=self._ready,
+                             call_seconds=self.costs.call_seconds, max_overtake_s=self.max_overtake_s,
+                             max_batch_images=self.max_batch_images)
+
+    def _queue_entries(self) -> list[QueueEntry]:
+        now = time.perf_counter()
+
+        def state(job: _Job) -> QueuedState:
+            if self._ready(job):
+                return QueuedState.READY
+            return QueuedState.LOADING if job.key in self._preparing else QueuedState.WAITING
+
+        return [QueueEntry(j.request_id, j.key, QueuedState.RUNNING if running else state(j), now - j.enqueued_at,
+                           j.overtaken_s, j.params.num_images)
+                for running, jobs in ((True, self._running), (False, self._service_order())) for j in jobs]
+
+    def _cost_snapshot(self) -> CostSnapshot:
+        """The fitted costs, and the backlog: the running call's estimated remainder, the loads the waiting requests
+        still need (the one under way less what it has done), and each waiting request's service time."""
+        now = time.perf_counter()
+        backlog = 0.0
+        if self._running:
+            backlog += max(0.0, (self.costs.call_seconds([j.params for j in self._running]) or 0.0)
+                           - (now - self._run_started))
+        loads: dict[ModelKey, float] = {}
+        for job in self._waiting:
+            if job.stop.is_set():
+                continue
+            backlog += self.costs.call_seconds([job.params]) or 0.0
+            if job.key in loads or self._ready(job):
+                continue
+            prep = self._preparing.get(job.key)
+            if prep is not None:
+                loads[job.key] = max(0.0, self.costs.load_seconds(prep.from_tier, job.total_bytes)
+                                     - (now - prep.started_at))
+            else:
+                tier = self.slots.tier_of(job.key)
+                if tier is None:  # not held: from the backing store unless only local-disk loads were measured
+                    tier = Tier.LOCAL_DISK if not self.costs.load(Tier.BACKING_STORE).samples else Tier.BACKING_STORE
+                loads[job.key] = self.costs.load_seconds(tier, job.total_bytes)
+        service = self.costs.service
+        return CostSnapshot(
+            seconds_per_work_unit=service.per_unit, seconds_per_request=service.fixed,
+            backlog_seconds=backlog + sum(loads.values()),
+            load_costs={tier: self.costs.load(tier) for tier in LOAD_TIERS},
+            default_steps=self.limits.default_steps, default_width=self.limits.default_width,
+            default_height=self.limits.default_height,
         )
 
     async def watch(self, min_interval_s: float = 0.0) -> AsyncIterator[ExecutorSnapshot]:
@@ -316,7 +410,7 @@ class ExecutorCore:
             job.stop.set()
             if job in self._waiting:
                 self._waiting.remove(job)
-                self._changed()
+            self._changed()  # the worker plans again without it (and a batch it is in may stop)
             raise
 
     async def _resolve(self, model_id: str, revision: int):
@@ -338,127 +432,190 @@ class ExecutorCore:
         self._resolved[cache_key] = (resolved, now)
         return resolved
 
+    # -- the queue: plan, load, run ---------------------------------------------------------------------
     async def _worker(self) -> None:
+        """Serves the queue one pipeline call at a time. The head's model is loaded beside whatever runs; while it
+        loads, requests for held models may overtake it (queue_policy.plan_next), so the worker never waits on a load
+        when something else could use the device."""
         while True:
-            while not self._waiting:
-                self._wake.clear()
-                await self._wake.wait()
-            job = self._waiting.popleft()
-            if job.stop.is_set():
+            self._wake.clear()
+            plan = self._plan()
+            head = plan.head
+            if head is not None and not self._ready(head) and not self._start_head_load(head):
+                continue  # the head failed (its load's error, or evicted too often) and left the queue
+            if plan.run:
+                await self._run(plan.run, plan.passed)
                 continue
-            self._running = job
-            self._changed()
-            self._kick_lookahead()
+            waits = [asyncio.ensure_future(self._wake.wait())]
+            if head is not None and head.preps and not head.preps[-1].task.done():
+                waits.append(head.preps[-1].task)
             try:
-                outcome = await self._serve(job)
-            except asyncio.CancelledError:
-                if job.future and not job.future.done():
-                    job.future.set_exception(Unavailable("executor is shutting down"))
-                raise
-            except BaseException as err:  # noqa: BLE001 - handed to the waiting request
-                if isinstance(err, Cancelled):
-                    log.info("request %s %s", job.request_id, err.message)
-                if job.future and not job.future.done():
-                    job.future.set_exception(err)
-            else:
-                if job.future and not job.future.done():
-                    job.future.set_result(outcome)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                self._running = None
-                self._changed()
+                waits[0].cancel()
 
-    async def _serve(self, job: _Job) -> GenerateOutcome:
-        times = PhaseTimes()
+    def _plan(self) -> Plan:
+        return plan_next([j for j in self._waiting if not j.stop.is_set()], ready=self._ready,
+                         call_seconds=self.costs.call_seconds, max_overtake_s=self.max_overtake_s,
+                         max_batch_images=self.max_batch_images)
+
+    def _ready(self, job: _Job) -> bool:
+        """Its model is held where a swap makes it active: STANDBY or ACTIVE, or materialized by its own load."""
+        if job.key in self._preparing:
+            return False
+        entry = self.slots.get(job.key)
+        if entry is None:
+            return False
+        return entry.tier in (Tier.ACTIVE, Tier.STANDBY) or self._kept_pipeline(job, entry) is not None
+
+    @staticmethod
+    def _kept_pipeline(job: _Job, entry: SlotEntry) -> Any:
+        """The pipeline a finished load kept for its requests when the standby budget could not hold it."""
+        if entry.tier != Tier.HOST:
+            return None
+        for prep in reversed(job.preps):
+            task = prep.task
+            if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+                return prep.pipeline
+        return None
+
+    def _start_head_load(self, head: _Job) -> bool:
+        """Makes sure the head's model is loading; False when the head failed instead (and was answered)."""
+        last = head.preps[-1] if head.preps else None
+        if last is not None and last.task.done() and not last.task.cancelled() and last.task.exception():
+            self._fail(head, last.task.exception())  # the load's error goes to the request it was for
+            return False
+        prep = self._preparing.get(head.key)
+        if prep is None:
+            if sum(p.target == Tier.STANDBY for p in head.preps) >= MAX_LOAD_ATTEMPTS:
+                self._fail(head, Unavailable(f"model {head.key} was evicted while loading, {MAX_LOAD_ATTEMPTS} "
+                                             "times; the tier budgets are too small"))
+                return False
+            prep = self._start_preparation(head.key, Tier.STANDBY, head.total_bytes, head.context)
+        if head.front_at is None:
+            self._reached_front(head)
+            head.emit(LoadEvent(prep.phase, 0, head.total_bytes))
+        if prep not in head.preps:
+            head.preps.append(prep)
+        return True
+
+    def _reached_front(self, job: _Job) -> None:
+        job.front_at = time.perf_counter()
+        self._record_span("queue", job.enqueued_ns, time.time_ns(), job.context, {"hotslot.request_id": job.request_id})
+
+    def _fail(self, job: _Job, err: BaseException) -> None:
+        if job in self._waiting:
+            self._waiting.remove(job)
+        if job.future and not job.future.done():
+            job.future.set_exception(err)
+        self._changed()
+
+    async def _run(self, jobs: list[_Job], passed: list[_Job]) -> None:
+        """One pipeline call for `jobs` (same model, compatible parameters); charges the requests it overtook."""
+        for job in jobs:
+            self._waiting.remove(job)
         start = time.perf_counter()
-        times.queue = start - job.enqueued_at
-        ctx = job.context
-        self._record_span("queue", job.enqueued_ns, time.time_ns(), ctx, {"hotslot.request_id": job.request_id})
-        entry, tier = await self._activate(job.key, times, job.emit, ctx, job.total_bytes)
+        for job in jobs:
+            if job.front_at is None:
+                self._reached_front(job)
+        entry = self.slots.get(jobs[0].key)
+        assert entry is not None  # plan_next runs only ready requests, and nothing yielded since
+        tier = entry.tier
+        kept = next((p for j in jobs if (p := self._kept_pipeline(j, entry)) is not None), None)
+        estimate = self.costs.call_seconds([j.params for j in jobs]) or 0.0
+        self._running = jobs
+        self._run_started = start
+        self.slots.acquire(entry)
+        swap_s = 0.0
         try:
-            if job.stop.is_set():
-                raise Cancelled("request cancelled before denoising started")
+            swap_s = self._swap(entry, kept, [j.emit for j in jobs], [j.context for j in jobs])
+            self._kick_lookahead()
+            live = [j for j in jobs if not j.stop.is_set()]
+            for job in jobs:
+                if job.stop.is_set():
+                    self._fail(job, Cancelled("request cancelled before denoising started"))
+            if not live:
+                return
             loop = asyncio.get_running_loop()
 
             def on_step(step: int, total: int, elapsed: float) -> None:
-                loop.call_soon_threadsafe(job.emit, StepEvent(step, total, elapsed))
+                for job in live:
+                    loop.call_soon_threadsafe(job.emit, StepEvent(step, total, elapsed))
 
             denoise_start_ns = time.time_ns()
-            result = await asyncio.to_thread(
-                run_pipeline, entry.pipeline, job.params, device=self.device, on_step=on_step,
-                should_stop=job.stop.is_set,
-            )
+            try:
+                results = await asyncio.to_thread(
+                    run_batch, entry.pipeline, [j.params for j in live], device=self.device, on_step=on_step,
+                    should_stop=[j.stop.is_set for j in live],
+                )
+            except asyncio.CancelledError:
+                for job in live:
+                    self._fail(job, Unavailable("executor is shutting down"))
+                raise
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting requests
+                if isinstance(err, Cancelled):
+                    log.info("requests %s %s", ",".join(j.request_id for j in live), err.message)
+                for job in live:
+                    self._fail(job, err)
+                return
+            done = next(r for r in results if r is not None)
+            self.costs.record_call(sum(work_units(j.params) for j in live), done.denoise_s + done.encode_s)
+            for job, result in zip(live, results, strict=True):
+                if result is None:
+                    self._fail(job, Cancelled("request cancelled during its batch; the others in it went on"))
+                    continue
+                self._finish(job, result, tier, start, swap_s, len(live), denoise_start_ns)
         finally:
             self.slots.release(entry)
+            self._running = []
+            charge = max(estimate, time.perf_counter() - start)
+            for job in passed:
+                job.overtaken_s += charge
             self._changed()
-        times.denoise, times.encode = result.denoise_s, result.encode_s
+
+    def _finish(self, job: _Job, result, tier: Tier, start: float, swap_s: float, batch: int,
+                denoise_start_ns: int) -> None:
+        times = PhaseTimes()
+        front = job.front_at if job.front_at is not None else start
+        times.queue = front - job.enqueued_at
+        for prep in job.preps:  # the loads it waited for at the front of the queue, as far as it waited
+            for phase, (p0, p1) in prep.spans.items():
+                overlap = max(0.0, min(p1, start) - max(p0, front))
+                setattr(times, phase, getattr(times, phase) + overlap)
+        times.swap, times.denoise, times.encode = swap_s, result.denoise_s, result.encode_s
+        ctx = job.context
         denoise_end_ns = denoise_start_ns + int(result.denoise_s * 1e9)
-        self._record_span("denoise", denoise_start_ns, denoise_end_ns, ctx, {"hotslot.steps": result.steps_done})
+        self._record_span("denoise", denoise_start_ns, denoise_end_ns, ctx,
+                          {"hotslot.steps": result.steps_done, "hotslot.batch_requests": batch})
         self._record_span("encode", denoise_end_ns, denoise_end_ns + int(result.encode_s * 1e9), ctx,
                           {"hotslot.images": len(result.images)})
         times.total = time.perf_counter() - job.enqueued_at
+        from_tier = job.preps[0].from_tier if job.preps else tier
         log.info(
             "generated",
-            extra={"request_id": job.request_id, "model": str(job.key), "tier": tier.name,
-                   **{f"{p}_ms": round(getattr(times, p) * 1000, 3) for p in PHASES}},
+            extra={"request_id": job.request_id, "model": str(job.key), "tier": from_tier.name,
+                   "batch_requests": batch, **{f"{p}_ms": round(getattr(times, p) * 1000, 3) for p in PHASES}},
         )
-        return GenerateOutcome(result.images, job.key, tier, times, self.executor_id, job.request_id)
+        if job.future and not job.future.done():
+            job.future.set_result(GenerateOutcome(result.images, job.key, from_tier, times, self.executor_id,
+                                                  job.request_id, batch))
 
     # -- the slot ----------------------------------------------------------------------------------------
-    async def _activate(
-        self, key: ModelKey, times: PhaseTimes, emit: Callable[[Any], None], ctx, total_bytes: int
-    ) -> tuple[SlotEntry, Tier]:
-        """Makes `key` the active model and returns it with a reference held, plus the tier it came from."""
-        from_tier: Tier | None = None
-        for _ in range(3):  # a model evicted between its preparation and here is prepared again
-            entry = self.slots.get(key)
-            if entry is None or key in self._preparing:
-                prep = self._preparing.get(key) or self._start_preparation(key, Tier.STANDBY, total_bytes, ctx)
-                wait_start = time.perf_counter()
-                emit(LoadEvent(prep.phase, 0, total_bytes))
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(prep.task)
-                wait_end = time.perf_counter()
-                for phase, (p0, p1) in prep.spans.items():
-                    overlap = max(0.0, min(p1, wait_end) - max(p0, wait_start))
-                    setattr(times, phase, getattr(times, phase) + overlap)
-                if from_tier is None:
-                    from_tier = prep.from_tier  # still loading when the request reached the front
-                prep.task.result()  # re-raises the load's error for this request
-                entry = self.slots.get(key)
-                if entry is None:
-                    continue
-                if entry.tier == Tier.HOST and prep.pipeline is not None:
-                    self.slots.acquire(entry)
-                    return self._swap(entry, prep.pipeline, times, emit, ctx), from_tier
-            if from_tier is None:
-                from_tier = entry.tier
-            self.slots.acquire(entry)
-            if entry.tier == Tier.HOST:
-                emit(LoadEvent("materialize"))
-                t0_ns, t0 = time.time_ns(), time.perf_counter()
-                try:
-                    pipeline, _ = await asyncio.to_thread(self.loader.materialize, entry.weights)
-                except BaseException:
-                    self.slots.release(entry)
-                    raise
-                times.materialize += time.perf_counter() - t0
-                self._record_span("materialize", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(key)})
-                return self._swap(entry, pipeline, times, emit, ctx), from_tier
-            return self._swap(entry, None, times, emit, ctx), from_tier
-        raise Unavailable(f"model {key} was evicted while loading, three times; the tier budgets are too small")
-
-    def _swap(self, entry: SlotEntry, pipeline: Any, times: PhaseTimes, emit, ctx) -> SlotEntry:
+    def _swap(self, entry: SlotEntry, pipeline: Any, emits: list, contexts: list) -> float:
+        """Makes `entry` active (a pointer assignment) and returns the seconds it took."""
         if self.slots.active is not entry:
-            emit(LoadEvent("swap"))
+            for emit in emits:
+                emit(LoadEvent("swap"))
         t0_ns, t0 = time.time_ns(), time.perf_counter()
         self.slots.activate(entry, pipeline)
-        times.swap = time.perf_counter() - t0
-        self._record_span("swap", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(entry.key)})
+        seconds = time.perf_counter() - t0
+        for ctx in contexts:
+            self._record_span("swap", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(entry.key)})
         self._changed()
-        return entry
+        return seconds
 
     def _start_preparation(self, key: ModelKey, target: Tier, total_bytes: int, ctx) -> _Preparation:
-        prep = _Preparation(key, target)
+        prep = _Preparation(key, target, total_bytes=total_bytes)
         self._preparing[key] = prep
         # The task runs in the trace of the request it loads for (`ctx`), not in whichever one kicked it off (the
         # lookahead starts loads from the worker or from another model's load), so its storage-cache and registry
@@ -508,6 +665,8 @@ class ExecutorCore:
                     t0_ns, t0 = time.time_ns(), time.perf_counter()
                     pipeline, _ = await asyncio.to_thread(self.loader.materialize, entry.weights)
                     prep.spans["materialize"] = (t0, time.perf_counter())
+                    self.costs.record_load(prep.from_tier, entry.size_bytes,
+                                           sum(p1 - p0 for p0, p1 in prep.spans.values()))
                     self._record_span("materialize", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(key)})
                     if self.slots.get(key) is entry and entry.tier == Tier.HOST:
                         if not self.slots.set_standby(entry, pipeline):
@@ -551,9 +710,9 @@ class ExecutorCore:
             return
         if any(p.target == Tier.STANDBY for p in self._preparing.values()):
             return  # one at a time: the preloader reads one model after another anyway
-        running_key = self._running.key if self._running else None
+        running_keys = {j.key for j in self._running}
         for job in self._waiting:
-            if job.stop.is_set() or job.key == running_key:
+            if job.stop.is_set() or job.key in running_keys:
                 continue
             tier = self.slots.tier_of(job.key)
             if tier in (Tier.ACTIVE, Tier.STANDBY):

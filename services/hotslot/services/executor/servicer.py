@@ -10,7 +10,16 @@ from hotslot.common.v1 import common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
 
-from .core import ExecutorCore, ExecutorSnapshot, GenerateOutcome, LoadEvent, PhaseTimes, StepEvent
+from .core import (
+    ExecutorCore,
+    ExecutorSnapshot,
+    GenerateOutcome,
+    LoadEvent,
+    PhaseTimes,
+    QueueEntry,
+    StepEvent,
+)
+from .costs import CostSnapshot
 from .generation import GenerationParams
 from .slots import Tier
 
@@ -58,6 +67,7 @@ def outcome_to_proto(o: GenerateOutcome) -> pb.GenerateResponse:
         timings=timings_to_proto(o.timings),
         executor_id=o.executor_id,
         request_id=o.request_id,
+        batch_requests=o.batch_requests,
     )
 
 
@@ -89,6 +99,24 @@ def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
             loading=common_pb2.ModelRef(model_id=s.preloader.loading.model_id, revision=s.preloader.loading.revision)
             if s.preloader.loading else None),
         version=s.version,
+        queue=[queued_to_proto(q) for q in s.queue],
+        costs=costs_to_proto(s.costs) if s.costs else None,
+    )
+
+
+def queued_to_proto(q: QueueEntry) -> pb.QueuedRequest:
+    return pb.QueuedRequest(
+        request_id=q.request_id, model=common_pb2.ModelRef(model_id=q.key.model_id, revision=q.key.revision),
+        state=int(q.state), waited=duration(q.waited_s), overtaken=duration(q.overtaken_s), num_images=q.num_images)
+
+
+def costs_to_proto(c: CostSnapshot) -> pb.CostEstimates:
+    return pb.CostEstimates(
+        seconds_per_work_unit=c.seconds_per_work_unit, seconds_per_request=c.seconds_per_request,
+        backlog_seconds=c.backlog_seconds,
+        load_costs=[pb.TierCost(tier=int(tier), fixed_seconds=line.fixed, seconds_per_gib=line.per_unit,
+                                samples=line.samples) for tier, line in c.load_costs.items()],
+        default_steps=c.default_steps, default_width=c.default_width, default_height=c.default_height,
     )
 
 

@@ -54,6 +54,24 @@ class ExecutorSettings(ServiceSettings):
     lookahead: bool = Field(
         True, description="Preload the next distinct model waiting in the queue while the current one computes."
     )
+    max_overtake_s: float = Field(
+        10.0,
+        ge=0,
+        description="Most seconds requests for held (active or standby) models may delay, by running first, a request "
+        "whose model is still loading; each passed request keeps this budget, charged the estimated (or measured, if "
+        "longer) device time of every call that passes it, and a request whose model is ready is never passed. 10 s "
+        "is about one cold load from the backing store: a cold request waits at most about twice its load while hot "
+        "traffic is not stuck behind it. 0 = strictly first in, first out.",
+    )
+    max_batch_images: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Most images in one pipeline call: queued requests for the same model with equal steps, guidance "
+        "scale and size run together (each with its own prompts and seeds); 0 = auto, 8 on CUDA and 1 (off) on CPU, "
+        "where a batch takes as long as its requests one by one. A batched image may differ from the same seed run "
+        "alone in the last bits (on CPU, at most one level of a channel on the test pipelines).",
+    )
     status_min_interval_s: float = Field(
         0.005,
         ge=0,

@@ -22,6 +22,7 @@ from .settings import ExecutorSettings
 from .slots import SlotManager
 
 SERVICE_NAME = "executor"
+AUTO_BATCH_IMAGES_CUDA = 8  # max_batch_images = 0 on CUDA
 
 
 def limits_from(settings: ExecutorSettings) -> GenerationLimits:
@@ -31,6 +32,13 @@ def limits_from(settings: ExecutorSettings) -> GenerationLimits:
         default_steps=settings.default_steps, default_guidance=settings.default_guidance,
         default_width=settings.default_width, default_height=settings.default_height,
     )
+
+
+def batch_images(settings: ExecutorSettings) -> int:
+    """max_batch_images with auto (0) resolved: batching pays on a GPU, not on CPU cores already kept busy."""
+    if settings.max_batch_images:
+        return settings.max_batch_images
+    return AUTO_BATCH_IMAGES_CUDA if torch.device(settings.device).type == "cuda" else 1
 
 
 def check_device(device: str) -> None:
@@ -85,6 +93,8 @@ def build_core(
         lease_ttl_s=settings.lease_ttl_s,
         device_memory=lambda: device_memory(settings.device),
         resolve_cache_s=settings.resolve_cache_s,
+        max_overtake_s=settings.max_overtake_s,
+        max_batch_images=batch_images(settings),
         tracer_provider=tracer_provider,
     )
     return core, preloader, [registry, storage]

@@ -1,0 +1,128 @@
+"""Which queued requests run next: first in, first out, except that a request whose model is held may overtake
+earlier ones whose models are still loading, within an overtake budget per passed request, and that requests for the
+same model with compatible parameters run as one pipeline call. Pure functions over the queue; no asyncio."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .generation import GenerationParams
+from .slots import ModelKey
+
+_EPS = 1e-9
+
+
+class Queued(Protocol):
+    key: ModelKey
+    params: GenerationParams
+    overtaken_s: float  # budget spent so far by requests that overtook it
+
+
+@dataclass(frozen=True)
+class Plan:
+    """`run`: requests to serve now as one pipeline call (empty when none can run); `passed`: earlier requests they
+    overtake, each to be charged the call's cost; `head`: the first request, whose model must be loading when it is
+    not held (whether or not something overtakes it)."""
+
+    run: list = field(default_factory=list)
+    passed: list = field(default_factory=list)
+    head: Queued | None = None
+
+
+def batch_key(params: GenerationParams) -> tuple:
+    """Requests with equal keys (and the same model, hence scheduler) can share one pipeline call; prompts,
+    negative prompts and seeds are per image."""
+    return (params.steps, params.guidance_scale, params.width, params.height)
+
+
+def plan_next(
+    queue: Sequence[Queued],
+    *,
+    ready: Callable[[Queued], bool],
+    call_seconds: Callable[[list[GenerationParams]], float | None],
+    max_overtake_s: float,
+    max_batch_images: int,
+) -> Plan:
+    """The next pipeline call. The head runs when its model is ready; otherwise the first ready request behind it
+    runs if its call's estimated seconds fit in the remaining budget of every request it passes, none of which may
+    be ready (a ready request is never overtaken). The call then takes compatible requests for the same model from
+    behind, up to `max_batch_images` images, as long as the requests they pass can afford the larger call too."""
+    if not queue:
+        return Plan()
+    head = queue[0]
+    passed: list[Queued] = []
+    for index, leader in enumerate(queue):
+        if ready(leader):
+            if passed and not _affordable([leader.params], passed, call_seconds, max_overtake_s):
+                return Plan(head=head)
+            run, more = _batch(queue, index, passed, ready, call_seconds, max_overtake_s, max_batch_images)
+            return Plan(run=run, passed=passed + more, head=head)
+        if max_overtake_s <= 0:
+            return Plan(head=head)
+        passed.append(leader)
+    return Plan(head=head)
+
+
+def _batch(queue, index, passed, ready, call_seconds, max_overtake_s, max_batch_images) -> tuple[list, list]:
+    leader = queue[index]
+    run, skipped = [leader], []
+    images = leader.params.num_images
+    for job in queue[index + 1:]:
+        if images >= max_batch_images:
+            break
+        joins = (job.key == leader.key and batch_key(job.params) == batch_key(leader.params)
+                 and images + job.params.num_images <= max_batch_images)
+        if not joins:
+            if ready(job) or max_overtake_s <= 0:
+                break  # a ready request is not overtaken, and without a budget nothing is
+            skipped.append(job)
+            continue
+        charged = passed + skipped
+        if charged and not _affordable([j.params for j in (*run, job)], charged, call_seconds, max_overtake_s):
+            break
+        run.append(job)
+        images += job.params.num_images
+    last = queue.index(run[-1])
+    return run, [j for j in skipped if queue.index(j) < last]  # those behind the last one taken are not passed
+
+
+def _affordable(params: list[GenerationParams], passed, call_seconds, max_overtake_s: float) -> bool:
+    seconds = call_seconds(params)
+    if seconds is None:
+        return False
+    return all(p.overtaken_s + seconds <= max_overtake_s + _EPS for p in passed)
+
+
+def service_order(
+    queue: Sequence[Queued],
+    *,
+    ready: Callable[[Queued], bool],
+    call_seconds: Callable[[list[GenerationParams]], float | None],
+    max_overtake_s: float,
+    max_batch_images: int,
+) -> list[Queued]:
+    """The queue in the order `plan_next` would serve it if nothing else arrived or finished loading meanwhile: the
+    calls it would make one after another, and a head that nothing may overtake once its model has loaded."""
+    left = list(queue)
+    spent = {id(j): j.overtaken_s for j in left}
+    order: list[Queued] = []
+
+    class _View:  # the request with the budget it would have spent by then
+        __slots__ = ("key", "params", "overtaken_s", "job")
+
+        def __init__(self, job) -> None:
+            self.key, self.params, self.overtaken_s, self.job = job.key, job.params, spent[id(job)], job
+
+    while left:
+        views = [_View(j) for j in left]
+        plan = plan_next(views, ready=lambda v: ready(v.job), call_seconds=call_seconds,
+                         max_overtake_s=max_overtake_s, max_batch_images=max_batch_images)
+        taken = [v.job for v in plan.run] or [views[0].job]
+        if plan.run:
+            seconds = call_seconds([j.params for j in taken]) or 0.0
+            for v in plan.passed:
+                spent[id(v.job)] += seconds
+        order.extend(taken)
+        left = [j for j in left if all(j is not t for t in taken)]
+    return order

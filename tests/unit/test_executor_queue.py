@@ -1,0 +1,311 @@
+"""The executor's queue with a fake loader the test releases by hand: requests for held models overtake a slow load
+within max_overtake_s, a ready request is never overtaken, compatible requests share a pipeline call, and the status
+lists the queue in service order with measured costs. No timing: loads end when the test says so."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from hotslot.services.executor.core import ExecutorCore, QueuedState
+from hotslot.services.executor.costs import CostModel, Line, fit_line, work_units
+from hotslot.services.executor.downstream import EnsuredView, ResolvedModel
+from hotslot.services.executor.generation import GenerationLimits, GenerationParams
+from hotslot.services.executor.queue_policy import plan_next, service_order
+from hotslot.services.executor.slots import ModelKey, SlotManager, Tier
+
+MODEL_BYTES = 1000
+LIMITS = GenerationLimits(default_steps=2, default_width=64, default_height=64)
+
+
+class FakePipeline:
+    """Stands in for a diffusers pipeline: one image per prompt, its pixels a function of prompt and seed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[list[str]] = []
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        pass
+
+    def __call__(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, width, height, generator,
+                 output_type, callback_on_step_end):
+        self.calls.append(list(prompt))
+        for step in range(num_inference_steps):
+            callback_on_step_end(self, step, 0, {})
+        images = np.stack([np.full((8, 8, 3), (hash((self.name, p)) % 97 + g.initial_seed() % 97) / 255.0)
+                           for p, g in zip(prompt, generator, strict=True)])
+        return type("Out", (), {"images": images})()
+
+
+@dataclass
+class FakeWeights:
+    name: str
+    nbytes: int = MODEL_BYTES
+
+
+class FakeLoader:
+    """read() blocks until the test opens the model's gate (open by default)."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, threading.Event] = {}
+        self.pipelines: dict[str, FakePipeline] = {}
+
+    def gate(self, model_id: str) -> threading.Event:
+        return self.gates.setdefault(model_id, threading.Event())
+
+    def read(self, key: str, view_path: str, timeout_s: float):
+        model_id = key.split("@")[0]
+        if model_id in self.gates:
+            assert self.gates[model_id].wait(30), "the test never opened the gate"
+        return type("Read", (), {"weights": FakeWeights(model_id), "handoff_s": 0.0})()
+
+    def materialize(self, weights: FakeWeights):
+        return self.pipelines.setdefault(weights.name, FakePipeline(weights.name)), 0.0
+
+    def demote(self, weights) -> None:
+        pass
+
+
+class FakePreloader:
+    pid = 1
+    restarts = 0
+
+    def is_alive(self) -> bool:
+        return True
+
+
+class FakeRegistry:
+    async def resolve(self, model_id: str, revision: int) -> ResolvedModel:
+        return ResolvedModel(model_id, 1, "DIFFUSERS_PIPELINE", MODEL_BYTES, "StableDiffusionPipeline")
+
+
+class FakeStorage:
+    async def ensure(self, model_id: str, revision: int, lease_ttl_s: float) -> EnsuredView:
+        return EnsuredView(f"/views/{model_id}", "", 0, all_local=False)
+
+    async def renew(self, lease_id: str, lease_ttl_s: float) -> None:
+        pass
+
+    async def unpin(self, lease_id: str) -> None:
+        pass
+
+
+class FixedCosts(CostModel):
+    """Every pipeline call is estimated at `seconds`, whatever was measured."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def call_seconds(self, params):
+        return self.seconds
+
+
+@pytest.fixture
+def loader() -> FakeLoader:
+    return FakeLoader()
+
+
+def make_core(loader: FakeLoader, **kwargs) -> ExecutorCore:
+    slots = SlotManager(active_budget_bytes=10 * MODEL_BYTES, standby_budget_bytes=10 * MODEL_BYTES,
+                        host_budget_bytes=10 * MODEL_BYTES)
+    return ExecutorCore(executor_id="x", address="x:1", device="cpu", loader=loader, preloader=FakePreloader(),
+                        slots=slots, resolver=FakeRegistry(), views=FakeStorage(), limits=LIMITS, queue_capacity=16,
+                        lookahead=False, **kwargs)
+
+
+async def until(predicate, what: str) -> None:
+    """Yields to the loop (and the loader's threads) until `predicate` holds; fails after many tries."""
+    for _ in range(5000):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never happened: {what}")
+
+
+def request(prompt: str = "p", **kw) -> GenerationParams:
+    return GenerationParams(prompt=prompt, **kw)
+
+
+def states(core: ExecutorCore) -> list[tuple[str, QueuedState]]:
+    return [(q.key.model_id, q.state) for q in core.status().queue]
+
+
+async def started(core: ExecutorCore):
+    await core.start()
+    return core
+
+
+async def test_a_request_for_the_active_model_is_not_stuck_behind_another_models_load(loader) -> None:
+    core = await started(make_core(loader, costs=FixedCosts(1.0)))
+    try:
+        await core.generate("a", 0, request())  # a is active
+        gate = loader.gate("b")
+        b = asyncio.ensure_future(core.generate("b", 0, request("for b")))
+        await until(lambda: states(core) == [("b", QueuedState.LOADING)], "b loading")
+        a = await asyncio.wait_for(core.generate("a", 0, request("for a")), 30)
+        assert not b.done() and not gate.is_set()  # a finished while b's load was still under way
+        assert a.tier == Tier.ACTIVE and a.batch_requests == 1
+        assert [q.overtaken_s for q in core.status().queue] == [1.0]  # b was charged a's estimated call
+        gate.set()
+        done = await asyncio.wait_for(b, 30)
+        assert done.tier in (Tier.BACKING_STORE, Tier.LOCAL_DISK) and done.images
+    finally:
+        await core.close()
+
+
+async def test_with_max_overtake_0_requests_are_served_first_in_first_out(loader) -> None:
+    core = await started(make_core(loader, costs=FixedCosts(1.0), max_overtake_s=0))
+    try:
+        await core.generate("a", 0, request())
+        gate = loader.gate("b")
+        finished: list[str] = []
+        b = asyncio.ensure_future(core.generate("b", 0, request()))
+        b.add_done_callback(lambda _: finished.append("b"))
+        await until(lambda: states(core) == [("b", QueuedState.LOADING)], "b loading")
+        a = asyncio.ensure_future(core.generate("a", 0, request()))
+        a.add_done_callback(lambda _: finished.append("a"))
+        await until(lambda: len(core.status().queue) == 2, "a queued")
+        assert states(core) == [("b", QueuedState.LOADING), ("a", QueuedState.READY)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not a.done()
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(a, b), 30)
+        assert finished == ["b", "a"]
+    finally:
+        await core.close()
+
+
+async def test_overtaking_stops_once_the_passed_requests_budget_is_spent(loader) -> None:
+    core = await started(make_core(loader, costs=FixedCosts(4.0), max_overtake_s=10))
+    try:
+        await core.generate("a", 0, request())
+        gate = loader.gate("b")
+        b = asyncio.ensure_future(core.generate("b", 0, request()))
+        await until(lambda: states(core) == [("b", QueuedState.LOADING)], "b loading")
+        for _ in range(2):  # 4 s + 4 s fit in b's 10 s
+            await asyncio.wait_for(core.generate("a", 0, request()), 30)
+        assert [q.overtaken_s for q in core.status().queue] == [8.0]
+        third = asyncio.ensure_future(core.generate("a", 0, request()))
+        await until(lambda: len(core.status().queue) == 2, "third queued")
+        # 12 s would not fit: the third waits behind b, and the status says so.
+        assert states(core) == [("b", QueuedState.LOADING), ("a", QueuedState.READY)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not third.done()
+        gate.set()
+        await asyncio.wait_for(b, 30)
+        await asyncio.wait_for(third, 30)
+    finally:
+        await core.close()
+
+
+async def test_compatible_requests_for_one_model_share_a_pipeline_call_with_their_own_seeds(loader) -> None:
+    core = await started(make_core(loader, costs=FixedCosts(1.0), max_batch_images=4))
+    try:
+        await core.generate("a", 0, request())
+        gate = loader.gate("b")
+        b = asyncio.ensure_future(core.generate("b", 0, request()))
+        await until(lambda: states(core) == [("b", QueuedState.LOADING)], "b loading")
+        # Queued together while the worker is busy: one call for the three compatible ones, the odd size alone.
+        calls = [core.generate("a", 0, request(f"p{i}", seed=10 * i, num_images=1 + i % 2)) for i in range(3)]
+        odd = core.generate("a", 0, request("odd", width=128))
+        gate.set()
+        *outcomes, odd_outcome = await asyncio.wait_for(asyncio.gather(*calls, odd), 30)
+        await asyncio.wait_for(b, 30)
+        assert [o.batch_requests for o in outcomes] == [3, 3, 3] and odd_outcome.batch_requests == 1
+        assert [[seed for *_, seed in o.images] for o in outcomes] == [[0], [10, 11], [20]]
+        pipe = loader.pipelines["a"]
+        assert ["p0", "p1", "p1", "p2"] in pipe.calls
+        alone = await core.generate("a", 0, request("p1", seed=10, num_images=2))
+        assert alone.images == outcomes[1].images and alone.batch_requests == 1
+    finally:
+        await core.close()
+
+
+async def test_status_lists_the_queue_in_service_order_and_the_measured_costs(loader) -> None:
+    core = await started(make_core(loader, max_batch_images=1))
+    try:
+        empty = core.status().costs
+        assert (empty.seconds_per_work_unit, empty.backlog_seconds) == (0.0, 0.0)
+        assert all(line.samples == 0 for line in empty.load_costs.values())
+        assert (empty.default_steps, empty.default_width, empty.default_height) == (2, 64, 64)
+        for steps in (1, 2, 4):
+            await core.generate("a", 0, request(steps=steps))
+        costs = core.status().costs
+        # Measured, whichever way the noise splits the fake's few microseconds between the two parts.
+        assert costs.seconds_per_work_unit + costs.seconds_per_request > 0
+        assert costs.seconds_per_work_unit >= 0 and costs.seconds_per_request >= 0
+        assert costs.load_costs[Tier.BACKING_STORE].samples == 1 and costs.load_costs[Tier.HOST].samples == 0
+        gate = loader.gate("b")
+        b = asyncio.ensure_future(core.generate("b", 0, request()))
+        await until(lambda: states(core) == [("b", QueuedState.LOADING)], "b loading")
+        c = asyncio.ensure_future(core.generate("c", 0, request()))
+        await until(lambda: len(core.status().queue) == 2, "c queued")
+        status = core.status()
+        assert states(core) == [("b", QueuedState.LOADING), ("c", QueuedState.WAITING)]
+        assert status.costs.backlog_seconds > 0 and status.queue_depth == 2
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(b, c), 30)
+        assert core.status().queue == [] and core.status().costs.load_costs[Tier.BACKING_STORE].samples == 3
+    finally:
+        await core.close()
+
+
+# -- the policy on its own ----------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Job:
+    model: str
+    params: GenerationParams = field(default_factory=lambda: request(steps=2, width=64, height=64,
+                                                                     guidance_scale=7.5, num_images=1))
+    overtaken_s: float = 0.0
+
+    @property
+    def key(self) -> ModelKey:
+        return ModelKey(self.model, 1)
+
+
+def plan(queue, held=("a",), seconds=1.0, budget=10.0, images=1):
+    return plan_next(queue, ready=lambda j: j.model in held, call_seconds=lambda p: seconds,
+                     max_overtake_s=budget, max_batch_images=images)
+
+
+def test_policy_never_overtakes_a_ready_request_and_needs_an_estimate() -> None:
+    b, c, a = Job("b"), Job("c"), Job("a")
+    assert plan([b, c, a]).run == [a] and plan([b, c, a]).passed == [b, c]
+    assert plan([b, c, a], held=("a", "c")).run == [c]  # c is ready: a may not pass it
+    assert plan([b, a], seconds=None).run == []  # nothing measured yet: no overtaking
+    assert plan([b, a], seconds=11.0).run == [] and plan([b, a], budget=0).run == []
+    assert plan([b, a]).head is b
+
+
+def test_policy_batches_compatible_requests_up_to_the_image_bound_without_passing_ready_ones() -> None:
+    a1, a2, a3 = Job("a"), Job("a"), Job("a")
+    other = Job("a", params=request(steps=3, width=64, height=64, guidance_scale=7.5, num_images=1))
+    assert plan([a1, a2, a3], images=2).run == [a1, a2]
+    assert plan([a1, other, a2], images=4).run == [a1]  # other (ready, incompatible) is not passed
+    b = Job("b")
+    p = plan([a1, b, a2], images=4)
+    assert p.run == [a1, a2] and p.passed == [b]
+    assert plan([a1, b, a2], images=4, budget=0).run == [a1]
+
+
+def test_service_order_charges_budgets_as_it_goes() -> None:
+    b, a1, a2, a3 = Job("b"), Job("a"), Job("a"), Job("a")
+    order = service_order([b, a1, a2, a3], ready=lambda j: j.model == "a", call_seconds=lambda p: 4.0,
+                          max_overtake_s=10, max_batch_images=1)
+    assert order == [a1, a2, b, a3]
+
+
+def test_fit_recovers_a_line_and_falls_back_to_a_ratio() -> None:
+    exact = fit_line([(1, 3.0), (2, 5.0), (4, 9.0)])
+    assert (round(exact.fixed, 9), round(exact.per_unit, 9), exact.samples) == (1.0, 2.0, 3)
+    assert fit_line([(2, 4.0), (2, 6.0)]) == Line(0.0, 2.5, 2)
+    assert fit_line([]) == Line()
+    assert fit_line([(1, 5.0), (2, 1.0)]).per_unit == 0.0  # never negative
+    assert work_units(request(steps=25, width=512, height=512, num_images=2)) == 50
