@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from hotslot import errors
+from hotslot.common.v1 import common_pb2
+from hotslot.registry.v1 import registry_service_pb2 as registry_pb
 from hotslot.services.router.core import Routed, RouterCore
 from hotslot.services.router.downstream import (
     ExecutorClient,
@@ -23,7 +25,7 @@ from hotslot.services.router.downstream import (
     StreamEvent,
 )
 from hotslot.services.router.membership import ExecutorMembership
-from hotslot.services.router.placement import ExecutorSnapshot, HeldModel, Tier
+from hotslot.services.router.placement import GIB, ExecutorSnapshot, HeldModel, PlacementReason, Tier
 
 # -- fakes ---------------------------------------------------------------------------------------------------
 
@@ -46,6 +48,7 @@ class FakeExecutor(ExecutorClient):
         self.version = 0
         self.sent: list[Sent] = []
         self.preloads: list[tuple[str, int]] = []
+        self.preload_script: list[Any] = []
         self.script: list[Any] = []
         self.release = asyncio.Event()
         self.holding = 0
@@ -92,7 +95,10 @@ class FakeExecutor(ExecutorClient):
 
     async def preload(self, model_id: str, revision: int, timeout_s: float | None) -> Any:
         self.preloads.append((model_id, revision))
-        return {"loaded": model_id}
+        action = self.preload_script.pop(0) if self.preload_script else "ok"
+        if isinstance(action, Exception):
+            raise action
+        return {"loaded": model_id, "by": self.executor_id}
 
 
 class FakeConnector(ExecutorConnector):
@@ -108,6 +114,7 @@ class FakeCatalog(ModelCatalog):
         self.models = models
         self.asked: list[str] = []
         self.down = False
+        self.sizes: dict[str, int] = {}
 
     async def list_models(self, request: Any) -> Any:
         return {"models": sorted(self.models)}
@@ -118,7 +125,9 @@ class FakeCatalog(ModelCatalog):
             raise errors.Unavailable("registry at fake unreachable (UNAVAILABLE)")
         if model_id not in self.models:
             raise errors.NotFound(f"model {model_id!r} is not registered")
-        return {"model_id": model_id}
+        return registry_pb.Model(
+            model_id=model_id, revision=1, manifest=common_pb2.Manifest(total_bytes=self.sizes.get(model_id, 0))
+        )
 
 
 @dataclass
@@ -182,13 +191,13 @@ def call(model_id: str, request_id: str = "") -> GenerateCall:
 async def test_generate_goes_to_the_best_tier_and_says_why(cluster: Cluster) -> None:
     routed = await cluster.core.generate(call("alpha", "r1"), None)
     assert routed.result == {"executor_id": "exec-a", "request_id": "r1"}
-    assert (routed.attempted_executor_ids, routed.placement_reason) == (("exec-a",), "active")
+    assert (routed.attempted_executor_ids, routed.placement_reason) == (("exec-a",), PlacementReason.ACTIVE)
     routed = await cluster.core.generate(call("beta"), None)
-    assert (routed.attempted_executor_ids, routed.placement_reason) == (("exec-b",), "standby")
+    assert (routed.attempted_executor_ids, routed.placement_reason) == (("exec-b",), PlacementReason.STANDBY)
     assert routed.result["request_id"], "an empty request id is generated"
     routed = await cluster.core.generate(call("cold"), None)
     # Both idle: the one holding fewer bytes has more room to load it.
-    assert (routed.attempted_executor_ids, routed.placement_reason) == (("exec-b",), "least-loaded")
+    assert (routed.attempted_executor_ids, routed.placement_reason) == (("exec-b",), PlacementReason.LOAD)
     assert [s.call.params for s in cluster["exec-b"].sent] == [{"prompt": "a cat"}] * 2
 
 
@@ -207,7 +216,7 @@ async def test_unknown_model_is_not_found_from_the_registry_before_it_takes_a_sl
     await cluster.core.generate(call("alpha"), None)
     assert cluster.catalog.asked == []
     cluster.catalog.down = True
-    assert (await cluster.core.generate(call("ghost"), None)).placement_reason == "least-loaded"
+    assert (await cluster.core.generate(call("ghost"), None)).placement_reason == PlacementReason.LOAD
 
 
 # -- retries -------------------------------------------------------------------------------------------------
@@ -218,7 +227,8 @@ async def test_unavailable_is_retried_once_on_another_executor(cluster: Cluster)
     routed = await cluster.core.generate(call("alpha", "r2"), None)
     assert routed.attempted_executor_ids == ("exec-a", "exec-b")
     assert routed.result["executor_id"] == "exec-b"
-    assert routed.placement_reason == "least-loaded"
+    # exec-a, which holds it, is out of the running: exec-b loads it as if nobody held it.
+    assert routed.placement_reason == PlacementReason.LOAD
     assert cluster["exec-b"].sent[0].call.request_id == "r2"
     assert all(link.inflight == 0 for link in cluster.membership.placeable())
 
@@ -387,20 +397,72 @@ async def test_preload_uses_placement_and_ignores_queue_room(cluster: Cluster) -
     cluster["exec-b"].script = ["hold"]
     busy = cluster.start(cluster.core.generate(call("beta"), None))
     await settle(lambda: cluster["exec-b"].holding == 1)
-    preloaded = await cluster.core.preload("beta", 0, None)
+    preloaded = await cluster.core.preload("beta", 0, 0, None)
     assert preloaded.executor_id == "exec-b" and cluster["exec-b"].preloads == [("beta", 0)]
-    assert (await cluster.core.preload("cold", 0, None)).executor_id == "exec-a"
+    assert [r.executor_id for r in preloaded.replicas] == ["exec-b"]
+    assert preloaded.result == {"loaded": "beta", "by": "exec-b"}
+    # exec-b has a request in flight (its queue is longer): the cold model goes to the idle exec-a.
+    assert (await cluster.core.preload("cold", 0, 1, None)).executor_id == "exec-a"
     with pytest.raises(errors.NotFound):
-        await cluster.core.preload("ghost", 0, None)
-    with pytest.raises(errors.InvalidArgument):
-        await cluster.core.preload("", 0, None)
+        await cluster.core.preload("ghost", 0, 0, None)
+    with pytest.raises(errors.InvalidArgument, match="model.model_id"):
+        await cluster.core.preload("", 0, 0, None)
     cluster["exec-b"].release.set()
     await busy
 
 
+async def test_preload_replicas_load_on_that_many_executors_holders_first(cluster: Cluster) -> None:
+    # beta is in standby on exec-b and in host memory on exec-a: both hold it, the better tier first.
+    preloaded = await cluster.core.preload("beta", 0, 2, None)
+    assert [r.executor_id for r in preloaded.replicas] == ["exec-b", "exec-a"]
+    assert [r.result["by"] for r in preloaded.replicas] == ["exec-b", "exec-a"]
+    assert preloaded.executor_id == "exec-b"
+    # More replicas than executors: every live one, each once.
+    preloaded = await cluster.core.preload("cold", 0, 5, None)
+    assert sorted(r.executor_id for r in preloaded.replicas) == ["exec-a", "exec-b"]
+    assert cluster["exec-a"].preloads.count(("cold", 0)) == cluster["exec-b"].preloads.count(("cold", 0)) == 1
+    # A not-ready executor is not live: it gets no replica.
+    cluster["exec-b"].publish(ready=False)
+    await settle(lambda: not cluster.membership.placeable()[1].live)
+    assert [r.executor_id for r in (await cluster.core.preload("alpha", 0, 2, None)).replicas] == ["exec-a"]
+    with pytest.raises(errors.InvalidArgument, match="replicas"):
+        await cluster.core.preload("alpha", 0, -1, None)
+    assert ("alpha", 0) not in cluster["exec-b"].preloads
+
+
+async def test_preload_replica_that_fails_unavailable_is_retried_elsewhere_or_left_out(cluster: Cluster) -> None:
+    cluster["exec-a"].preload_script = [ExecutorUnavailable("exec-a went away")]
+    # One replica: exec-a (holding alpha) fails, exec-b takes it.
+    preloaded = await cluster.core.preload("alpha", 0, 1, None)
+    assert [r.executor_id for r in preloaded.replicas] == ["exec-b"]
+    # Two replicas, one executor fails and none is left for it: the other is the answer.
+    cluster["exec-a"].preload_script = [ExecutorUnavailable("exec-a went away")]
+    preloaded = await cluster.core.preload("alpha", 0, 2, None)
+    assert [r.executor_id for r in preloaded.replicas] == ["exec-b"]
+    # Any other failure is the answer.
+    cluster["exec-b"].preload_script = [errors.ResourceExhausted("no room for it")]
+    with pytest.raises(errors.ResourceExhausted, match="no room"):
+        await cluster.core.preload("alpha", 0, 2, None)
+    # Every replica failing unavailable: the error.
+    cluster["exec-a"].preload_script = [ExecutorUnavailable("a down")]
+    cluster["exec-b"].preload_script = [ExecutorUnavailable("b down")]
+    with pytest.raises(ExecutorUnavailable):
+        await cluster.core.preload("alpha", 0, 2, None)
+
+
+async def test_the_registrys_size_prices_the_load_of_a_model_nobody_holds(cluster: Cluster) -> None:
+    cluster.catalog.sizes["cold"] = 8 * GIB
+    await cluster.core.generate(call("cold"), None)
+    assert cluster.core._model_bytes[("cold", 0)] == 8 * GIB
+    choice = cluster.core.placement.choose(
+        "cold", 0, cluster.membership.placeable(), size_bytes=cluster.core._model_bytes[("cold", 0)]
+    )
+    assert choice is not None and choice.estimate.load_s == pytest.approx(1.0 + 8.0)  # the default disk cost
+
+
 async def test_catalog_calls_pass_through_and_need_a_registry(cluster: Cluster) -> None:
     assert await cluster.core.list_models({}) == {"models": ["alpha", "beta", "cold"]}
-    assert await cluster.core.get_model("alpha", 0) == {"model_id": "alpha"}
+    assert (await cluster.core.get_model("alpha", 0)).model_id == "alpha"
     with pytest.raises(errors.NotFound, match="'ghost'"):
         await cluster.core.get_model("ghost", 0)
     cluster.core.catalog = None

@@ -51,6 +51,7 @@ StorageOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_STORAGE", help="
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 TIER_NAMES = {v: k.removeprefix("TIER_").lower() for k, v in common_pb2.Tier.items()}
 PHASE_NAMES = {v: k.removeprefix("LOAD_PHASE_").lower() for k, v in epb.LoadPhase.items()}
+PLACEMENT_NAMES = {v: k.removeprefix("PLACEMENT_REASON_").lower() for k, v in pb.PlacementReason.items()}
 
 models_app = typer.Typer(no_args_is_help=True, help="List, show, register and upload models.")
 
@@ -136,14 +137,14 @@ def generate(
         phases = ("queue", "ensure", "read", "materialize", "swap", "denoise", "encode", "total")
         print(json.dumps({
             "paths": [str(p) for p in paths], "model": r.model.model_id, "revision": r.model.revision,
-            "executor": r.executor_id, "tier": TIER_NAMES.get(r.tier, "?"), "placement": result.placement_reason,
+            "executor": r.executor_id, "tier": TIER_NAMES.get(r.tier, "?"), "placement": PLACEMENT_NAMES.get(result.placement_reason, "?"),
             "attempted": list(result.attempted_executor_ids), "trace_id": trace_id,
             "timings_ms": {p: round(ms(getattr(t, p)), 3) for p in phases},
         }))
         return
     console.print(
         f"wrote {', '.join(map(str, paths))}  model={r.model.model_id}@{r.model.revision} executor={r.executor_id} "
-        f"tier={TIER_NAMES.get(r.tier, '?')} placement={result.placement_reason}\n"
+        f"tier={TIER_NAMES.get(r.tier, '?')} placement={PLACEMENT_NAMES.get(result.placement_reason, '?')}\n"
         f"  queue {ms(t.queue):.1f} ms  ensure {ms(t.ensure):.1f}  read {ms(t.read):.1f}  materialize "
         f"{ms(t.materialize):.1f}  swap {ms(t.swap):.2f}  denoise {ms(t.denoise):.1f}  encode {ms(t.encode):.1f}  "
         f"total {ms(t.total):.1f} ms  trace {trace_id}"

@@ -26,7 +26,7 @@ from .downstream import (
     ResultEvent,
     StreamEvent,
 )
-from .placement import ExecutorSnapshot, HeldModel, Tier
+from .placement import CostEstimates, ExecutorSnapshot, HeldModel, QueuedRequest, QueuedState, Tier, TierCost
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
@@ -53,6 +53,36 @@ def snapshot_from_proto(status: executor_pb.ExecutorStatus, address: str) -> Exe
         queue_capacity=status.queue_capacity,
         version=status.version,
         raw=status,
+        queue=tuple(
+            QueuedRequest(
+                request_id=queued.request_id,
+                model_id=queued.model.model_id,
+                revision=queued.model.revision,
+                state=_queued_state(queued.state),
+                waited_s=queued.waited.ToNanoseconds() / 1e9,
+                overtaken_s=queued.overtaken.ToNanoseconds() / 1e9,
+                num_images=queued.num_images,
+            )
+            for queued in status.queue
+        ),
+        costs=costs_from_proto(status.costs),
+    )
+
+
+def costs_from_proto(costs: executor_pb.CostEstimates) -> CostEstimates:
+    """Placement's view of an executor's CostEstimates; an executor that sends none gives all zeros, which placement
+    reads as "not measured"."""
+    return CostEstimates(
+        seconds_per_work_unit=costs.seconds_per_work_unit,
+        seconds_per_request=costs.seconds_per_request,
+        backlog_seconds=costs.backlog_seconds,
+        load_costs=tuple(
+            TierCost(_tier(cost.tier), cost.fixed_seconds, cost.seconds_per_gib, cost.samples)
+            for cost in costs.load_costs
+        ),
+        default_steps=costs.default_steps,
+        default_width=costs.default_width,
+        default_height=costs.default_height,
     )
 
 
@@ -61,6 +91,13 @@ def _tier(value: int) -> Tier:
         return Tier(value)
     except ValueError:  # a tier newer than this router: never preferred
         return Tier.UNSPECIFIED
+
+
+def _queued_state(value: int) -> QueuedState:
+    try:
+        return QueuedState(value)
+    except ValueError:  # a state newer than this router
+        return QueuedState.UNSPECIFIED
 
 
 class GrpcExecutorClient(ExecutorClient):

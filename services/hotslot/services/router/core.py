@@ -8,7 +8,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,9 +18,11 @@ from hotslot.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted,
 
 from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, ProgressEvent, ResultEvent
 from .membership import ExecutorLink, ExecutorMembership, Slot
-from .placement import Placement, held_anywhere
+from .placement import Choice, Placement, PlacementReason, RequestWork, Tier, held_anywhere
 
 log = logging.getLogger(__name__)
+
+_HELD_REASONS = frozenset({PlacementReason.ACTIVE, PlacementReason.STANDBY, PlacementReason.HOST})
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,31 @@ class Routed:
 
     result: Any
     attempted_executor_ids: tuple[str, ...]
-    placement_reason: str
+    placement_reason: PlacementReason
     router_queue_s: float
     """Time the request waited in the router for an executor slot, over all attempts."""
 
 
 @dataclass(frozen=True)
-class Preloaded:
+class PreloadReplica:
+    """One executor's part of a Preload: its id and its PreloadResponse."""
+
     executor_id: str
     result: Any
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    replicas: tuple[PreloadReplica, ...]
+    """Every executor that loaded the model, in the order chosen (never empty)."""
+
+    @property
+    def executor_id(self) -> str:
+        return self.replicas[0].executor_id
+
+    @property
+    def result(self) -> Any:
+        return self.replicas[0].result
 
 
 @dataclass(frozen=True)
@@ -52,8 +70,9 @@ class ClusterStatus:
 class _Waiter:
     model_id: str
     revision: int
+    work: RequestWork
     exclude: frozenset[str]
-    future: asyncio.Future[tuple[Slot, str]] = field(
+    future: asyncio.Future[tuple[Slot, PlacementReason]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -84,6 +103,8 @@ class RouterCore:
         self.retry_after_s = retry_after_s
         self.retry_attempts = retry_attempts
         self._waiters: deque[_Waiter] = deque()
+        self._model_bytes: dict[tuple[str, int], int] = {}
+        """(model id, revision asked) -> the registry's total_bytes, for the load cost of models no executor holds."""
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         membership.add_listener(self._admit_waiters)
 
@@ -151,30 +172,75 @@ class RouterCore:
             extra={"request_id": request_id, "model_id": model_id, "attempted": list(attempted)},
         )
 
-    # -- preload -----------------------------------------------------------------------------------------
-    async def preload(self, model_id: str, revision: int, time_remaining_s: float | None) -> Preloaded:
-        """Loads the model on the executor placement would pick. A preload does not compute, so queue room is not
-        required and nothing is counted in flight."""
+    # -- preload ---------------------------------------------------------------------------------------------
+    async def preload(
+        self, model_id: str, revision: int, replicas: int, time_remaining_s: float | None
+    ) -> Preloaded:
+        """Loads the model into standby on `replicas` executors (0 means 1; all live ones when fewer exist), in
+        parallel: those already holding it first, then those placement would choose for it. A preload does not
+        compute, so queue room is not required and nothing is counted in flight. A replica whose executor fails with
+        ExecutorUnavailable is retried on another executor not chosen yet, like a Generate; when some replicas
+        fail that way and no executor is left for them, the others are the answer (the response lists them). Any
+        other failure is the answer."""
         if not model_id:
             raise InvalidArgument.field("model.model_id", "is required")
+        if replicas < 0:
+            raise InvalidArgument.field("replicas", f"must be 0 or more, got {replicas}")
         await self._check_registered(model_id, revision)
         deadline = None if time_remaining_s is None else asyncio.get_running_loop().time() + time_remaining_s
+        claimed: list[str] = []
+        live = sum(1 for link in self.membership.placeable() if link.live)
+        wanted = min(max(replicas, 1), live)
+        if wanted == 0:
+            raise self._no_executor(())
+        outcomes = await asyncio.gather(
+            *(self._preload_one(model_id, revision, claimed, deadline) for _ in range(wanted)), return_exceptions=True
+        )
+        done = [outcome for outcome in outcomes if isinstance(outcome, PreloadReplica)]
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        final = next((f for f in failures if not isinstance(f, ExecutorUnavailable)), None)
+        if final is not None or not done:
+            raise final or failures[0]
+        if failures:
+            log.warning("preload of %s: %d of %d replicas loaded (%s)", model_id, len(done), wanted,
+                        "; ".join(getattr(f, "message", str(f)) for f in failures))
+        # In the order chosen, not the order finished.
+        done.sort(key=lambda replica: claimed.index(replica.executor_id))
+        return Preloaded(tuple(done))
+
+    async def _preload_one(
+        self, model_id: str, revision: int, claimed: list[str], deadline: float | None
+    ) -> PreloadReplica:
+        """One replica: the best executor nobody has claimed yet (claimed in the same step it is picked, so
+        parallel replicas never pick one twice), retried elsewhere on ExecutorUnavailable."""
         attempted: list[str] = []
         while True:
-            choice = self.placement.choose(
-                model_id, revision, self.membership.placeable(), exclude=attempted, need_room=False
-            )
+            choice = self._preload_choice(model_id, revision, claimed)
             if choice is None:
-                raise self._no_executor(attempted)
+                raise self._no_executor(claimed)
             link = choice.candidate
             assert isinstance(link, ExecutorLink) and link.client is not None
+            claimed.append(link.executor_id)
             attempted.append(link.executor_id)
             try:
                 result = await link.client.preload(model_id, revision, self._timeout(deadline))
             except ExecutorUnavailable as error:
-                self._retry_or_raise(model_id, "", attempted, error)
+                if len(attempted) > self.retry_attempts or not self._any_live(frozenset(claimed)):
+                    raise
+                log.warning("executor %s failed to preload %s (%s); trying another", link.executor_id, model_id,
+                            error.message)
                 continue
-            return Preloaded(link.executor_id, result)
+            return PreloadReplica(link.executor_id, result)
+
+    def _preload_choice(self, model_id: str, revision: int, claimed: list[str]) -> Choice | None:
+        ranked = self.placement.rank(
+            model_id, revision, self.membership.placeable(), size_bytes=self._model_bytes.get((model_id, revision), 0),
+            now=asyncio.get_running_loop().time(), exclude=claimed, need_room=False,
+        )
+        # Executors holding it first, best tier first (active or standby: nothing to do; host: a cheap copy),
+        # whatever their queues: a preload does not wait behind them. Then the others, soonest finish first.
+        ranked.sort(key=lambda choice: choice.tier if choice.reason in _HELD_REASONS else len(Tier))
+        return ranked[0] if ranked else None
 
     # -- registry passthrough ----------------------------------------------------------------------------
     async def list_models(self, request: Any) -> Any:
@@ -195,9 +261,12 @@ class RouterCore:
         if self.catalog is None or held_anywhere(model_id, revision, self.membership.placeable()):
             return
         try:
-            await self.catalog.get_model(model_id, revision)
+            model = await self.catalog.get_model(model_id, revision)
         except Unavailable as error:
             log.warning("cannot check %s with the registry (%s); sending it on", model_id, error.message)
+            return
+        # Its size prices the load (placement's load cost); one entry per registered model asked for.
+        self._model_bytes[(model_id, revision)] = model.manifest.total_bytes
 
     # -- cluster status ----------------------------------------------------------------------------------
     def cluster_status(self) -> ClusterStatus:
@@ -210,32 +279,48 @@ class RouterCore:
     # -- admission ---------------------------------------------------------------------------------------
     async def _acquire(
         self, call: GenerateCall, attempted: list[str], deadline: float | None
-    ) -> tuple[Slot, str, float]:
+    ) -> tuple[Slot, PlacementReason, float]:
         """Places the request and counts it in flight on the chosen executor, waiting in the router queue while
         every executor is full. Appends the executor id to `attempted`. Returns (slot, reason, seconds waited)."""
-        exclude = frozenset(attempted)
-        choice = self.placement.choose(call.model_id, call.revision, self.membership.placeable(), exclude=exclude)
-        if choice is not None:
-            assert isinstance(choice.candidate, ExecutorLink)
-            slot, reason, waited = self.membership.reserve(choice.candidate), choice.reason, 0.0
+        waiter = _Waiter(call.model_id, call.revision, call.work, frozenset(attempted))
+        placed = self._place(waiter)
+        if placed is not None:
+            (slot, reason), waited = placed, 0.0
         else:
             # A span only when the request really queues: the common case then costs no span of its own, and
             # the placement lands as attributes on the RPC's span below.
             with self._tracer.start_as_current_span("router.queue"):
                 loop = asyncio.get_running_loop()
                 started = loop.time()
-                slot, reason = await self._wait_for_room(_Waiter(call.model_id, call.revision, exclude), deadline)
+                slot, reason = await self._wait_for_room(waiter, deadline)
                 waited = loop.time() - started
         attempted.append(slot.link.executor_id)
         span = trace.get_current_span()
         span.set_attribute("hotslot.model_id", call.model_id)
         span.set_attribute("hotslot.request_id", call.request_id)
         span.set_attribute("hotslot.executor_id", slot.link.executor_id)
-        span.set_attribute("hotslot.placement_reason", reason)
+        span.set_attribute("hotslot.placement_reason", reason.label)
+        span.set_attribute("hotslot.placement_work_s", slot.work_s)
         span.set_attribute("hotslot.attempts", len(attempted))
         return slot, reason, waited
 
-    async def _wait_for_room(self, waiter: _Waiter, deadline: float | None) -> tuple[Slot, str]:
+    def _place(self, waiter: _Waiter) -> tuple[Slot, PlacementReason] | None:
+        """Chooses an executor with room and reserves a slot there with the request's estimated work, in one step;
+        None when every executor is full."""
+        choice = self.placement.choose(
+            waiter.model_id, waiter.revision, self.membership.placeable(), work=waiter.work,
+            size_bytes=self._model_bytes.get((waiter.model_id, waiter.revision), 0),
+            now=asyncio.get_running_loop().time(), exclude=waiter.exclude,
+        )
+        if choice is None:
+            return None
+        assert isinstance(choice.candidate, ExecutorLink)
+        slot = self.membership.reserve(
+            choice.candidate, work_s=choice.estimate.work_s, model=(waiter.model_id, waiter.revision)
+        )
+        return slot, choice.reason
+
+    async def _wait_for_room(self, waiter: _Waiter, deadline: float | None) -> tuple[Slot, PlacementReason]:
         if not self._any_live(waiter.exclude):
             raise self._no_executor(waiter.exclude)
         if len(self._waiters) >= self.max_queue:
@@ -279,14 +364,10 @@ class RouterCore:
         for waiter in list(self._waiters):
             if waiter.future.done():
                 continue
-            choice = self.placement.choose(
-                waiter.model_id, waiter.revision, self.membership.placeable(), exclude=waiter.exclude
-            )
-            if choice is not None:
-                assert isinstance(choice.candidate, ExecutorLink)
-                slot = self.membership.reserve(choice.candidate)
+            placed = self._place(waiter)
+            if placed is not None:
                 self._waiters.remove(waiter)
-                waiter.future.set_result((slot, choice.reason))
+                waiter.future.set_result(placed)
             elif not self._any_live(waiter.exclude):
                 self._waiters.remove(waiter)
                 waiter.future.set_exception(self._no_executor(waiter.exclude))
@@ -294,7 +375,7 @@ class RouterCore:
     def _any_live(self, exclude: frozenset[str]) -> bool:
         return any(link.live and link.executor_id not in exclude for link in self.membership.placeable())
 
-    def _no_executor(self, exclude) -> Unavailable:
+    def _no_executor(self, exclude: Collection[str]) -> Unavailable:
         known = len(self.membership.targets())
         if exclude:
             return ExecutorUnavailable(

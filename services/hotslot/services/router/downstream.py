@@ -9,7 +9,7 @@ from typing import Any
 
 from hotslot.errors import Unavailable
 
-from .placement import ExecutorSnapshot
+from .placement import DEFAULT_WORK, ExecutorSnapshot, RequestWork
 
 
 class ExecutorUnavailable(Unavailable):
@@ -20,12 +20,15 @@ class ExecutorUnavailable(Unavailable):
 @dataclass(frozen=True)
 class GenerateCall:
     """One generation as the router forwards it. `params` is the client's GenerationParams message, passed on
-    untouched: the executor owns their bounds, so the router neither reads nor validates them."""
+    untouched: the executor owns their bounds, so the router does not validate them; `work` carries their size
+    (steps, width, height, images) for placement's estimate."""
 
     model_id: str
     revision: int
     params: Any
     request_id: str
+    work: RequestWork = DEFAULT_WORK
+    """Steps, size and images of `params`, for placement's estimate (zeros: the executor's defaults)."""
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class Slot:
 
     link: ExecutorLink
     status_epoch: int
+    work_s: float = 0.0
+    """The request's estimated work there (load and service), as placement estimated it."""
+    model: tuple[str, int] = ("", 0)
 
 
 class ExecutorMembership:
@@ -121,20 +124,16 @@ class ExecutorMembership:
         return sorted(self._links)
 
     # -- the router's traffic ------------------------------------------------------------------------------
-    def reserve(self, link: ExecutorLink) -> Slot:
-        """Counts a request sent to `link` (called in the same step as placement chose it)."""
-        link.inflight += 1
-        link.sent_since_status += 1
-        return Slot(link, link.status_epoch)
+    def reserve(self, link: ExecutorLink, *, work_s: float = 0.0, model: tuple[str, int] = ("", 0)) -> Slot:
+        """Counts a request sent to `link` (called in the same step as placement chose it): `work_s` is placement's
+        estimate of its load and service there, `model` its (model id, revision), which it will make resident."""
+        link.count_sent(work_s, model)
+        return Slot(link, link.status_epoch, work_s, model)
 
     def release(self, slot: Slot) -> None:
-        """Counts a request as finished; may let a waiting request in. A request that ends before the executor's
-        next status stops counting as "sent since the status", or an executor that reports rarely would look
-        ever fuller."""
+        """Counts a request as finished; may let a waiting request in."""
         link = slot.link
-        link.inflight -= 1
-        if slot.status_epoch == link.status_epoch:
-            link.sent_since_status -= 1
+        link.count_finished(slot.work_s, slot.model, before_next_status=slot.status_epoch == link.status_epoch)
         if link.removed and link.inflight == 0:
             self._close_later(link)
         self._changed()
@@ -218,7 +217,8 @@ class ExecutorMembership:
                     version = snapshot.version
                     if not link.connected:
                         log.info("executor %s at %s connected", snapshot.executor_id, link.address)
-                    link.snapshot, link.connected, link.sent_since_status = snapshot, True, 0
+                    link.status_received(snapshot, asyncio.get_running_loop().time())
+                    link.connected = True
                     link.status_epoch += 1
                     backoff = self.watch_backoff_s
                     self._changed()

@@ -9,14 +9,17 @@ from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 
 from .core import ClusterStatus, Preloaded, Routed, RouterCore
 from .downstream import GenerateCall, ProgressEvent
+from .placement import RequestWork
 
 
 def generate_call(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> GenerateCall:
+    params = request.params
     return GenerateCall(
         model_id=request.model.model_id,
         revision=request.model.revision,
-        params=request.params,
+        params=params,
         request_id=request.request_id,
+        work=RequestWork(steps=params.steps, width=params.width, height=params.height, num_images=params.num_images),
     )
 
 
@@ -26,7 +29,7 @@ def routed_to_proto(routed: Routed) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         result=routed.result,
         attempted_executor_ids=routed.attempted_executor_ids,
-        placement_reason=routed.placement_reason,
+        placement_reason=pb.PlacementReason.Value(f"PLACEMENT_REASON_{routed.placement_reason.name}"),
     )
     if routed.router_queue_s > 0:
         queue = response.result.timings.queue
@@ -41,7 +44,11 @@ def stream_event_to_proto(event: ProgressEvent | Routed) -> pb.GenerateStreamRes
 
 
 def preloaded_to_proto(preloaded: Preloaded) -> pb.PreloadResponse:
-    return pb.PreloadResponse(executor_id=preloaded.executor_id, result=preloaded.result)
+    return pb.PreloadResponse(
+        executor_id=preloaded.executor_id,
+        result=preloaded.result,
+        replicas=[pb.PreloadReplica(executor_id=r.executor_id, result=r.result) for r in preloaded.replicas],
+    )
 
 
 def cluster_status_to_proto(status: ClusterStatus) -> pb.GetClusterStatusResponse:
@@ -74,7 +81,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         return pb.GetModelResponse(model=await self.core.get_model(request.model_id, request.revision))
 
     async def Preload(self, request: pb.PreloadRequest, context) -> pb.PreloadResponse:
-        preloaded = await self.core.preload(request.model.model_id, request.model.revision, context.time_remaining())
+        preloaded = await self.core.preload(
+            request.model.model_id, request.model.revision, request.replicas, context.time_remaining()
+        )
         return preloaded_to_proto(preloaded)
 
     async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context) -> pb.GetClusterStatusResponse:
