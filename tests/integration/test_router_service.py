@@ -1,7 +1,9 @@
 """The router as a separate process in front of a real registry process and fake executors: real grpc.aio servers
 in this process that implement ExecutorService with canned answers (test doubles of the network peer; the real
 executor is tested across all four services elsewhere). Placement, retries when an executor fails or is stopped
-mid-request, executors joining and leaving, the bounded queue, NOT_FOUND, deadlines and reflection."""
+mid-request, executors joining and leaving, the bounded queue, NOT_FOUND, deadlines and reflection. At the end,
+against two real executor processes (tiny pipelines, on the executors' own measured costs): a burst for one model
+spreads to both, and Preload with replicas warms a model on several."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +30,7 @@ from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from hotslot.router.v1 import router_service_pb2 as pb
 from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from tests.support.procs import ServiceProcess, start_service
+from tests.support.stack import Stack, executor_stub, running_cluster
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -326,20 +329,20 @@ def test_reflection_lists_the_router_and_grpcurl_generates(stub, router: Service
     reply = json.loads(grpcurl("-d", '{"model": {"modelId": "alpha"}, "params": {"prompt": "a cat"}}',
                                router.address, "hotslot.router.v1.RouterService/Generate"))
     # This grpcurl prints the .proto field names.
-    assert reply["placement_reason"] == "active" and reply["attempted_executor_ids"] == ["exec-a"]
+    assert reply["placement_reason"] == "PLACEMENT_REASON_ACTIVE" and reply["attempted_executor_ids"] == ["exec-a"]
     assert reply["result"]["images"][0]["mime_type"] == "image/png"
 
 
 def test_placement_prefers_the_executor_holding_the_model_and_follows_status(stub, executors) -> None:
     a, b = executors
     reply = stub.Generate(generate("alpha"), timeout=10)
-    assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", "active")
+    assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", pb.PLACEMENT_REASON_ACTIVE)
     assert list(reply.attempted_executor_ids) == ["exec-a"] and reply.result.request_id
     reply = stub.Generate(generate("beta"), timeout=10)
-    assert (reply.result.executor_id, reply.placement_reason) == ("exec-b", "active")
+    assert (reply.result.executor_id, reply.placement_reason) == ("exec-b", pb.PLACEMENT_REASON_ACTIVE)
 
     cold = stub.Generate(generate("cold"), timeout=10)
-    assert cold.placement_reason == "least-loaded"
+    assert cold.placement_reason == pb.PLACEMENT_REASON_LOAD
     preloaded = stub.Preload(pb.PreloadRequest(model=common_pb2.ModelRef(model_id="cold")), timeout=10)
     assert preloaded.result.tier == STANDBY
     # The executor's next status says it holds the model in standby; the router places by it.
@@ -352,7 +355,7 @@ def test_placement_prefers_the_executor_holding_the_model_and_follows_status(stu
         "the router sees the preloaded model",
     )
     reply = stub.Generate(generate("cold"), timeout=10)
-    assert (reply.result.executor_id, reply.placement_reason) == (preloaded.executor_id, "standby")
+    assert (reply.result.executor_id, reply.placement_reason) == (preloaded.executor_id, pb.PLACEMENT_REASON_STANDBY)
 
     status = stub.GetClusterStatus(pb.GetClusterStatusRequest())
     assert [e.executor_id for e in status.executors] == ["exec-a", "exec-b"]
@@ -416,7 +419,7 @@ def test_executor_stopped_mid_request_is_retried_and_rejoins_when_back(stub, exe
     wait_for(lambda: connected(stub) == ["exec-b"], "exec-a is dropped")
     status = stub.GetClusterStatus(pb.GetClusterStatusRequest())
     assert list(status.unreachable_addresses) == [a.address]
-    assert stub.Generate(generate("alpha"), timeout=10).placement_reason == "least-loaded"
+    assert stub.Generate(generate("alpha"), timeout=10).placement_reason == pb.PLACEMENT_REASON_LOAD
 
     a.servicer.mode = "ok"
     a.start()
@@ -475,12 +478,12 @@ def test_executors_join_and_leave_without_restart(tmp_path: Path, loop: LoopThre
             late.start()
             wait_for(lambda: connected(stub) == ["exec-a", "exec-c"], "exec-c joins")
             reply = stub.Generate(generate("gamma"), timeout=10)
-            assert (reply.result.executor_id, reply.placement_reason) == ("exec-c", "active")
+            assert (reply.result.executor_id, reply.placement_reason) == ("exec-c", pb.PLACEMENT_REASON_ACTIVE)
 
             late.stop()
             wait_for(lambda: connected(stub) == ["exec-a"], "exec-c leaves")
             reply = stub.Generate(generate("gamma"), timeout=10)
-            assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", "least-loaded")
+            assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", pb.PLACEMENT_REASON_LOAD)
 
             error = refusal(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=30))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -496,3 +499,98 @@ def test_the_callers_trace_continues_to_the_executor(stub, executors) -> None:
     (sent,) = a.servicer.traceparents
     assert sent.split("-")[1] == trace_id, "the router's client span is a child in the caller's trace"
     assert sent.split("-")[2] != "00f067aa0ba902b7"
+
+
+# -- real executors ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_stack(tmp_path_factory: pytest.TempPathFactory, tiny_family: list[Path]):
+    """Registry, storage-cache, two real executors and a router with its default bounds (32 requests in flight
+    per executor: placement, not room, decides where a burst goes). One torch thread each: two executors computing
+    at once on a small machine would otherwise slow each other down many times over."""
+    with running_cluster(tmp_path_factory.mktemp("router-real"), tiny_family,
+                         executor_args=("--torch-threads", "1")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def real_router(real_stack: Stack):
+    assert real_stack.router is not None
+    with grpc.insecure_channel(real_stack.router.address) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        wait_for(lambda: len(connected(stub)) == 2, "the router follows both real executors")
+        yield stub
+
+
+def held_on(stub: pb_grpc.RouterServiceStub, model_id: str) -> dict[str, int]:
+    """Executor id -> tier, for every executor whose status (as the router has it) lists the model."""
+    status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+    return {e.executor_id: m.tier for e in status.executors for m in e.models if m.model.model_id == model_id}
+
+
+def tiny_request(model_id: str, seed: int = 7, steps: int = 4) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model=common_pb2.ModelRef(model_id=model_id),
+        params=common_pb2.GenerationParams(prompt="a lighthouse", seed=seed, steps=steps),
+    )
+
+
+def test_a_burst_for_one_model_spreads_to_both_real_executors(real_router: pb_grpc.RouterServiceStub) -> None:
+    first = real_router.Generate(tiny_request("tiny-sd-0"), timeout=300)
+    holder = first.result.executor_id
+    assert holder and first.placement_reason == pb.PLACEMENT_REASON_LOAD
+    wait_for(lambda: holder in held_on(real_router, "tiny-sd-0"), "the router to see the model held")
+
+    # All at once: the router counts each one's estimated work on the holder, and once the queue there costs more
+    # than a load on the other executor (about 1 s; a request here is estimated at 0.2 s or more), it loads the
+    # model there too.
+    futures = [real_router.Generate.future(tiny_request("tiny-sd-0", seed=i, steps=8), timeout=300)
+               for i in range(12)]
+    replies = [future.result() for future in futures]
+    assert all(len(r.result.images) == 1 and r.result.executor_id for r in replies)
+    assert all(list(r.attempted_executor_ids) == [r.result.executor_id] for r in replies)
+    served = {r.result.executor_id for r in replies}
+    assert len(served) == 2, [(r.result.executor_id, pb.PlacementReason.Name(r.placement_reason)) for r in replies]
+    reasons = {(r.result.executor_id == holder, r.placement_reason) for r in replies}
+    assert (True, pb.PLACEMENT_REASON_ACTIVE) in reasons
+    spread = [r for r in replies if r.placement_reason == pb.PLACEMENT_REASON_SPREAD]
+    assert spread and all(r.result.executor_id != holder for r in spread)
+    # The second executor now holds it as well.
+    wait_for(lambda: set(held_on(real_router, "tiny-sd-0")) == served, "both executors to report the model")
+
+
+def test_preload_replicas_warm_a_model_on_several_real_executors(
+    real_router: pb_grpc.RouterServiceStub, real_stack: Stack
+) -> None:
+    reply = real_router.Preload(
+        pb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1"), replicas=2), timeout=300
+    )
+    ids = [replica.executor_id for replica in reply.replicas]
+    assert len(ids) == 2 and len(set(ids)) == 2
+    assert reply.executor_id == ids[0] and reply.result == reply.replicas[0].result  # the first, as before replicas
+    assert all(r.result.model.model_id == "tiny-sd-1" and r.result.tier == STANDBY for r in reply.replicas)
+    held = wait_for(lambda: (h := held_on(real_router, "tiny-sd-1")) and len(h) == 2 and h,
+                    "the router to see the model on both")
+    assert set(held) == set(ids) and set(held.values()) == {STANDBY}
+    # Each executor says so itself.
+    for svc in real_stack.executors:
+        with grpc.insecure_channel(svc.address) as channel:
+            status = executor_stub(channel).GetStatus(executor_pb.GetStatusRequest(), timeout=10).status
+        assert [(m.model.model_id, m.tier) for m in status.models if m.model.model_id == "tiny-sd-1"] == [
+            ("tiny-sd-1", STANDBY)
+        ]
+
+    # More replicas than executors: every live one, once each.
+    wide = real_router.Preload(
+        pb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-2"), replicas=5), timeout=300
+    )
+    assert sorted(r.executor_id for r in wide.replicas) == sorted(connected(real_router))
+    # 0 means 1.
+    one = real_router.Preload(pb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-2")), timeout=300)
+    assert [r.executor_id for r in one.replicas] == [one.executor_id]
+
+    error = refusal(lambda: real_router.Preload(
+        pb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-2"), replicas=-1), timeout=10
+    ))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "replicas" in error.details()

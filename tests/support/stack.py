@@ -2,7 +2,9 @@
 with a family of tiny models written into the share and registered."""
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,20 @@ def start_stack(root: Path, models: list[Path], *, storage_args: tuple[str, ...]
         for model in models:
             stub.RegisterModel(rpb.RegisterModelRequest(model_id=model.name, source=f"models/{model.name}"), timeout=60)
     return Stack(root, share, registry, storage, env=env)
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, models: list[Path], executors: int = 2, *,
+                    executor_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """`start_stack`, then `executors` executors (with `executor_args`) and a router in front of them; all stopped
+    on exit."""
+    stack = start_stack(root, models)
+    try:
+        stack.start_executors(executors, *executor_args)
+        stack.start_router()
+        yield stack
+    finally:
+        stack.stop()
 
 
 def generate_request(model_id: str, *, prompt: str = "a lighthouse at dusk", seed: int = 7, **params) -> epb.GenerateRequest:
