@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehotslot/common/v1/common.proto\x12\x11hotslot.common.v1\x1a\x1egoogle/protobuf/duration.proto\".\n\x08ModelRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"=\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\">\n\tComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07library\x18\x02 \x01(\t\x12\x12\n\nclass_name\x18\x03 \x01(\t\"\xa6\x01\n\x08Manifest\x12+\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1c.hotslot.common.v1.FileEntry\x12\x16\n\x0epipeline_class\x18\x02 \x01(\t\x12\x30\n\ncomponents\x18\x03 \x03(\x0b\x32\x1c.hotslot.common.v1.Component\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"\xa3\x01\n\x10GenerationParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x04 \x01(\x02\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nnum_images\x18\x08 \x01(\x05\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xe6\x02\n\x0cPhaseTimings\x12(\n\x05queue\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06\x65nsure\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04read\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmaterialize\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04swap\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x64\x65noise\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06\x65ncode\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration*g\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dMODEL_KIND_DIFFUSERS_PIPELINE\x10\x01\x12\x1b\n\x17MODEL_KIND_LORA_ADAPTER\x10\x02*{\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_ACTIVE\x10\x01\x12\x10\n\x0cTIER_STANDBY\x10\x02\x12\r\n\tTIER_HOST\x10\x03\x12\x13\n\x0fTIER_LOCAL_DISK\x10\x04\x12\x16\n\x12TIER_BACKING_STORE\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehotslot/common/v1/common.proto\x12\x11hotslot.common.v1\x1a\x1egoogle/protobuf/duration.proto\".\n\x08ModelRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"V\n\nAdapterRef\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"=\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\">\n\tComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07library\x18\x02 \x01(\t\x12\x12\n\nclass_name\x18\x03 \x01(\t\"\xa6\x01\n\x08Manifest\x12+\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1c.hotslot.common.v1.FileEntry\x12\x16\n\x0epipeline_class\x18\x02 \x01(\t\x12\x30\n\ncomponents\x18\x03 \x03(\x0b\x32\x1c.hotslot.common.v1.Component\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"\xa3\x01\n\x10GenerationParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x04 \x01(\x02\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nnum_images\x18\x08 \x01(\x05\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xe6\x02\n\x0cPhaseTimings\x12(\n\x05queue\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06\x65nsure\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04read\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmaterialize\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04swap\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x64\x65noise\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06\x65ncode\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration*g\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dMODEL_KIND_DIFFUSERS_PIPELINE\x10\x01\x12\x1b\n\x17MODEL_KIND_LORA_ADAPTER\x10\x02*{\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_ACTIVE\x10\x01\x12\x10\n\x0cTIER_STANDBY\x10\x02\x12\r\n\tTIER_HOST\x10\x03\x12\x13\n\x0fTIER_LOCAL_DISK\x10\x04\x12\x16\n\x12TIER_BACKING_STORE\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hotslot.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELKIND']._serialized_start=1043
-  _globals['_MODELKIND']._serialized_end=1146
-  _globals['_TIER']._serialized_start=1148
-  _globals['_TIER']._serialized_end=1271
+  _globals['_MODELKIND']._serialized_start=1131
+  _globals['_MODELKIND']._serialized_end=1234
+  _globals['_TIER']._serialized_start=1236
+  _globals['_TIER']._serialized_end=1359
   _globals['_MODELREF']._serialized_start=85
   _globals['_MODELREF']._serialized_end=131
-  _globals['_FILEENTRY']._serialized_start=133
-  _globals['_FILEENTRY']._serialized_end=194
-  _globals['_COMPONENT']._serialized_start=196
-  _globals['_COMPONENT']._serialized_end=258
-  _globals['_MANIFEST']._serialized_start=261
-  _globals['_MANIFEST']._serialized_end=427
-  _globals['_GENERATIONPARAMS']._serialized_start=430
-  _globals['_GENERATIONPARAMS']._serialized_end=593
-  _globals['_IMAGE']._serialized_start=595
-  _globals['_IMAGE']._serialized_end=680
-  _globals['_PHASETIMINGS']._serialized_start=683
-  _globals['_PHASETIMINGS']._serialized_end=1041
+  _globals['_ADAPTERREF']._serialized_start=133
+  _globals['_ADAPTERREF']._serialized_end=219
+  _globals['_FILEENTRY']._serialized_start=221
+  _globals['_FILEENTRY']._serialized_end=282
+  _globals['_COMPONENT']._serialized_start=284
+  _globals['_COMPONENT']._serialized_end=346
+  _globals['_MANIFEST']._serialized_start=349
+  _globals['_MANIFEST']._serialized_end=515
+  _globals['_GENERATIONPARAMS']._serialized_start=518
+  _globals['_GENERATIONPARAMS']._serialized_end=681
+  _globals['_IMAGE']._serialized_start=683
+  _globals['_IMAGE']._serialized_end=768
+  _globals['_PHASETIMINGS']._serialized_start=771
+  _globals['_PHASETIMINGS']._serialized_end=1129
 # @@protoc_insertion_point(module_scope)

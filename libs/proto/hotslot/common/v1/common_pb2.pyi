@@ -42,6 +42,14 @@ class ModelRef(_message.Message):
     revision: int
     def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
+class AdapterRef(_message.Message):
+    __slots__ = ("model", "scale")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    scale: float
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., scale: _Optional[float] = ...) -> None: ...
+
 class FileEntry(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")
     PATH_FIELD_NUMBER: _ClassVar[int]

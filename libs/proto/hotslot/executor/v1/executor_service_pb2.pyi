@@ -51,17 +51,19 @@ QUEUED_STATE_LOADING: QueuedState
 QUEUED_STATE_WAITING: QueuedState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "params", "request_id")
+    __slots__ = ("model", "params", "request_id", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     params: _common_pb2.GenerationParams
     request_id: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterRef]
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterRef, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "model", "tier", "timings", "executor_id", "request_id", "batch_requests")
+    __slots__ = ("images", "model", "tier", "timings", "executor_id", "request_id", "batch_requests", "adapters")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +71,7 @@ class GenerateResponse(_message.Message):
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     model: _common_pb2.ModelRef
     tier: _common_pb2.Tier
@@ -76,17 +79,30 @@ class GenerateResponse(_message.Message):
     executor_id: str
     request_id: str
     batch_requests: int
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., timings: _Optional[_Union[_common_pb2.PhaseTimings, _Mapping]] = ..., executor_id: _Optional[str] = ..., request_id: _Optional[str] = ..., batch_requests: _Optional[int] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AppliedAdapter]
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., timings: _Optional[_Union[_common_pb2.PhaseTimings, _Mapping]] = ..., executor_id: _Optional[str] = ..., request_id: _Optional[str] = ..., batch_requests: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AppliedAdapter, _Mapping]]] = ...) -> None: ...
+
+class AppliedAdapter(_message.Message):
+    __slots__ = ("model", "scale", "tier")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    scale: float
+    tier: _common_pb2.Tier
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., scale: _Optional[float] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("model", "params", "request_id")
+    __slots__ = ("model", "params", "request_id", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     params: _common_pb2.GenerationParams
     request_id: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterRef]
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterRef, _Mapping]]] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("phase", "bytes_done", "bytes_total", "queue_position")
@@ -164,6 +180,20 @@ class HeldModel(_message.Message):
     ref_count: int
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., size_bytes: _Optional[int] = ..., ref_count: _Optional[int] = ...) -> None: ...
 
+class HeldAdapter(_message.Message):
+    __slots__ = ("model", "base", "tier", "size_bytes", "ref_count")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    base: _common_pb2.ModelRef
+    tier: _common_pb2.Tier
+    size_bytes: int
+    ref_count: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., base: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., size_bytes: _Optional[int] = ..., ref_count: _Optional[int] = ...) -> None: ...
+
 class TierUsage(_message.Message):
     __slots__ = ("tier", "used_bytes", "budget_bytes")
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -187,7 +217,7 @@ class PreloaderStatus(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., alive: _Optional[bool] = ..., restarts: _Optional[int] = ..., loading: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
-    __slots__ = ("executor_id", "address", "state", "device", "models", "tiers", "queue_depth", "queue_capacity", "device_memory_total_bytes", "device_memory_used_bytes", "preloader", "version", "queue", "costs")
+    __slots__ = ("executor_id", "address", "state", "device", "models", "tiers", "queue_depth", "queue_capacity", "device_memory_total_bytes", "device_memory_used_bytes", "preloader", "version", "queue", "costs", "adapters", "max_adapters")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +232,8 @@ class ExecutorStatus(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     COSTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     address: str
     state: ExecutorState
@@ -216,23 +248,27 @@ class ExecutorStatus(_message.Message):
     version: int
     queue: _containers.RepeatedCompositeFieldContainer[QueuedRequest]
     costs: CostEstimates
-    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ExecutorState, str]] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., preloader: _Optional[_Union[PreloaderStatus, _Mapping]] = ..., version: _Optional[int] = ..., queue: _Optional[_Iterable[_Union[QueuedRequest, _Mapping]]] = ..., costs: _Optional[_Union[CostEstimates, _Mapping]] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[HeldAdapter]
+    max_adapters: int
+    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ExecutorState, str]] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., preloader: _Optional[_Union[PreloaderStatus, _Mapping]] = ..., version: _Optional[int] = ..., queue: _Optional[_Iterable[_Union[QueuedRequest, _Mapping]]] = ..., costs: _Optional[_Union[CostEstimates, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[HeldAdapter, _Mapping]]] = ..., max_adapters: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("request_id", "model", "state", "waited", "overtaken", "num_images")
+    __slots__ = ("request_id", "model", "state", "waited", "overtaken", "num_images", "adapters")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     WAITED_FIELD_NUMBER: _ClassVar[int]
     OVERTAKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: _common_pb2.ModelRef
     state: QueuedState
     waited: _duration_pb2.Duration
     overtaken: _duration_pb2.Duration
     num_images: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., state: _Optional[_Union[QueuedState, str]] = ..., waited: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., overtaken: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., num_images: _Optional[int] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterRef]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., state: _Optional[_Union[QueuedState, str]] = ..., waited: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., overtaken: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterRef, _Mapping]]] = ...) -> None: ...
 
 class TierCost(_message.Message):
     __slots__ = ("tier", "fixed_seconds", "seconds_per_gib", "samples")

@@ -30,7 +30,9 @@ class ExecutorServiceStub:
     the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
     first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
     is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible
-    parameters may run as one batch (`max_batch_images`).
+    parameters may run as one batch (`max_batch_images`). LoRA adapters are models too: a request names an adapter as
+    its model, or a base pipeline plus up to `max_adapters` adapters; the base stays resident and adapters (weights in
+    the host tier) are switched on it without rebuilding it.
     """
 
     def __init__(self, channel):
@@ -76,14 +78,21 @@ class ExecutorServiceServicer:
     the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
     first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
     is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible
-    parameters may run as one batch (`max_batch_images`).
+    parameters may run as one batch (`max_batch_images`). LoRA adapters are models too: a request names an adapter as
+    its model, or a base pipeline plus up to `max_adapters` adapters; the base stays resident and adapters (weights in
+    the host tier) are switched on it without rebuilding it.
     """
 
     def Generate(self, request, context):
-        """Generates images with one model.
+        """Generates images with one model: a pipeline, or a LoRA adapter (run on its base), plus the request's adapters.
         Returns INVALID_ARGUMENT for a missing model id, a prompt over the length limit, a width or height that is not
         a multiple of 8 or exceeds the maximum, or steps or num_images outside their bounds (the message names the
-        field and the allowed range); NOT_FOUND if the model is not registered; RESOURCE_EXHAUSTED if the queue is full;
+        field and the allowed range); INVALID_ARGUMENT for more adapters than max_adapters, an `adapters` entry that
+        is not a LORA_ADAPTER, adapters on different bases (or not on `model`), an adapter whose base is not a
+        DIFFUSERS_PIPELINE, a scale that is not finite, or a pickle-format adapter file (safetensors only);
+        FAILED_PRECONDITION if an adapter does not fit its base: one of its tensors names a module the base lacks or
+        has a shape that does not fit it (the message names the first such key); NOT_FOUND if the model or an adapter
+        is not registered; RESOURCE_EXHAUSTED if the queue is full;
         DEADLINE_EXCEEDED or CANCELLED when the call ends first (denoising stops between steps);
         UNAVAILABLE if the model cannot be loaded because the preloader or storage-cache is down.
         """
@@ -100,10 +109,11 @@ class ExecutorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Preload(self, request, context):
-        """Loads a model into the standby or host tier ahead of traffic.
-        Returns INVALID_ARGUMENT for a target tier other than STANDBY or HOST; NOT_FOUND if the model is not
-        registered; RESOURCE_EXHAUSTED if the model is larger than the tier's byte budget; UNAVAILABLE if loading
-        fails because the preloader or storage-cache is down.
+        """Loads a model into the standby or host tier ahead of traffic. A LoRA adapter's weights go to the host tier
+        (whatever the target; its base is not loaded by this call).
+        Returns INVALID_ARGUMENT for a target tier other than STANDBY or HOST, or a pickle-format adapter file;
+        NOT_FOUND if the model is not registered; RESOURCE_EXHAUSTED if the model is larger than the tier's byte
+        budget; UNAVAILABLE if loading fails because the preloader or storage-cache is down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,7 +189,9 @@ class ExecutorService:
     the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
     first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
     is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible
-    parameters may run as one batch (`max_batch_images`).
+    parameters may run as one batch (`max_batch_images`). LoRA adapters are models too: a request names an adapter as
+    its model, or a base pipeline plus up to `max_adapters` adapters; the base stays resident and adapters (weights in
+    the host tier) are switched on it without rebuilding it.
     """
 
     @staticmethod

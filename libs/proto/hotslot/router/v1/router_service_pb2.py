@@ -27,41 +27,41 @@ from hotslot.executor.v1 import executor_service_pb2 as hotslot_dot_executor_dot
 from hotslot.registry.v1 import registry_service_pb2 as hotslot_dot_registry_dot_v1_dot_registry__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hotslot/router/v1/router_service.proto\x12\x11hotslot.router.v1\x1a\x1ehotslot/common/v1/common.proto\x1a*hotslot/executor/v1/executor_service.proto\x1a*hotslot/registry/v1/registry_service.proto\"\x86\x01\n\x0fGenerateRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xad\x01\n\x10GenerateResponse\x12\x35\n\x06result\x18\x01 \x01(\x0b\x32%.hotslot.executor.v1.GenerateResponse\x12\x1e\n\x16\x61ttempted_executor_ids\x18\x02 \x03(\t\x12<\n\x10placement_reason\x18\x04 \x01(\x0e\x32\".hotslot.router.v1.PlacementReasonJ\x04\x08\x03\x10\x04\"\x8c\x01\n\x15GenerateStreamRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xbe\x01\n\x16GenerateStreamResponse\x12\x31\n\x04load\x18\x01 \x01(\x0b\x32!.hotslot.executor.v1.LoadProgressH\x00\x12\x31\n\x04step\x18\x02 \x01(\x0b\x32!.hotslot.executor.v1.StepProgressH\x00\x12\x35\n\x06result\x18\x03 \x01(\x0b\x32#.hotslot.router.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"L\n\x11ListModelsRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.hotslot.registry.v1.ListModelsRequest\"O\n\x12ListModelsResponse\x12\x39\n\x08response\x18\x01 \x01(\x0b\x32\'.hotslot.registry.v1.ListModelsResponse\"5\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.hotslot.registry.v1.Model\"N\n\x0ePreloadRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"\x91\x01\n\x0fPreloadResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32$.hotslot.executor.v1.PreloadResponse\x12\x33\n\x08replicas\x18\x03 \x03(\x0b\x32!.hotslot.router.v1.PreloadReplica\"[\n\x0ePreloadReplica\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32$.hotslot.executor.v1.PreloadResponse\"\x19\n\x17GetClusterStatusRequest\"\x8d\x01\n\x18GetClusterStatusResponse\x12\x36\n\texecutors\x18\x01 \x03(\x0b\x32#.hotslot.executor.v1.ExecutorStatus\x12\x1a\n\x12router_queue_depth\x18\x02 \x01(\x05\x12\x1d\n\x15unreachable_addresses\x18\x03 \x03(\t*\xc1\x01\n\x0fPlacementReason\x12 \n\x1cPLACEMENT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLACEMENT_REASON_ACTIVE\x10\x01\x12\x1c\n\x18PLACEMENT_REASON_STANDBY\x10\x02\x12\x19\n\x15PLACEMENT_REASON_HOST\x10\x03\x12\x19\n\x15PLACEMENT_REASON_LOAD\x10\x04\x12\x1b\n\x17PLACEMENT_REASON_SPREAD\x10\x05\x32\xbc\x04\n\rRouterService\x12S\n\x08Generate\x12\".hotslot.router.v1.GenerateRequest\x1a#.hotslot.router.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12(.hotslot.router.v1.GenerateStreamRequest\x1a).hotslot.router.v1.GenerateStreamResponse0\x01\x12Y\n\nListModels\x12$.hotslot.router.v1.ListModelsRequest\x1a%.hotslot.router.v1.ListModelsResponse\x12S\n\x08GetModel\x12\".hotslot.router.v1.GetModelRequest\x1a#.hotslot.router.v1.GetModelResponse\x12P\n\x07Preload\x12!.hotslot.router.v1.PreloadRequest\x1a\".hotslot.router.v1.PreloadResponse\x12k\n\x10GetClusterStatus\x12*.hotslot.router.v1.GetClusterStatusRequest\x1a+.hotslot.router.v1.GetClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hotslot/router/v1/router_service.proto\x12\x11hotslot.router.v1\x1a\x1ehotslot/common/v1/common.proto\x1a*hotslot/executor/v1/executor_service.proto\x1a*hotslot/registry/v1/registry_service.proto\"\xb7\x01\n\x0fGenerateRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"\xad\x01\n\x10GenerateResponse\x12\x35\n\x06result\x18\x01 \x01(\x0b\x32%.hotslot.executor.v1.GenerateResponse\x12\x1e\n\x16\x61ttempted_executor_ids\x18\x02 \x03(\t\x12<\n\x10placement_reason\x18\x04 \x01(\x0e\x32\".hotslot.router.v1.PlacementReasonJ\x04\x08\x03\x10\x04\"\xbd\x01\n\x15GenerateStreamRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"\xbe\x01\n\x16GenerateStreamResponse\x12\x31\n\x04load\x18\x01 \x01(\x0b\x32!.hotslot.executor.v1.LoadProgressH\x00\x12\x31\n\x04step\x18\x02 \x01(\x0b\x32!.hotslot.executor.v1.StepProgressH\x00\x12\x35\n\x06result\x18\x03 \x01(\x0b\x32#.hotslot.router.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"L\n\x11ListModelsRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.hotslot.registry.v1.ListModelsRequest\"O\n\x12ListModelsResponse\x12\x39\n\x08response\x18\x01 \x01(\x0b\x32\'.hotslot.registry.v1.ListModelsResponse\"5\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.hotslot.registry.v1.Model\"N\n\x0ePreloadRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"\x91\x01\n\x0fPreloadResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32$.hotslot.executor.v1.PreloadResponse\x12\x33\n\x08replicas\x18\x03 \x03(\x0b\x32!.hotslot.router.v1.PreloadReplica\"[\n\x0ePreloadReplica\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32$.hotslot.executor.v1.PreloadResponse\"\x19\n\x17GetClusterStatusRequest\"\x8d\x01\n\x18GetClusterStatusResponse\x12\x36\n\texecutors\x18\x01 \x03(\x0b\x32#.hotslot.executor.v1.ExecutorStatus\x12\x1a\n\x12router_queue_depth\x18\x02 \x01(\x05\x12\x1d\n\x15unreachable_addresses\x18\x03 \x03(\t*\xc1\x01\n\x0fPlacementReason\x12 \n\x1cPLACEMENT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLACEMENT_REASON_ACTIVE\x10\x01\x12\x1c\n\x18PLACEMENT_REASON_STANDBY\x10\x02\x12\x19\n\x15PLACEMENT_REASON_HOST\x10\x03\x12\x19\n\x15PLACEMENT_REASON_LOAD\x10\x04\x12\x1b\n\x17PLACEMENT_REASON_SPREAD\x10\x05\x32\xbc\x04\n\rRouterService\x12S\n\x08Generate\x12\".hotslot.router.v1.GenerateRequest\x1a#.hotslot.router.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12(.hotslot.router.v1.GenerateStreamRequest\x1a).hotslot.router.v1.GenerateStreamResponse0\x01\x12Y\n\nListModels\x12$.hotslot.router.v1.ListModelsRequest\x1a%.hotslot.router.v1.ListModelsResponse\x12S\n\x08GetModel\x12\".hotslot.router.v1.GetModelRequest\x1a#.hotslot.router.v1.GetModelResponse\x12P\n\x07Preload\x12!.hotslot.router.v1.PreloadRequest\x1a\".hotslot.router.v1.PreloadResponse\x12k\n\x10GetClusterStatus\x12*.hotslot.router.v1.GetClusterStatusRequest\x1a+.hotslot.router.v1.GetClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hotslot.router.v1.router_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLACEMENTREASON']._serialized_start=1600
-  _globals['_PLACEMENTREASON']._serialized_end=1793
+  _globals['_PLACEMENTREASON']._serialized_start=1698
+  _globals['_PLACEMENTREASON']._serialized_end=1891
   _globals['_GENERATEREQUEST']._serialized_start=182
-  _globals['_GENERATEREQUEST']._serialized_end=316
-  _globals['_GENERATERESPONSE']._serialized_start=319
-  _globals['_GENERATERESPONSE']._serialized_end=492
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=495
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=635
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=638
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=828
-  _globals['_LISTMODELSREQUEST']._serialized_start=830
-  _globals['_LISTMODELSREQUEST']._serialized_end=906
-  _globals['_LISTMODELSRESPONSE']._serialized_start=908
-  _globals['_LISTMODELSRESPONSE']._serialized_end=987
-  _globals['_GETMODELREQUEST']._serialized_start=989
-  _globals['_GETMODELREQUEST']._serialized_end=1042
-  _globals['_GETMODELRESPONSE']._serialized_start=1044
-  _globals['_GETMODELRESPONSE']._serialized_end=1105
-  _globals['_PRELOADREQUEST']._serialized_start=1107
-  _globals['_PRELOADREQUEST']._serialized_end=1185
-  _globals['_PRELOADRESPONSE']._serialized_start=1188
-  _globals['_PRELOADRESPONSE']._serialized_end=1333
-  _globals['_PRELOADREPLICA']._serialized_start=1335
-  _globals['_PRELOADREPLICA']._serialized_end=1426
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1428
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1453
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1456
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1597
-  _globals['_ROUTERSERVICE']._serialized_start=1796
-  _globals['_ROUTERSERVICE']._serialized_end=2368
+  _globals['_GENERATEREQUEST']._serialized_end=365
+  _globals['_GENERATERESPONSE']._serialized_start=368
+  _globals['_GENERATERESPONSE']._serialized_end=541
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=544
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=733
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=736
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=926
+  _globals['_LISTMODELSREQUEST']._serialized_start=928
+  _globals['_LISTMODELSREQUEST']._serialized_end=1004
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1006
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1085
+  _globals['_GETMODELREQUEST']._serialized_start=1087
+  _globals['_GETMODELREQUEST']._serialized_end=1140
+  _globals['_GETMODELRESPONSE']._serialized_start=1142
+  _globals['_GETMODELRESPONSE']._serialized_end=1203
+  _globals['_PRELOADREQUEST']._serialized_start=1205
+  _globals['_PRELOADREQUEST']._serialized_end=1283
+  _globals['_PRELOADRESPONSE']._serialized_start=1286
+  _globals['_PRELOADRESPONSE']._serialized_end=1431
+  _globals['_PRELOADREPLICA']._serialized_start=1433
+  _globals['_PRELOADREPLICA']._serialized_end=1524
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1526
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1551
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1554
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1695
+  _globals['_ROUTERSERVICE']._serialized_start=1894
+  _globals['_ROUTERSERVICE']._serialized_end=2466
 # @@protoc_insertion_point(module_scope)

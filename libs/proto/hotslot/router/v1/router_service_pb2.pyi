@@ -26,14 +26,16 @@ PLACEMENT_REASON_LOAD: PlacementReason
 PLACEMENT_REASON_SPREAD: PlacementReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "params", "request_id")
+    __slots__ = ("model", "params", "request_id", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     params: _common_pb2.GenerationParams
     request_id: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterRef]
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterRef, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("result", "attempted_executor_ids", "placement_reason")
@@ -46,14 +48,16 @@ class GenerateResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[_executor_service_pb2.GenerateResponse, _Mapping]] = ..., attempted_executor_ids: _Optional[_Iterable[str]] = ..., placement_reason: _Optional[_Union[PlacementReason, str]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("model", "params", "request_id")
+    __slots__ = ("model", "params", "request_id", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     params: _common_pb2.GenerationParams
     request_id: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterRef]
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., request_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterRef, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("load", "step", "result")

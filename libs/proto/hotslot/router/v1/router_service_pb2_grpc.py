@@ -76,8 +76,11 @@ class RouterServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Generates images, placed on the best executor. Retried once on another executor if the first one dies.
-        Returns INVALID_ARGUMENT for bad parameters (as ExecutorService.Generate); NOT_FOUND if the model is not
+        """Generates images, placed on the best executor. Retried once on another executor if the first one dies. A
+        request with LoRA adapters (or an adapter as its model) goes to an executor that holds their base, preferring
+        one that holds the adapters too.
+        Returns INVALID_ARGUMENT for bad parameters or adapters (as ExecutorService.Generate); FAILED_PRECONDITION for
+        an adapter that does not fit its base (as ExecutorService.Generate); NOT_FOUND if the model or an adapter is not
         registered; RESOURCE_EXHAUSTED when the queues are full (retry after the delay in the RetryInfo detail);
         UNAVAILABLE if no executor is ready; DEADLINE_EXCEEDED or CANCELLED when the call ends first.
         """
@@ -121,7 +124,8 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetClusterStatus(self, request, context):
-        """Returns every connected executor with what it holds and its queue depth, and the addresses it cannot reach.
+        """Returns every connected executor with what it holds (pipelines and LoRA adapters, with tier and bytes) and its
+        queue depth, and the addresses it cannot reach.
         Returns OK always.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
