@@ -172,23 +172,56 @@ def _check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size must be a multiple of 8 and at least 16, got {image_size}")
 
 
-def build_unet(seed: int, *, image_size: int = 64) -> UNet2DConditionModel:
-    """A tiny random UNet2DConditionModel (~1M parameters, 4 MB in fp32); its weights are a function of `seed`."""
+# Stable Diffusion 1.5's UNet layout (cross-attention in every block but the deepest), for `block_out_channels`.
+def _sd_block_types(n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return down, up
+
+
+def build_unet(
+    seed: int, *, image_size: int = 64, block_out_channels: tuple[int, ...] | None = None
+) -> UNet2DConditionModel:
+    """A random UNet2DConditionModel; its weights are a function of `seed` (and the shape).
+
+    By default the tiny one (~1M parameters, 4 MB in fp32). With `block_out_channels` (each a multiple of 32,
+    at least two), SD 1.5's layout at those widths instead: cross-attention in every block but the deepest, two
+    layers per block, 8 attention heads; SD 1.5 itself is (320, 640, 1280, 1280). Its size grows with the square
+    of the widths, e.g. (64, 128, 256, 256) is ~34M parameters.
+    """
     _check_image_size(image_size)
     from diffusers import UNet2DConditionModel
 
+    if block_out_channels is None:
+        config: dict[str, Any] = dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+        )
+    else:
+        widths = tuple(int(w) for w in block_out_channels)
+        if len(widths) < 2 or any(w < 32 or w % 32 for w in widths):
+            raise ValueError(
+                f"block_out_channels must be at least two multiples of 32, got {block_out_channels}"
+            )
+        down, up = _sd_block_types(len(widths))
+        config = dict(
+            block_out_channels=widths,
+            layers_per_block=2,
+            down_block_types=down,
+            up_block_types=up,
+            attention_head_dim=8,
+        )
     with _seeded(seed):
         unet = UNet2DConditionModel(
             sample_size=image_size // VAE_SCALE_FACTOR,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=TEXT_HIDDEN_SIZE,
-            attention_head_dim=(2, 4),
             norm_num_groups=32,
+            **config,
         )
     return unet.eval()
 
@@ -328,19 +361,22 @@ def write_tiny_pipeline(
     seed: int = 0,
     shared_seed: int | None = None,
     image_size: int = 64,
+    unet_block_out_channels: tuple[int, ...] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes a tiny random StableDiffusionPipeline directory at `dest` and returns `dest`.
 
     `seed` fixes the UNet weights; `shared_seed` (default: `seed`) fixes the vae and text encoder weights.
-    `image_size` is the pipeline's default height and width (a multiple of 8). The same arguments always give
-    byte-identical files. Raises ValueError if `dest` exists and is not empty, unless `overwrite` is true.
+    `image_size` is the pipeline's default height and width (a multiple of 8). `unet_block_out_channels` gives
+    the UNet SD 1.5's layout at those widths (see `build_unet`); the other components stay the same. The same
+    arguments always give byte-identical files. Raises ValueError if `dest` exists and is not empty, unless
+    `overwrite` is true.
     """
     dest = Path(dest)
     _check_image_size(image_size)
     _check_dest(dest, overwrite)
     shared = build_shared_components(seed if shared_seed is None else shared_seed, image_size=image_size)
-    unet = build_unet(seed, image_size=image_size)
+    unet = build_unet(seed, image_size=image_size, block_out_channels=unet_block_out_channels)
     return _write_atomically(dest, overwrite, lambda tmp: _save_components(tmp, unet, shared))
 
 
@@ -358,13 +394,14 @@ def write_family(
     seed: int = 0,
     shared_seed: int | None = None,
     image_size: int = 64,
+    unet_block_out_channels: tuple[int, ...] | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Writes n tiny pipelines `dest_root/<prefix>-0 .. <prefix>-{n-1}` and returns their paths.
 
     The members share vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json byte for byte (from
-    `shared_seed`, default `seed`) and differ only in unet/ weights (member i: `family_member_seed(seed, i)`).
-    Every destination is checked before anything is written; each member is written atomically.
+    `shared_seed`, default `seed`) and differ only in unet/ weights (member i: `family_member_seed(seed, i)`;
+    `unet_block_out_channels` as in `build_unet`). Every destination is checked before anything is written; each member is written atomically.
     """
     if n < 1:
         raise ValueError(f"a family needs at least one member, got n={n}")
@@ -378,7 +415,9 @@ def write_family(
     shared = build_shared_components(seed if shared_seed is None else shared_seed, image_size=image_size)
     written = []
     for i, dest in enumerate(dests):
-        unet = build_unet(family_member_seed(seed, i), image_size=image_size)
+        unet = build_unet(
+            family_member_seed(seed, i), image_size=image_size, block_out_channels=unet_block_out_channels
+        )
         written.append(
             _write_atomically(dest, overwrite, lambda tmp, u=unet: _save_components(tmp, u, shared))
         )
