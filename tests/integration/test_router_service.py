@@ -570,9 +570,10 @@ def test_preload_replicas_warm_a_model_on_several_real_executors(
     assert len(ids) == 2 and len(set(ids)) == 2
     assert reply.executor_id == ids[0] and reply.result == reply.replicas[0].result  # the first, as before replicas
     assert all(r.result.model.model_id == "tiny-sd-1" and r.result.tier == STANDBY for r in reply.replicas)
-    held = wait_for(lambda: (h := held_on(real_router, "tiny-sd-1")) and len(h) == 2 and h,
-                    "the router to see the model on both")
-    assert set(held) == set(ids) and set(held.values()) == {STANDBY}
+    # The router's view follows each executor's status stream, which may still be on a status sent mid-load (the
+    # weights in host memory, before the standby slot is filled).
+    wait_for(lambda: held_on(real_router, "tiny-sd-1") == dict.fromkeys(ids, STANDBY),
+             "the router to see the model in standby on both")
     # Each executor says so itself.
     for svc in real_stack.executors:
         with grpc.insecure_channel(svc.address) as channel:
