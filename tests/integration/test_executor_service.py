@@ -324,11 +324,11 @@ def test_held_model_requests_overtake_a_slow_load_until_its_overtake_budget_is_s
             overtook = 0
             while True:
                 waiting: dict[str, epb.GenerateResponse] = {}
-                hot = threading.Thread(target=lambda: waiting.update(a=stub.Generate(generate_request("tiny-sd-0"),
-                                                                                     timeout=300)))
+                hot = threading.Thread(target=lambda w=waiting: w.update(a=stub.Generate(generate_request("tiny-sd-0"),
+                                                                                         timeout=300)))
                 hot.start()
                 # Served, or listed behind the load (the status lists the queue in the order it will be served).
-                queued = wait_for(lambda: (not hot.is_alive() and [True]) or (
+                queued = wait_for(lambda h=hot: (not h.is_alive() and [True]) or (
                     len(q := status(stub).queue) == 2 and q[0].model.model_id == "tiny-sd-1" and list(q)),
                     what="served or queued behind the load")
                 if queued != [True]:
