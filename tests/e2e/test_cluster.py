@@ -155,6 +155,16 @@ def test_cli_generate_and_status(stack: Stack, router: pb_grpc.RouterServiceStub
         assert e.executor_id in done.stdout and e.address in done.stdout, done.stdout
     assert "router queue: 0" in done.stdout
 
+    done = subprocess.run([*HOTSLOT, "preload", "tiny-sd-2", "--replicas", "2", "--router", stack.router.address],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("tiny-sd-2@") for line in lines), done.stdout
+    assert {line.split(" on ")[1].split(":")[0] for line in lines} == {e.executor_id for e in executors}
+    done = subprocess.run([*HOTSLOT, "preload", "no-such-model", "--router", stack.router.address],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "NOT_FOUND" in done.stderr, done.stderr
+
 
 def test_full_queues_answer_resource_exhausted(stack: Stack) -> None:
     """A router with room for one request per executor and one waiting, in front of one executor: the third

@@ -275,6 +275,28 @@ def _put_parts(path: Path, dest: str, sha256: str, advance):
             yield spb.PutFileRequest(chunk=block)
 
 
+def preload(
+    model: Annotated[str, typer.Argument(help="Model id.")],
+    revision: Annotated[int, typer.Option(help="Model revision; 0 = latest.")] = 0,
+    replicas: Annotated[int, typer.Option(min=1, help="Executors to warm it on (all live ones when fewer).")] = 1,
+    router: RouterOpt = "127.0.0.1:50050",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the loads.")] = 600.0,
+) -> None:
+    """Load a model into standby on one or more executors ahead of a known burst (router Preload)."""
+    request = pb.PreloadRequest(model=common_pb2.ModelRef(model_id=model, revision=revision), replicas=replicas)
+    with grpc.insecure_channel(router) as channel:
+        try:
+            reply = pb_grpc.RouterServiceStub(channel).Preload(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise _fail(err) from None
+    for replica in reply.replicas:
+        r = replica.result
+        console.print(f"{r.model.model_id}@{r.model.revision} on {replica.executor_id}: "
+                      f"{TIER_NAMES.get(r.tier, '?')}")
+    if len(reply.replicas) < replicas:
+        console.print(f"[yellow]{len(reply.replicas)} of {replicas} replicas: fewer live executors[/yellow]")
+
+
 def status(router: RouterOpt = "127.0.0.1:50050") -> None:
     """Show every executor the router knows: state, what it holds in which tier, queue depth."""
     with grpc.insecure_channel(router) as channel:
