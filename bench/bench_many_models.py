@@ -19,7 +19,7 @@ the bytes of one hotslot executor's active + standby + host budgets hold).
     .venv/bin/pip install -e '.[bench]'                               # ray[serve]; never a runtime dependency
     .venv/bin/pip install --target bench/.data/pydeps fusepy          # the slow share (and apt-get install libfuse2)
     flock /tmp/hotslot-bench.lock .venv/bin/python bench/bench_many_models.py          # ~30 min on 2 cores
-    .venv/bin/python bench/bench_many_models.py --quick                                # ~3 min smoke run
+    .venv/bin/python bench/bench_many_models.py --quick                                # ~4 min smoke run
 
 Models are written once to bench/.data/many-models/ (hotslot.modelgen.write_family) and reused.
 """
@@ -831,8 +831,8 @@ def main() -> None:
                              "flags given explicitly win")
     parser.add_argument("--unet-widths", type=lambda s: tuple(int(x) for x in s.split(",")), default=(32, 64, 128, 128),
                         help="UNet block_out_channels (SD 1.5 layout); default 32,64,128,128: 34 MB fp32")
-    parser.add_argument("--size", type=int, default=32, help="image width = height (px)")
-    parser.add_argument("--steps", type=int, default=3, help="denoising steps per image")
+    parser.add_argument("--size", type=int, default=48, help="image width = height (px)")
+    parser.add_argument("--steps", type=int, default=1, help="denoising steps per image")
     parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale (1 = one UNet pass per step)")
     parser.add_argument("--standby-models", type=int, default=8,
                         help="hotslot standby budget per executor, in models (the GPU's room beside the active one)")
@@ -941,7 +941,7 @@ def main() -> None:
           f"{model_file_bytes / 1e6:.1f} MB each on disk ({unet_bytes / 1e6:.1f} MB UNet, the rest byte-identical "
           f"in every model), fp32 files served as fp32; {len(ids) * model_file_bytes / GB:.2f} GB in all")
     print(f"one load (diffusers from_pretrained, page cache warm, 1 thread) {cal['load_s']:.3f} s; one image "
-          f"({args.size}x{args.size} px, {args.steps} steps, guidance {args.guidance:g}, 1 thread) "
+          f"({args.size}x{args.size} px, {args.steps} step(s), guidance {args.guidance:g}, 1 thread) "
           f"{cal['image_s']:.3f} s; ratio load/image {cal['load_s'] / cal['image_s']:.2f}")
     b = {"active": 2, "standby": args.standby_models, "host": args.host_models}
     print(f"hotslot per executor: torch_threads 1, budgets active {b['active']} / standby {b['standby']} / host "
