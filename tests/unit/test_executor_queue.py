@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from hotslot.errors import InvalidArgument
 from hotslot.services.executor.core import ExecutorCore, QueuedState
 from hotslot.services.executor.costs import CostModel, Line, fit_line, work_units
 from hotslot.services.executor.downstream import EnsuredView, ResolvedModel
@@ -27,6 +28,8 @@ class FakePipeline:
     def __init__(self, name: str) -> None:
         self.name = name
         self.calls: list[list[str]] = []
+        self.adapters: list[str] = []  # set by FakeLoader.apply_adapters
+        self.adapter_calls: list[tuple[list[str], list[str]]] = []  # (prompts, adapters) per call
 
     def set_progress_bar_config(self, **kwargs) -> None:
         pass
@@ -34,6 +37,7 @@ class FakePipeline:
     def __call__(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, width, height, generator,
                  output_type, callback_on_step_end):
         self.calls.append(list(prompt))
+        self.adapter_calls.append((list(prompt), list(self.adapters)))
         for step in range(num_inference_steps):
             callback_on_step_end(self, step, 0, {})
         images = np.stack([np.full((8, 8, 3), (hash((self.name, p)) % 97 + g.initial_seed() % 97) / 255.0)
@@ -63,6 +67,12 @@ class FakeLoader:
             assert self.gates[model_id].wait(30), "the test never opened the gate"
         return type("Read", (), {"weights": FakeWeights(model_id), "handoff_s": 0.0})()
 
+    def read_adapter(self, key: str, view_path: str, timeout_s: float):
+        return self.read(key, view_path, timeout_s)
+
+    def apply_adapters(self, pipeline: FakePipeline, wanted, held) -> None:
+        pipeline.adapters = [name for name, _, _ in wanted]
+
     def materialize(self, weights: FakeWeights):
         return self.pipelines.setdefault(weights.name, FakePipeline(weights.name)), 0.0
 
@@ -79,7 +89,11 @@ class FakePreloader:
 
 
 class FakeRegistry:
+    """Every model is a pipeline, but `lora-*`, LoRA adapters of model `a` (`lora-on-b`: of `b`)."""
+
     async def resolve(self, model_id: str, revision: int) -> ResolvedModel:
+        if model_id.startswith("lora-"):
+            return ResolvedModel(model_id, 1, "LORA_ADAPTER", 10, "", "b" if model_id == "lora-on-b" else "a")
         return ResolvedModel(model_id, 1, "DIFFUSERS_PIPELINE", MODEL_BYTES, "StableDiffusionPipeline")
 
 
@@ -228,6 +242,57 @@ async def test_compatible_requests_for_one_model_share_a_pipeline_call_with_thei
         await core.close()
 
 
+async def test_requests_with_different_adapters_never_share_a_pipeline_call(loader) -> None:
+    core = await started(make_core(loader, costs=FixedCosts(1.0), max_batch_images=8))
+    try:
+        await core.generate("a", 0, request())
+        gates = [loader.gate(m) for m in ("b", "lora-x", "lora-y")]
+        b = asyncio.ensure_future(core.generate("b", 0, request()))
+        await until(lambda: states(core) == [("b", QueuedState.LOADING)], "b loading")
+        calls = asyncio.gather(
+            core.generate("a", 0, request("x1"), adapters=[("lora-x", 0, None)]),
+            core.generate("a", 0, request("plain")),
+            core.generate("lora-x", 0, request("x2")),  # the adapter as the model: the same adapter set as x1
+            core.generate("a", 0, request("y"), adapters=[("lora-y", 0, 0.5)]),
+        )
+        await until(lambda: loader.pipelines["a"].calls[-1:] == [["plain"]], "plain ran while the adapters load")
+        for gate in gates:
+            gate.set()
+        x1, plain, x2, y = await asyncio.wait_for(calls, 30)
+        await asyncio.wait_for(b, 30)
+        assert (x1.batch_requests, x2.batch_requests, plain.batch_requests, y.batch_requests) == (2, 2, 1, 1)
+        assert [(a.key.model_id, a.scale) for a in x1.adapters] == [("lora-x", 1.0)] == \
+            [(a.key.model_id, a.scale) for a in x2.adapters]
+        assert [(a.key.model_id, a.scale) for a in y.adapters] == [("lora-y", 0.5)] and plain.adapters == []
+        assert x2.key == ModelKey("a", 1)  # ran on the adapter's base
+        by_prompts = {tuple(prompts): adapters for prompts, adapters in loader.pipelines["a"].adapter_calls}
+        assert by_prompts[("x1", "x2")] == ["lora-x@1"] and by_prompts[("y",)] == ["lora-y@1"]
+        assert by_prompts[("plain",)] == []
+        held = core.status().adapters
+        assert [(h.key.model_id, h.base, h.tier) for h in held] == [("lora-x", ModelKey("a", 1), Tier.HOST),
+                                                                     ("lora-y", ModelKey("a", 1), Tier.HOST)]
+    finally:
+        await core.close()
+
+
+async def test_adapters_on_two_bases_or_too_many_are_refused_before_queueing(loader) -> None:
+    core = await started(make_core(loader, max_adapters=2))
+    try:
+        with pytest.raises(InvalidArgument, match="share one base"):
+            await core.generate("a", 0, request(), adapters=[("lora-x", 0, None), ("lora-on-b", 0, None)])
+        with pytest.raises(InvalidArgument, match="share one base"):
+            await core.generate("lora-on-b", 0, request(), adapters=[("lora-x", 0, None)])
+        with pytest.raises(InvalidArgument, match="at most 2"):
+            await core.generate("lora-x", 0, request(), adapters=[("lora-y", 0, None), ("lora-z", 0, None)])
+        with pytest.raises(InvalidArgument, match="not a LORA_ADAPTER"):
+            await core.generate("a", 0, request(), adapters=[("b", 0, None)])
+        with pytest.raises(InvalidArgument, match="finite"):
+            await core.generate("a", 0, request(), adapters=[("lora-x", 0, float("nan"))])
+        assert core.status().queue == [] and core.status().adapters == []
+    finally:
+        await core.close()
+
+
 async def test_status_lists_the_queue_in_service_order_and_the_measured_costs(loader) -> None:
     core = await started(make_core(loader, max_batch_images=1))
     try:
@@ -264,6 +329,7 @@ class Job:
     params: GenerationParams = field(default_factory=lambda: request(steps=2, width=64, height=64,
                                                                      guidance_scale=7.5, num_images=1))
     overtaken_s: float = 0.0
+    adapters: tuple = ()
 
     @property
     def key(self) -> ModelKey:
@@ -293,6 +359,15 @@ def test_policy_batches_compatible_requests_up_to_the_image_bound_without_passin
     p = plan([a1, b, a2], images=4)
     assert p.run == [a1, a2] and p.passed == [b]
     assert plan([a1, b, a2], images=4, budget=0).run == [a1]
+
+
+def test_policy_never_batches_requests_with_different_adapters() -> None:
+    lora_x, lora_y = (ModelKey("x", 1), 1.0), (ModelKey("y", 1), 1.0)
+    plain, x1, x2, y, x_half = Job("a"), Job("a", adapters=(lora_x,)), Job("a", adapters=(lora_x,)), \
+        Job("a", adapters=(lora_y,)), Job("a", adapters=((ModelKey("x", 1), 0.5),))
+    assert plan([x1, plain, y, x_half, x2], images=8).run == [x1]  # the others are ready: x2 may not pass them
+    assert plan([x1, x2, plain], images=8).run == [x1, x2]
+    assert plan([plain, x1, Job("a")], images=8).run == [plain]
 
 
 def test_service_order_charges_budgets_as_it_goes() -> None:

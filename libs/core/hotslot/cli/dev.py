@@ -71,3 +71,33 @@ def make_model(
         typer.echo(f"wrote {path}  ({files} files, {size} bytes)")
     if len(paths) > 1:
         typer.echo(f"total: {len(paths)} models, {total_files} files, {total_bytes} bytes")
+
+
+@dev_app.command("make-lora")
+def make_lora(
+    dest: Annotated[Path, typer.Argument(help="Adapter directory to write (one pytorch_lora_weights.safetensors).")],
+    base: Annotated[Path, typer.Option(help="The pipeline directory the adapter is for (its configs give the shapes).")],
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the adapter's weights.")] = 0,
+    text_encoder: Annotated[
+        bool, typer.Option("--text-encoder", help="Adapt the text encoder's attention too (else the UNet only).")
+    ] = False,
+    kohya: Annotated[bool, typer.Option("--kohya", help="Write kohya/A1111 key names instead of diffusers/PEFT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")] = False,
+) -> None:
+    """Write a tiny random LoRA adapter (safetensors) for a pipeline such as `make-model` writes; register it with
+    `hotslot models register ID SOURCE --lora-base BASE`."""
+    from hotslot.modelgen import tree_stats
+    from hotslot.modelgen.lora import write_lora
+
+    if not (base / "model_index.json").is_file():
+        typer.echo(f"error: {base} is not a pipeline directory (no model_index.json)", err=True)
+        raise typer.Exit(code=2)
+    try:
+        path = write_lora(dest, base, rank=rank, seed=seed, text_encoder=text_encoder,
+                          fmt="kohya" if kohya else "peft", overwrite=overwrite)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    files, size = tree_stats(path)
+    typer.echo(f"wrote {path}  ({files} files, {size} bytes)")

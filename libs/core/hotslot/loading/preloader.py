@@ -205,17 +205,22 @@ class _Child:
 
         t0 = time.perf_counter()
         dtype = DTYPES[dtype_name] if dtype_name else None
-        layout = read_layout(view_path, variant=options.get("variant"))
-        wanted = list(components) if components is not None else sorted(layout.weight_components())
         requests, owners = [], []
-        for cname in wanted:
-            comp = layout.components.get(cname)
-            if comp is None or not comp.has_weights:
-                raise NotFound(f"{view_path}: component {cname!r} has no safetensors weights")
-            keep = module_predicate(keep_fp32.get(cname, ()) if keep_fp32 else ())
-            for path in comp.weight_files:
-                requests.append(ReadRequest(path, keep))
+        if options.get("files"):  # named files (a LoRA adapter's), not a pipeline layout
+            for cname, path in options["files"]:
+                requests.append(ReadRequest(Path(view_path) / path, module_predicate(())))
                 owners.append(cname)
+        else:
+            layout = read_layout(view_path, variant=options.get("variant"))
+            wanted = list(components) if components is not None else sorted(layout.weight_components())
+            for cname in wanted:
+                comp = layout.components.get(cname)
+                if comp is None or not comp.has_weights:
+                    raise NotFound(f"{view_path}: component {cname!r} has no safetensors weights")
+                keep = module_predicate(keep_fp32.get(cname, ()) if keep_fp32 else ())
+                for path in comp.weight_files:
+                    requests.append(ReadRequest(path, keep))
+                    owners.append(cname)
         cpu0 = time.process_time()
         t_read = time.perf_counter()
         # Every file of every component in one call: `read_concurrency` reads in flight across files and ranges.
@@ -572,10 +577,12 @@ class Preloader:
         chunk_bytes: int | None = None,
         read_concurrency: int | None = None,
         variant: str | None = None,
+        files: Sequence[tuple[str, str]] | None = None,
     ) -> Future[LoadedWeights]:
         """Asks the child to read the weights of the pipeline at `view_path` onto `device` (converted to `dtype`)
         and returns a Future of the LoadedWeights. `components`: which components to read (default: all with
-        safetensors); `keep_fp32`: per component, module names kept float32 (skeleton.keep_fp32_modules);
+        safetensors); `files`: instead of a pipeline's components, these (component, path relative to
+        `view_path`) safetensors files, e.g. a LoRA adapter's; `keep_fp32`: per component, module names kept float32 (skeleton.keep_fp32_modules);
         `read_bytes_per_s`, `chunk_bytes`, `read_concurrency`: for this load (default: the preloader's). The child
         holds the weights under
         `model_key` until `release(model_key)`."""
@@ -595,6 +602,7 @@ class Preloader:
             "chunk_bytes": chunk_bytes,
             "read_concurrency": read_concurrency,
             "variant": variant,
+            "files": [(str(c), str(p)) for c, p in files] if files else None,
         }
         keep = {k: tuple(v) for k, v in (keep_fp32 or {}).items()}
         comps = list(components) if components is not None else None

@@ -63,7 +63,7 @@ class RegistryClient(_Peer):
             raise self.error(error) from None
         m = reply.model
         return ResolvedModel(m.model_id, m.revision, kind_from_proto(m.kind) or "", m.manifest.total_bytes,
-                             m.manifest.pipeline_class)
+                             m.manifest.pipeline_class, m.base_model_id)
 
 
 class StorageClient(_Peer):

@@ -2,7 +2,9 @@
 first out, except that requests for held models may overtake loading ones within a budget, and compatible requests
 for one model share a call: queue_policy), the hot-swap slot kept full by the preloader (looking ahead in the queue
 so the next model loads while the current one computes), phase timings and spans recorded where each phase happens,
-measured costs, and a versioned status for watchers. No grpc here."""
+measured costs, and a versioned status for watchers. LoRA adapters are models in the host tier that a request
+applies on its resident base (`lora`): they load beside the queue like models, and a request runs when its base
+and its adapters are held. No grpc here."""
 from __future__ import annotations
 
 import asyncio
@@ -10,22 +12,31 @@ import collections
 import contextlib
 import enum
 import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from hotslot.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from hotslot.errors import (
+    Cancelled,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from hotslot.manifest import validate_model_id
 
 from .costs import LOAD_TIERS, CostModel, CostSnapshot, work_units
 from .downstream import ModelResolver, ViewProvider
 from .generation import GenerationLimits, GenerationParams, run_batch, validate
+from .lora import adapter_name, loaded_adapters, loaded_weights
 from .queue_policy import Plan, plan_next, service_order
 from .slots import HeldModel, ModelKey, SlotEntry, SlotManager, Tier, TierUsage
 
@@ -33,9 +44,29 @@ log = logging.getLogger(__name__)
 
 PHASES = ("queue", "ensure", "read", "materialize", "swap", "denoise", "encode")
 LOAD_PHASES = ("ensure", "read", "materialize")
+KIND_PIPELINE, KIND_LORA = "DIFFUSERS_PIPELINE", "LORA_ADAPTER"
 # Loads one request may start for its model before it gives up: a model evicted between its load and its turn
 # (the tier budgets too small for the traffic) is loaded again, but not forever.
 MAX_LOAD_ATTEMPTS = 3
+
+
+def _check_adapter_refs(adapters: Sequence[tuple[str, int, float | None]], max_adapters: int) -> None:
+    """Refuses malformed adapter references before anything is resolved, every violation at once."""
+    bad: list[FieldViolation] = []
+    if len(adapters) > max_adapters:
+        bad.append(FieldViolation("adapters", f"names {len(adapters)} LoRA adapters; this executor applies at most "
+                                              f"{max_adapters}"))
+    for i, (adapter_id, adapter_revision, scale) in enumerate(adapters):
+        try:
+            validate_model_id(adapter_id, f"adapters[{i}].model.model_id")
+        except InvalidArgument as err:
+            bad.extend(err.violations or [FieldViolation(f"adapters[{i}].model.model_id", err.message)])
+        if adapter_revision < 0:
+            bad.append(FieldViolation(f"adapters[{i}].model.revision", "must be >= 0 (0 means the latest)"))
+        if scale is not None and not math.isfinite(scale):
+            bad.append(FieldViolation(f"adapters[{i}].scale", f"is {scale}; use a finite number"))
+    if bad:
+        raise InvalidArgument("; ".join(f"{v.field} {v.description}" for v in bad), bad)
 
 
 class QueuedState(enum.IntEnum):
@@ -47,6 +78,30 @@ class QueuedState(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class AdapterUse:
+    """One LoRA adapter a request applies: its resolved key and scale (equal uses can share a pipeline call)."""
+
+    key: ModelKey
+    scale: float
+
+
+@dataclass(frozen=True)
+class AppliedAdapter:
+    key: ModelKey
+    scale: float
+    tier: Tier  # where its weights were when the request ran (ACTIVE/STANDBY: already loaded in the pipeline)
+
+
+@dataclass(frozen=True)
+class HeldAdapter:
+    key: ModelKey
+    base: ModelKey
+    tier: Tier  # HOST, or the tier of its base's pipeline when loaded in it
+    size_bytes: int
+    refs: int
+
+
+@dataclass(frozen=True)
 class QueueEntry:
     request_id: str
     key: ModelKey
@@ -54,6 +109,7 @@ class QueueEntry:
     waited_s: float
     overtaken_s: float
     num_images: int
+    adapters: tuple[AdapterUse, ...] = ()
 
 
 @dataclass
@@ -92,6 +148,7 @@ class GenerateOutcome:
     executor_id: str
     request_id: str
     batch_requests: int = 1
+    adapters: list[AppliedAdapter] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +183,8 @@ class ExecutorSnapshot:
     version: int
     queue: list[QueueEntry] = field(default_factory=list)
     costs: CostSnapshot | None = None
+    adapters: list[HeldAdapter] = field(default_factory=list)
+    max_adapters: int = 0
 
 
 @dataclass(eq=False)
@@ -143,6 +202,8 @@ class _Job:
     overtaken_s: float = 0.0  # charged by the calls that overtook it
     front_at: float | None = None  # perf_counter when it first was the head (or ran)
     preps: list[_Preparation] = field(default_factory=list)  # the loads it waited for as the head
+    adapters: tuple[AdapterUse, ...] = ()  # applied on `key`, in order
+    applied: list[AppliedAdapter] = field(default_factory=list)  # set when it runs
 
 
 @dataclass(eq=False)
@@ -158,6 +219,7 @@ class _Preparation:
     pipeline: Any = None  # kept when the standby budget could not hold it, so a waiting request can use it
     total_bytes: int = 0
     started_at: float = field(default_factory=time.perf_counter)
+    base: ModelKey | None = None  # a LoRA adapter's load (to HOST): the pipeline it applies to
 
 
 class ExecutorCore:
@@ -182,6 +244,7 @@ class ExecutorCore:
         resolve_cache_s: float = 5.0,
         max_overtake_s: float = 10.0,
         max_batch_images: int = 1,
+        max_adapters: int = 4,
         costs: CostModel | None = None,
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
@@ -203,6 +266,7 @@ class ExecutorCore:
         self.resolve_cache_s = resolve_cache_s
         self.max_overtake_s = max_overtake_s
         self.max_batch_images = max(1, max_batch_images)
+        self.max_adapters = max_adapters
         self.costs = costs or CostModel()
         self._resolved: dict[tuple[str, int], tuple[Any, float]] = {}
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
@@ -286,7 +350,19 @@ class ExecutorCore:
             version=self._version,
             queue=self._queue_entries(),
             costs=self._cost_snapshot(),
+            adapters=self._held_adapters(),
+            max_adapters=self.max_adapters,
         )
+
+    def _held_adapters(self) -> list[HeldAdapter]:
+        out = []
+        for entry in self.slots.adapters():
+            base = self.slots.get(entry.base) if entry.base else None
+            in_pipeline = (base is not None and base.pipeline is not None
+                           and adapter_name(entry.key) in loaded_adapters(base.pipeline))
+            out.append(HeldAdapter(entry.key, entry.base, base.tier if in_pipeline else Tier.HOST,
+                                   entry.size_bytes, entry.refs))
+        return out
 
     def _service_order(self) -> list[_Job]:
         return service_order([j for j in self._waiting if not j.stop.is_set()], ready=self._ready,
@@ -302,7 +378,7 @@ class ExecutorCore:
             return QueuedState.LOADING if job.key in self._preparing else QueuedState.WAITING
 
         return [QueueEntry(j.request_id, j.key, QueuedState.RUNNING if running else state(j), now - j.enqueued_at,
-                           j.overtaken_s, j.params.num_images)
+                           j.overtaken_s, j.params.num_images, j.adapters)
                 for running, jobs in ((True, self._running), (False, self._service_order())) for j in jobs]
 
     def _cost_snapshot(self) -> CostSnapshot:
@@ -360,14 +436,18 @@ class ExecutorCore:
         params: GenerationParams,
         request_id: str = "",
         emit: Callable[[Any], None] | None = None,
+        adapters: Sequence[tuple[str, int, float | None]] = (),
     ) -> GenerateOutcome:
         """Queues one request and waits for it. `emit` receives LoadEvent/StepEvent objects on the event loop.
-        Cancelling the awaiting task (client cancel, deadline) stops denoising between steps."""
+        `adapters`: (model id, revision, scale or None for 1.0) of LoRA adapters to apply on the model (or, when
+        the model is itself an adapter, on its base after it). Cancelling the awaiting task (client cancel,
+        deadline) stops denoising between steps."""
         if self._state != "READY":
             raise Unavailable(f"executor {self.executor_id} is {self._state.lower()}; retry on another executor")
         validate_model_id(model_id, "model.model_id")
         if revision < 0:
             raise InvalidArgument.field("model.revision", "must be >= 0 (0 means the latest)")
+        _check_adapter_refs(adapters, self.max_adapters)
         params = validate(params, self.limits)
         if len(self._waiting) >= self.queue_capacity:
             raise ResourceExhausted(
@@ -375,11 +455,7 @@ class ExecutorCore:
                 f"{self.queue_capacity}); retry later or on another executor",
                 retry_after_s=self.retry_after_s,
             )
-        resolved = await self._resolve(model_id, revision)
-        if resolved.kind and resolved.kind != "DIFFUSERS_PIPELINE":
-            raise InvalidArgument.field(
-                "model.model_id", f"{model_id!r} is a {resolved.kind}; generate with a DIFFUSERS_PIPELINE model"
-            )
+        resolved, uses = await self._resolve_request(model_id, revision, adapters)
         key = ModelKey(resolved.model_id, resolved.revision)
         self.slots.check_fits(key, resolved.total_bytes)
         loop = asyncio.get_running_loop()
@@ -391,6 +467,7 @@ class ExecutorCore:
             emit=emit or (lambda event: None),
             future=loop.create_future(),
             context=trace.set_span_in_context(trace.get_current_span()),
+            adapters=tuple(AdapterUse(k, scale) for k, scale, _ in uses),
         )
         # Mark the outcome as seen even when the caller has gone (cancelled), so asyncio does not warn about it.
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -401,6 +478,9 @@ class ExecutorCore:
             )
         self._waiting.append(job)
         job.emit(LoadEvent("queued", queue_position=len(self._waiting)))
+        for adapter_key, _, size in uses:  # small: read now, beside the queue, so the head never waits for them
+            if self.slots.get(adapter_key) is None and adapter_key not in self._preparing:
+                job.preps.append(self._start_preparation(adapter_key, Tier.HOST, size, job.context, base=key))
         self._wake.set()
         self._changed()
         self._kick_lookahead()
@@ -412,6 +492,40 @@ class ExecutorCore:
                 self._waiting.remove(job)
             self._changed()  # the worker plans again without it (and a batch it is in may stop)
             raise
+
+    async def _resolve_request(self, model_id: str, revision: int, adapters: Sequence[tuple[str, int, float | None]]):
+        """The base pipeline a request runs on and its adapters as (key, scale, bytes): the model itself first when
+        it is an adapter. Refuses adapters that are not LoRA adapters, on another base, or on a base that is not a
+        pipeline (InvalidArgument)."""
+        resolved = await self._resolve(model_id, revision)
+        uses: list[tuple[ModelKey, float, int]] = []
+        if resolved.kind == KIND_LORA:
+            uses.append((ModelKey(resolved.model_id, resolved.revision), 1.0, resolved.total_bytes))
+            base_id = resolved.base_model_id
+            resolved = await self._resolve(base_id, 0)
+            if resolved.kind and resolved.kind != KIND_PIPELINE:
+                raise InvalidArgument.field("model.model_id", f"the base {base_id!r} of LoRA adapter {model_id!r} is a "
+                                                              f"{resolved.kind}, not a {KIND_PIPELINE}")
+        elif resolved.kind and resolved.kind != KIND_PIPELINE:
+            raise InvalidArgument.field(
+                "model.model_id", f"{model_id!r} is a {resolved.kind}; generate with a {KIND_PIPELINE} model"
+            )
+        for i, (adapter_id, adapter_revision, scale) in enumerate(adapters):
+            field_name = f"adapters[{i}].model.model_id"
+            adapter = await self._resolve(adapter_id, adapter_revision)
+            if adapter.kind != KIND_LORA:
+                raise InvalidArgument.field(field_name, f"{adapter_id!r} is a {adapter.kind or 'model'}, not a "
+                                                        f"{KIND_LORA}")
+            if adapter.base_model_id != resolved.model_id:
+                raise InvalidArgument.field(
+                    field_name, f"LoRA adapter {adapter_id!r} is on base {adapter.base_model_id!r}, but this request "
+                                f"runs on {resolved.model_id!r}; all adapters of a request must share one base")
+            uses.append((ModelKey(adapter.model_id, adapter.revision), 1.0 if scale is None else float(scale),
+                         adapter.total_bytes))
+        if len(uses) > self.max_adapters:
+            raise InvalidArgument.field("adapters", f"{len(uses)} LoRA adapters (the model counts when it is one); "
+                                                    f"this executor applies at most {self.max_adapters}")
+        return resolved, uses
 
     async def _resolve(self, model_id: str, revision: int):
         """The registry's answer for (model, revision), reused for `resolve_cache_s` so a burst of requests costs
@@ -447,8 +561,8 @@ class ExecutorCore:
                 await self._run(plan.run, plan.passed)
                 continue
             waits = [asyncio.ensure_future(self._wake.wait())]
-            if head is not None and head.preps and not head.preps[-1].task.done():
-                waits.append(head.preps[-1].task)
+            if head is not None:
+                waits.extend(p.task for p in head.preps if not p.task.done())
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -460,13 +574,20 @@ class ExecutorCore:
                          max_batch_images=self.max_batch_images)
 
     def _ready(self, job: _Job) -> bool:
-        """Its model is held where a swap makes it active: STANDBY or ACTIVE, or materialized by its own load."""
+        """Its model is held where a swap makes it active (STANDBY or ACTIVE, or materialized by its own load) and
+        its adapters are held."""
+        return self._base_ready(job) and all(self._adapter_held(a.key) for a in job.adapters)
+
+    def _base_ready(self, job: _Job) -> bool:
         if job.key in self._preparing:
             return False
         entry = self.slots.get(job.key)
         if entry is None:
             return False
         return entry.tier in (Tier.ACTIVE, Tier.STANDBY) or self._kept_pipeline(job, entry) is not None
+
+    def _adapter_held(self, key: ModelKey) -> bool:
+        return key not in self._preparing and self.slots.get(key) is not None
 
     @staticmethod
     def _kept_pipeline(job: _Job, entry: SlotEntry) -> Any:
@@ -480,23 +601,39 @@ class ExecutorCore:
         return None
 
     def _start_head_load(self, head: _Job) -> bool:
-        """Makes sure the head's model is loading; False when the head failed instead (and was answered)."""
-        last = head.preps[-1] if head.preps else None
-        if last is not None and last.task.done() and not last.task.cancelled() and last.task.exception():
-            self._fail(head, last.task.exception())  # the load's error goes to the request it was for
-            return False
-        prep = self._preparing.get(head.key)
-        if prep is None:
-            if sum(p.target == Tier.STANDBY for p in head.preps) >= MAX_LOAD_ATTEMPTS:
-                self._fail(head, Unavailable(f"model {head.key} was evicted while loading, {MAX_LOAD_ATTEMPTS} "
-                                             "times; the tier budgets are too small"))
+        """Makes sure the head's model and adapters are loading; False when the head failed instead (and was
+        answered)."""
+        for done in head.preps:
+            if done.task.done() and not done.task.cancelled() and done.task.exception():
+                self._fail(head, done.task.exception())  # the load's error goes to the request it was for
                 return False
-            prep = self._start_preparation(head.key, Tier.STANDBY, head.total_bytes, head.context)
-        if head.front_at is None:
+        loads = []
+        if not self._base_ready(head):
+            prep = self._preparing.get(head.key)
+            if prep is None:
+                if sum(p.target == Tier.STANDBY for p in head.preps) >= MAX_LOAD_ATTEMPTS:
+                    self._fail(head, Unavailable(f"model {head.key} was evicted while loading, {MAX_LOAD_ATTEMPTS} "
+                                                 "times; the tier budgets are too small"))
+                    return False
+                prep = self._start_preparation(head.key, Tier.STANDBY, head.total_bytes, head.context)
+            loads.append(prep)
+        for adapter in head.adapters:
+            if self._adapter_held(adapter.key):
+                continue
+            prep = self._preparing.get(adapter.key)
+            if prep is None:
+                if sum(p.key == adapter.key for p in head.preps) >= MAX_LOAD_ATTEMPTS:
+                    self._fail(head, Unavailable(f"LoRA adapter {adapter.key} was evicted while loading, "
+                                                 f"{MAX_LOAD_ATTEMPTS} times; the host budget is too small"))
+                    return False
+                prep = self._start_preparation(adapter.key, Tier.HOST, 0, head.context, base=head.key)
+            loads.append(prep)
+        if head.front_at is None and loads:
             self._reached_front(head)
-            head.emit(LoadEvent(prep.phase, 0, head.total_bytes))
-        if prep not in head.preps:
-            head.preps.append(prep)
+            head.emit(LoadEvent(loads[0].phase, 0, head.total_bytes))
+        for prep in loads:
+            if prep not in head.preps:
+                head.preps.append(prep)
         return True
 
     def _reached_front(self, job: _Job) -> None:
@@ -526,9 +663,20 @@ class ExecutorCore:
         self._running = jobs
         self._run_started = start
         self.slots.acquire(entry)
+        adapter_entries = [self.slots.get(a.key) for a in jobs[0].adapters]  # one adapter set per call
+        assert all(e is not None for e in adapter_entries)  # ready: held, and nothing yielded since
+        for adapter_entry in adapter_entries:
+            self.slots.acquire(adapter_entry)
         swap_s = 0.0
         try:
+            was_active = self.slots.active is entry
             swap_s = self._swap(entry, kept, [j.emit for j in jobs], [j.context for j in jobs])
+            try:
+                swap_s += await self._apply_adapters(entry, jobs, adapter_entries, was_active)
+            except Exception as err:  # noqa: BLE001 - an adapter that does not fit: its requests fail, the base serves on
+                for job in jobs:
+                    self._fail(job, err)
+                return
             self._kick_lookahead()
             live = [j for j in jobs if not j.stop.is_set()]
             for job in jobs:
@@ -566,6 +714,8 @@ class ExecutorCore:
                     continue
                 self._finish(job, result, tier, start, swap_s, len(live), denoise_start_ns)
         finally:
+            for adapter_entry in adapter_entries:
+                self.slots.release(adapter_entry)
             self.slots.release(entry)
             self._running = []
             charge = max(estimate, time.perf_counter() - start)
@@ -590,7 +740,8 @@ class ExecutorCore:
         self._record_span("encode", denoise_end_ns, denoise_end_ns + int(result.encode_s * 1e9), ctx,
                           {"hotslot.images": len(result.images)})
         times.total = time.perf_counter() - job.enqueued_at
-        from_tier = job.preps[0].from_tier if job.preps else tier
+        base_load = next((p for p in job.preps if p.key == job.key), None)
+        from_tier = base_load.from_tier if base_load is not None else tier
         log.info(
             "generated",
             extra={"request_id": job.request_id, "model": str(job.key), "tier": from_tier.name,
@@ -598,7 +749,39 @@ class ExecutorCore:
         )
         if job.future and not job.future.done():
             job.future.set_result(GenerateOutcome(result.images, job.key, from_tier, times, self.executor_id,
-                                                  job.request_id, batch))
+                                                  job.request_id, batch, job.applied))
+
+    async def _apply_adapters(self, entry: SlotEntry, jobs: list[_Job], adapter_entries: list[SlotEntry],
+                              was_active: bool) -> float:
+        """Sets the call's adapters on the base's pipeline (loading those it lacks; none: the base alone) and
+        returns the seconds it took; records where each adapter came from on the jobs."""
+        pipeline = entry.pipeline
+        uses = jobs[0].adapters
+        if not uses and not loaded_adapters(pipeline):
+            return 0.0
+        held = {adapter_name(e.key): e.weights for e in self.slots.adapters()}
+        loaded = [n for n in loaded_adapters(pipeline) if held.get(n) is loaded_weights(pipeline, n)]
+        t0_ns, t0 = time.time_ns(), time.perf_counter()
+        for job in jobs:
+            job.applied = [AppliedAdapter(use.key, use.scale, self._adapter_source(job, use.key, loaded, was_active))
+                           for use in uses]
+        wanted = [(adapter_name(use.key), e.weights, use.scale) for use, e in zip(uses, adapter_entries, strict=True)]
+        await asyncio.to_thread(self.loader.apply_adapters, pipeline, wanted, held)
+        seconds = time.perf_counter() - t0
+        if uses:
+            for ctx in {id(j.context): j.context for j in jobs}.values():
+                self._record_span("adapters", t0_ns, time.time_ns(), ctx,
+                                  {"hotslot.adapters": ",".join(str(u.key) for u in uses),
+                                   "hotslot.loaded": sum(adapter_name(u.key) not in loaded for u in uses)})
+        self._changed()
+        return seconds
+
+    @staticmethod
+    def _adapter_source(job: _Job, key: ModelKey, loaded: list[str], was_active: bool) -> Tier:
+        if adapter_name(key) in loaded:
+            return Tier.ACTIVE if was_active else Tier.STANDBY
+        prep = next((p for p in job.preps if p.key == key), None)
+        return prep.from_tier if prep is not None else Tier.HOST
 
     # -- the slot ----------------------------------------------------------------------------------------
     def _swap(self, entry: SlotEntry, pipeline: Any, emits: list, contexts: list) -> float:
@@ -614,8 +797,10 @@ class ExecutorCore:
         self._changed()
         return seconds
 
-    def _start_preparation(self, key: ModelKey, target: Tier, total_bytes: int, ctx) -> _Preparation:
-        prep = _Preparation(key, target, total_bytes=total_bytes)
+    def _start_preparation(self, key: ModelKey, target: Tier, total_bytes: int, ctx,
+                           base: ModelKey | None = None) -> _Preparation:
+        """Starts bringing `key` to `target` (a LoRA adapter, with its `base`: to HOST) in a task of its own."""
+        prep = _Preparation(key, target, total_bytes=total_bytes, base=base)
         self._preparing[key] = prep
         # The task runs in the trace of the request it loads for (`ctx`), not in whichever one kicked it off (the
         # lookahead starts loads from the worker or from another model's load), so its storage-cache and registry
@@ -644,8 +829,9 @@ class ExecutorCore:
                                   {"hotslot.model": str(key), "hotslot.bytes_fetched": view.bytes_fetched})
                 prep.phase = "read"
                 t0_ns, t0 = time.time_ns(), time.perf_counter()
+                read_fn = self.loader.read if prep.base is None else self.loader.read_adapter
                 try:
-                    read = await self._read_with_retry(key, view.view_path)
+                    read = await self._read_with_retry(key, view.view_path, read_fn)
                 except BaseException:
                     await self._unpin(view.lease_id)
                     raise
@@ -653,8 +839,8 @@ class ExecutorCore:
                 self._record_span("read", t0_ns, time.time_ns(), ctx,
                                   {"hotslot.model": str(key), "hotslot.bytes": read.weights.nbytes,
                                    "hotslot.handoff_s": read.handoff_s})
-                entry = self.slots.add_host(key, read.weights, read.weights.nbytes,
-                                            lease_id=view.lease_id, view_path=view.view_path)  # acquired
+                entry = self.slots.add_host(key, read.weights, read.weights.nbytes, lease_id=view.lease_id,
+                                            view_path=view.view_path, base=prep.base)  # acquired
                 self._changed()
             else:
                 prep.from_tier = entry.tier
@@ -678,11 +864,11 @@ class ExecutorCore:
             self._changed()
             self._kick_lookahead()
 
-    async def _read_with_retry(self, key: ModelKey, view_path: str):
+    async def _read_with_retry(self, key: ModelKey, view_path: str, read: Callable):
         """A preloader that dies mid-load is restarted (automatically, or here) and the load retried once."""
         for attempt in (1, 2):
             try:
-                return await asyncio.to_thread(self.loader.read, str(key), view_path, self.load_timeout_s)
+                return await asyncio.to_thread(read, str(key), view_path, self.load_timeout_s)
             except Unavailable as err:
                 if attempt == 2:
                     raise
@@ -730,6 +916,13 @@ class ExecutorCore:
         resolved = await self._resolve(model_id, revision)
         key = ModelKey(resolved.model_id, resolved.revision)
         self.slots.check_fits(key, resolved.total_bytes)
+        base = None
+        if resolved.kind == KIND_LORA:  # its weights go to the host tier; a pipeline loads them when a request runs
+            base_model = await self._resolve(resolved.base_model_id, 0)
+            if base_model.kind and base_model.kind != KIND_PIPELINE:
+                raise InvalidArgument.field("model.model_id", f"the base {resolved.base_model_id!r} of LoRA adapter "
+                                                              f"{model_id!r} is not a {KIND_PIPELINE}")
+            base, target = ModelKey(base_model.model_id, base_model.revision), Tier.HOST
         times = PhaseTimes()
         t_start = time.perf_counter()
         entry = self.slots.get(key)
@@ -741,7 +934,7 @@ class ExecutorCore:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(prep.task)
                 prep = self._start_preparation(key, target, resolved.total_bytes,
-                                               trace.set_span_in_context(trace.get_current_span()))
+                                               trace.set_span_in_context(trace.get_current_span()), base=base)
             await asyncio.shield(prep.task)
             for phase, (p0, p1) in prep.spans.items():
                 setattr(times, phase, p1 - p0)

@@ -13,6 +13,7 @@ class ResolvedModel:
     kind: str  # DIFFUSERS_PIPELINE or LORA_ADAPTER
     total_bytes: int
     pipeline_class: str
+    base_model_id: str = ""  # LORA_ADAPTER: the pipeline it applies to
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import gc
 import logging
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,9 +16,18 @@ import torch
 from hotslot.loading.layout import PipelineLayout, read_layout
 from hotslot.loading.materialize import build_pipeline
 from hotslot.loading.pipeline_loader import read_weights
-from hotslot.loading.preloader import LoadedWeights, Preloader
-from hotslot.loading.reader import DEFAULT_READ_CONCURRENCY, populate
+from hotslot.loading.preloader import LoadedWeights, LoadTimings, Preloader
+from hotslot.loading.reader import (
+    DEFAULT_READ_CONCURRENCY,
+    keeps_dtypes,
+    map_safetensors,
+    module_predicate,
+    populate,
+    read_header,
+)
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, resolve_class
+
+from .lora import ADAPTER_COMPONENT, AdapterWeights, adapter_file, apply_adapters, unload_missing
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +68,7 @@ class HostWeights:
 
 @dataclass
 class ReadResult:
-    weights: HostWeights
+    weights: HostWeights | AdapterWeights
     read_s: float  # reading files in the child (+ dtype conversion)
     handoff_s: float  # child done -> tensors usable here
     wall_s: float
@@ -75,6 +86,7 @@ class ModelLoader:
         map_files: bool = False,
         convert_here: bool = False,
         skeletons: SkeletonCache | None = None,
+        max_pipeline_adapters: int = 8,
     ) -> None:
         self.preloader = preloader
         self.device = device
@@ -85,6 +97,7 @@ class ModelLoader:
         self.convert_here = convert_here and torch.device(device).type == "cpu"
         self.skeletons = skeletons or SkeletonCache()
         self.is_cuda = torch.device(device).type == "cuda"
+        self.max_pipeline_adapters = max_pipeline_adapters
 
     def warmup(self) -> float:
         """Imports diffusers/transformers and the classes of a Stable Diffusion pipeline once, at start, so the
@@ -137,6 +150,42 @@ class ModelLoader:
         )
         return ReadResult(HostWeights(layout, weights, on_device=True), t.read_s + t.convert_s, t.handoff_s,
                           time.perf_counter() - t0)
+
+    def read_adapter(self, key: str, view_path: str, timeout_s: float) -> ReadResult:
+        """Reads a LoRA adapter's safetensors file as `read` reads a pipeline's: mapped from the view on CPU when
+        it is stored in the wanted dtype (with `map_files`), else read and converted by the preloader child; the
+        tensors keep their own naming (PEFT or kohya; diffusers converts them when they are first applied)."""
+        t0 = time.perf_counter()
+        name = adapter_file(view_path)
+        path = Path(view_path) / name
+        if self.map_files and keeps_dtypes(read_header(path), self.dtype, module_predicate(())):
+            mapped = map_safetensors(path)
+            weights = LoadedWeights(f"here-{uuid.uuid4().hex}", key, self.device, self.dtype, {}, [],
+                                    LoadTimings(files=1, reader="executor")).with_files(
+                [(ADAPTER_COMPONENT, str(path), mapped.buffer, mapped.specs)])
+            populate(weights.buffers, 1)
+        else:
+            future = self.preloader.load(f"adapter-{uuid.uuid4().hex}", key, view_path, self.device, self.dtype,
+                                         files=[(ADAPTER_COMPONENT, name)], chunk_bytes=self.chunk_bytes)
+            weights = future.result(timeout_s)
+            if self.is_cuda:
+                weights = weights.owned_copy()  # as for pipelines: the child's memory must not be what we hold
+            else:
+                populate(weights.buffers, 1)
+            self.preloader.release(key)
+        tensors = weights.components.get(ADAPTER_COMPONENT, {})
+        t = weights.timings
+        log.info("read adapter", extra={"model": key, "bytes": weights.nbytes, "tensors": len(tensors),
+                                        "read_by": t.reader, "wall_s": round(time.perf_counter() - t0, 3)})
+        return ReadResult(AdapterWeights(tensors, weights, weights.nbytes), t.read_s + t.convert_s, t.handoff_s,
+                          time.perf_counter() - t0)
+
+    def apply_adapters(self, pipeline: Any, wanted: list[tuple[str, AdapterWeights, float]],
+                       held: dict[str, AdapterWeights]) -> None:
+        """Makes `pipeline` run with exactly `wanted` (lora.apply_adapters), first unloading the adapters it keeps
+        whose weights the host tier no longer holds (`held`: adapter name -> the weights it holds)."""
+        unload_missing(pipeline, held)
+        apply_adapters(pipeline, wanted, max_loaded=self.max_pipeline_adapters)
 
     def prefetch(self, layout: PipelineLayout) -> None:
         """Builds (and caches) the skeletons and tokenizers of the layout's components; `read` runs it while the

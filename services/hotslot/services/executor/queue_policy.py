@@ -15,6 +15,7 @@ _EPS = 1e-9
 
 class Queued(Protocol):
     key: ModelKey
+    adapters: tuple  # the LoRA adapters (and scales) it applies on `key`
     params: GenerationParams
     overtaken_s: float  # budget spent so far by requests that overtook it
 
@@ -34,6 +35,12 @@ def batch_key(params: GenerationParams) -> tuple:
     """Requests with equal keys (and the same model, hence scheduler) can share one pipeline call; prompts,
     negative prompts and seeds are per image."""
     return (params.steps, params.guidance_scale, params.width, params.height)
+
+
+def same_call(a: Queued, b: Queued) -> bool:
+    """Whether two requests can share one pipeline call: the same model with the same adapters at the same scales
+    (a call runs with one adapter set), and equal batch keys."""
+    return a.key == b.key and a.adapters == b.adapters and batch_key(a.params) == batch_key(b.params)
 
 
 def plan_next(
@@ -71,8 +78,7 @@ def _batch(queue, index, passed, ready, call_seconds, max_overtake_s, max_batch_
     for job in queue[index + 1:]:
         if images >= max_batch_images:
             break
-        joins = (job.key == leader.key and batch_key(job.params) == batch_key(leader.params)
-                 and images + job.params.num_images <= max_batch_images)
+        joins = same_call(job, leader) and images + job.params.num_images <= max_batch_images
         if not joins:
             if ready(job) or max_overtake_s <= 0:
                 break  # a ready request is not overtaken, and without a budget nothing is
@@ -109,10 +115,11 @@ def service_order(
     order: list[Queued] = []
 
     class _View:  # the request with the budget it would have spent by then
-        __slots__ = ("key", "params", "overtaken_s", "job")
+        __slots__ = ("key", "adapters", "params", "overtaken_s", "job")
 
         def __init__(self, job) -> None:
-            self.key, self.params, self.overtaken_s, self.job = job.key, job.params, spent[id(job)], job
+            self.key, self.adapters, self.params = job.key, job.adapters, job.params
+            self.overtaken_s, self.job = spent[id(job)], job
 
     while left:
         views = [_View(j) for j in left]

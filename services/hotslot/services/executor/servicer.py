@@ -11,6 +11,7 @@ from hotslot.executor.v1 import executor_service_pb2 as pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
 
 from .core import (
+    AdapterUse,
     ExecutorCore,
     ExecutorSnapshot,
     GenerateOutcome,
@@ -50,6 +51,19 @@ def params_from_proto(p: common_pb2.GenerationParams) -> GenerationParams:
     )
 
 
+def adapters_from_proto(adapters) -> list[tuple[str, int, float | None]]:
+    """AdapterRef messages -> (model id, revision, scale or None when unset: 1.0)."""
+    return [(a.model.model_id, a.model.revision, a.scale if a.HasField("scale") else None) for a in adapters]
+
+
+def ref_to_proto(key) -> common_pb2.ModelRef:
+    return common_pb2.ModelRef(model_id=key.model_id, revision=key.revision)
+
+
+def adapter_use_to_proto(use: AdapterUse) -> common_pb2.AdapterRef:
+    return common_pb2.AdapterRef(model=ref_to_proto(use.key), scale=use.scale)
+
+
 def timings_to_proto(t: PhaseTimes) -> common_pb2.PhaseTimings:
     return common_pb2.PhaseTimings(
         queue=duration(t.queue), ensure=duration(t.ensure), read=duration(t.read),
@@ -68,6 +82,7 @@ def outcome_to_proto(o: GenerateOutcome) -> pb.GenerateResponse:
         executor_id=o.executor_id,
         request_id=o.request_id,
         batch_requests=o.batch_requests,
+        adapters=[pb.AppliedAdapter(model=ref_to_proto(a.key), scale=a.scale, tier=int(a.tier)) for a in o.adapters],
     )
 
 
@@ -101,13 +116,17 @@ def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
         version=s.version,
         queue=[queued_to_proto(q) for q in s.queue],
         costs=costs_to_proto(s.costs) if s.costs else None,
+        adapters=[pb.HeldAdapter(model=ref_to_proto(a.key), base=ref_to_proto(a.base), tier=int(a.tier),
+                                 size_bytes=a.size_bytes, ref_count=a.refs) for a in s.adapters],
+        max_adapters=s.max_adapters,
     )
 
 
 def queued_to_proto(q: QueueEntry) -> pb.QueuedRequest:
     return pb.QueuedRequest(
         request_id=q.request_id, model=common_pb2.ModelRef(model_id=q.key.model_id, revision=q.key.revision),
-        state=int(q.state), waited=duration(q.waited_s), overtaken=duration(q.overtaken_s), num_images=q.num_images)
+        state=int(q.state), waited=duration(q.waited_s), overtaken=duration(q.overtaken_s), num_images=q.num_images,
+        adapters=[adapter_use_to_proto(a) for a in q.adapters])
 
 
 def costs_to_proto(c: CostSnapshot) -> pb.CostEstimates:
@@ -127,14 +146,15 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         outcome = await self.core.generate(request.model.model_id, request.model.revision,
-                                           params_from_proto(request.params), request.request_id)
+                                           params_from_proto(request.params), request.request_id,
+                                           adapters=adapters_from_proto(request.adapters))
         return outcome_to_proto(outcome)
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
         events: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(self.core.generate(
             request.model.model_id, request.model.revision, params_from_proto(request.params), request.request_id,
-            emit=events.put_nowait))
+            emit=events.put_nowait, adapters=adapters_from_proto(request.adapters)))
         try:
             while not (task.done() and events.empty()):
                 getter = asyncio.ensure_future(events.get())

@@ -72,6 +72,16 @@ class ExecutorSettings(ServiceSettings):
         "where a batch takes as long as its requests one by one. A batched image may differ from the same seed run "
         "alone in the last bits (on CPU, at most one level of a channel on the test pipelines).",
     )
+    max_adapters: int = Field(
+        4, ge=0, le=64,
+        description="Most LoRA adapters one request may apply (an adapter given as the model counts); 0 refuses "
+        "adapters.",
+    )
+    max_pipeline_adapters: int = Field(
+        8, ge=1, le=256,
+        description="LoRA adapters a resident pipeline keeps loaded (so switching to one is setting the pipeline's "
+        "adapters, no load); beyond it the least recently used is unloaded. Their weights stay in the host tier.",
+    )
     status_min_interval_s: float = Field(
         0.005,
         ge=0,

@@ -8,6 +8,8 @@ Transitions (all under the manager's lock, between requests):
   ACTIVE    -> STANDBY   the previous active model when another is swapped in
   STANDBY   -> HOST      over the standby budget: least recently used unreferenced pipeline dropped, weights kept
   HOST      -> evicted   over the host budget: least recently used unreferenced weights dropped, view unpinned
+LoRA adapters are entries too, always in HOST (their weights; the base's pipeline loads them when a request uses
+them), counted in the host budget and evicted least recently used like the rest.
 This module holds no torch code: what a tier change does to memory is the loader's business (`demote`, `drop`
 callbacks)."""
 from __future__ import annotations
@@ -50,6 +52,11 @@ class SlotEntry:
     view_path: str = ""
     refs: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    base: ModelKey | None = None  # set for a LoRA adapter: the pipeline it applies to
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
 
 
 @dataclass(frozen=True)
@@ -107,10 +114,15 @@ class SlotManager:
         return sum(e.size_bytes for e in self._entries.values() if e.tier == tier)
 
     def held(self) -> list[HeldModel]:
+        """The pipelines held (adapters: `adapters`)."""
         return [
             HeldModel(e.key, e.tier, e.size_bytes, e.refs)
-            for e in sorted(self._entries.values(), key=lambda e: (e.tier, e.key))
+            for e in sorted(self._entries.values(), key=lambda e: (e.tier, e.key)) if not e.is_adapter
         ]
+
+    def adapters(self) -> list[SlotEntry]:
+        """The LoRA adapters held, by key."""
+        return sorted((e for e in self._entries.values() if e.is_adapter), key=lambda e: e.key)
 
     def usage(self) -> list[TierUsage]:
         return [TierUsage(tier, self.used(tier), budget) for tier, budget in self.budgets.items()]
@@ -124,14 +136,15 @@ class SlotManager:
             )
 
     # -- transitions -------------------------------------------------------------------------------------
-    def add_host(self, key: ModelKey, weights: Any, size_bytes: int, *, lease_id: str = "", view_path: str = "") -> SlotEntry:
+    def add_host(self, key: ModelKey, weights: Any, size_bytes: int, *, lease_id: str = "", view_path: str = "",
+                 base: ModelKey | None = None) -> SlotEntry:
         """Adds freshly loaded weights to the host tier and returns the entry *acquired*: the caller (who is about
         to materialize or run it) must `release` it. Other models make room now; if they cannot (all in use),
         the budget is met again when references are released."""
         if key in self._entries:
             raise ValueError(f"{key} is already held")
         entry = SlotEntry(key, size_bytes, weights, Tier.HOST, lease_id=lease_id, view_path=view_path,
-                          last_used=self._clock(), refs=1)
+                          last_used=self._clock(), refs=1, base=base)
         self._entries[key] = entry
         self._enforce(Tier.HOST)
         return entry
@@ -140,6 +153,8 @@ class SlotManager:
         """HOST -> STANDBY. Returns False (and stays HOST, pipeline dropped) when the standby budget cannot make
         room for it; the caller may still activate it directly."""
         self._require(entry)
+        if entry.is_adapter:
+            raise ValueError(f"{entry.key} is a LoRA adapter; adapters stay in the host tier")
         entry.pipeline = pipeline
         entry.tier = Tier.STANDBY
         entry.last_used = self._clock()

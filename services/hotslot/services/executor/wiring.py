@@ -65,7 +65,8 @@ def build_core(
     preloader.start()
     loader = ModelLoader(preloader, device=settings.device, dtype=dtype, chunk_bytes=int(settings.read_chunk_bytes),
                          read_concurrency=settings.read_concurrency, map_files=settings.map_view_files,
-                         convert_here=settings.convert_in_executor)
+                         convert_here=settings.convert_in_executor,
+                         max_pipeline_adapters=settings.max_pipeline_adapters)
 
     def channel(address: str):
         return insecure_channel(address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes)
@@ -95,6 +96,7 @@ def build_core(
         resolve_cache_s=settings.resolve_cache_s,
         max_overtake_s=settings.max_overtake_s,
         max_batch_images=batch_images(settings),
+        max_adapters=settings.max_adapters,
         tracer_provider=tracer_provider,
     )
     return core, preloader, [registry, storage]
