@@ -359,7 +359,7 @@ class ExecutorCore:
         for entry in self.slots.adapters():
             base = self.slots.get(entry.base) if entry.base else None
             in_pipeline = (base is not None and base.pipeline is not None
-                           and adapter_name(entry.key) in loaded_adapters(base.pipeline))
+                           and loaded_weights(base.pipeline, adapter_name(entry.key)) is entry.weights)
             out.append(HeldAdapter(entry.key, entry.base, base.tier if in_pipeline else Tier.HOST,
                                    entry.size_bytes, entry.refs))
         return out
