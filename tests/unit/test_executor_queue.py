@@ -383,4 +383,14 @@ def test_fit_recovers_a_line_and_falls_back_to_a_ratio() -> None:
     assert fit_line([(2, 4.0), (2, 6.0)]) == Line(0.0, 2.5, 2)
     assert fit_line([]) == Line()
     assert fit_line([(1, 5.0), (2, 1.0)]).per_unit == 0.0  # never negative
+    # One size seen: at most the given slope, the rest fixed (a 6.4 MiB load of 0.3 s is not 48 s/GiB).
+    small = fit_line([(0.00625, 0.3)], max_slope_when_one_size=1.0)
+    assert (round(small.fixed, 9), small.per_unit) == (0.29375, 1.0)
+    assert fit_line([(2, 1.0)], max_slope_when_one_size=1.0) == Line(0.0, 0.5, 1)  # below the bound: a ratio
+
+
+def test_load_costs_seen_at_one_size_do_not_blow_up_for_a_larger_model() -> None:
+    costs = CostModel()
+    costs.record_load(Tier.LOCAL_DISK, 6_735_569, 0.3)  # a tiny pipeline
+    assert 0.3 < costs.load_seconds(Tier.LOCAL_DISK, 2 * 1024**3) < 3.0  # a 2 GiB model: not 96 s
     assert work_units(request(steps=25, width=512, height=512, num_images=2)) == 50

@@ -15,6 +15,10 @@ GiB = 1024**3
 COST_WINDOW = 32
 # Tiers a model is loaded from (ACTIVE and STANDBY are free).
 LOAD_TIERS = (Tier.HOST, Tier.LOCAL_DISK, Tier.BACKING_STORE)
+# Most seconds per GiB a load fit assumes while every load it saw was of one size (then fixed and per-GiB parts
+# cannot be told apart): host memory to the device, the node's disk, the share (an NFS-like link). The router's
+# defaults for an executor that measured nothing are the same.
+ONE_SIZE_MAX_SECONDS_PER_GIB = {Tier.HOST: 0.5, Tier.LOCAL_DISK: 1.0, Tier.BACKING_STORE: 4.0}
 
 
 def work_units(params: GenerationParams) -> float:
@@ -36,25 +40,28 @@ class Line:
 
 class LinearFit:
     """Least squares of seconds on size over the last `window` samples. With all sizes equal the two parts cannot
-    be told apart and the fit is a ratio through the origin; a negative part is clamped to 0 and the other refit,
+    be told apart: the fit is then a ratio through the origin, or, given `max_slope_when_one_size`, a slope of at
+    most that and the rest fixed (a load of one small model size would otherwise price a model 100x larger at 100x
+    the time, when most of a small load is its fixed part). A negative part is clamped to 0 and the other refit,
     since neither a load nor a request takes negative time."""
 
-    def __init__(self, window: int = COST_WINDOW) -> None:
+    def __init__(self, window: int = COST_WINDOW, max_slope_when_one_size: float | None = None) -> None:
         self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
         self._line = Line()
+        self._max_slope = max_slope_when_one_size
 
     def add(self, x: float, seconds: float) -> None:
         if x < 0 or seconds < 0:
             return
         self._samples.append((x, seconds))
-        self._line = fit_line(self._samples)
+        self._line = fit_line(self._samples, self._max_slope)
 
     @property
     def line(self) -> Line:
         return self._line
 
 
-def fit_line(samples: Iterable[tuple[float, float]]) -> Line:
+def fit_line(samples: Iterable[tuple[float, float]], max_slope_when_one_size: float | None = None) -> Line:
     points = list(samples)
     n = len(points)
     if n == 0:
@@ -63,7 +70,12 @@ def fit_line(samples: Iterable[tuple[float, float]]) -> Line:
     mean_y = sum(y for _, y in points) / n
     var_x = sum((x - mean_x) ** 2 for x, _ in points)
     if var_x <= 1e-12 * max(1.0, mean_x**2):
-        return Line(0.0, mean_y / mean_x, n) if mean_x > 0 else Line(mean_y, 0.0, n)
+        if mean_x <= 0:
+            return Line(mean_y, 0.0, n)
+        slope = mean_y / mean_x
+        if max_slope_when_one_size is not None and slope > max_slope_when_one_size:
+            return Line(mean_y - max_slope_when_one_size * mean_x, max_slope_when_one_size, n)
+        return Line(0.0, slope, n)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var_x
     fixed = mean_y - slope * mean_x
     if slope < 0:
@@ -94,7 +106,7 @@ class CostModel:
 
     def __init__(self, window: int = COST_WINDOW, warmup_calls: int = 1) -> None:
         self._service = LinearFit(window)
-        self._loads = {tier: LinearFit(window) for tier in LOAD_TIERS}
+        self._loads = {tier: LinearFit(window, ONE_SIZE_MAX_SECONDS_PER_GIB[tier]) for tier in LOAD_TIERS}
         self._warmup_left = warmup_calls
 
     # -- measurements ------------------------------------------------------------------------------------
