@@ -2,7 +2,7 @@
 and adapters written by hotslot.modelgen.lora): an adapter changes the image and gives the same bytes every time,
 A, B, A gives A's bytes again and the base alone its own, without rereading or rebuilding the base; kohya naming,
 scales, refusals (wrong shapes, two bases, too many), Preload of an adapter, and the preloader killed while it
-reads an adapter."""
+reads an adapter; the router passing adapters on and listing them."""
 from __future__ import annotations
 
 import os
@@ -20,6 +20,8 @@ from hotslot.executor.v1 import executor_service_pb2 as epb
 from hotslot.modelgen.lora import LORA_FILE, write_lora
 from hotslot.registry.v1 import registry_service_pb2 as rpb
 from hotslot.registry.v1 import registry_service_pb2_grpc as rgrpc
+from hotslot.router.v1 import router_service_pb2 as rpb_router
+from hotslot.router.v1 import router_service_pb2_grpc as rgrpc_router
 from tests.support.stack import Stack, executor_stub, generate_request, ms, start_stack
 from tests.support.waiting import wait_for
 
@@ -173,6 +175,28 @@ def test_preload_of_an_adapter_puts_its_weights_in_the_host_tier(executor) -> No
     assert held.tier == common_pb2.TIER_HOST and held.size_bytes > 0
     served = run(stub, "lora-c")
     assert served.adapters[0].tier == common_pb2.TIER_HOST and ms(served.timings.read) == 0
+
+
+def test_the_router_forwards_adapters_and_lists_them(executor, stack: Stack) -> None:
+    svc, stub = executor
+    direct = run(stub, BASE, adapter_ref("lora-a"), adapter_ref("lora-c", 0.5))
+    router = stack.start_router(executors=[svc], name="lora-router")
+    with grpc.insecure_channel(router.address) as channel:
+        front = rgrpc_router.RouterServiceStub(channel)
+        wait_for(lambda: front.GetClusterStatus(rpb_router.GetClusterStatusRequest()).executors, what="executor seen")
+        request = rpb_router.GenerateRequest(model=common_pb2.ModelRef(model_id=BASE),
+                                             params=common_pb2.GenerationParams(prompt="a lighthouse at dusk", seed=7))
+        request.adapters.extend([adapter_ref("lora-a"), adapter_ref("lora-c", 0.5)])
+        routed = front.Generate(request, timeout=120)
+        assert routed.result.images[0].data == png(direct)
+        assert [a.model.model_id for a in routed.result.adapters] == ["lora-a", "lora-c"]
+        as_model = front.Generate(rpb_router.GenerateRequest(
+            model=common_pb2.ModelRef(model_id="lora-a"),
+            params=common_pb2.GenerationParams(prompt="a lighthouse at dusk", seed=7)), timeout=120)
+        assert as_model.result.images[0].data == png(run(stub, "lora-a"))
+        cluster = front.GetClusterStatus(rpb_router.GetClusterStatusRequest())
+        listed = {a.model.model_id: a for e in cluster.executors for a in e.adapters}
+        assert {"lora-a", "lora-c"} <= set(listed) and listed["lora-a"].size_bytes > 0
 
 
 def test_preloader_killed_while_reading_an_adapter_leaves_the_base_serving(stack: Stack) -> None:

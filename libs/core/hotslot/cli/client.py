@@ -78,9 +78,21 @@ def _labels(values: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _adapter_ref(item: str) -> common_pb2.AdapterRef:
+    """`ADAPTER` or `ADAPTER:SCALE` -> an AdapterRef (scale unset: the executor's 1.0)."""
+    model_id, sep, scale = item.partition(":")
+    if not sep:
+        return common_pb2.AdapterRef(model=common_pb2.ModelRef(model_id=model_id))
+    try:
+        value = float(scale)
+    except ValueError:
+        raise typer.BadParameter(f"{item!r}: use ADAPTER or ADAPTER:SCALE with a number", param_hint="--lora") from None
+    return common_pb2.AdapterRef(model=common_pb2.ModelRef(model_id=model_id), scale=value)
+
+
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model id.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model id: a pipeline, or a LoRA adapter (runs on its base).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write (-0, -1 ... added for several).")] = Path("out.png"),
     negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
     steps: Annotated[int, typer.Option(help="Denoising steps; 0 = executor default.")] = 0,
@@ -90,6 +102,9 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed; the same seed and inputs give the same image.")] = 0,
     num_images: Annotated[int, typer.Option(help="Images to generate.")] = 1,
     revision: Annotated[int, typer.Option(help="Model revision; 0 = latest.")] = 0,
+    lora: Annotated[list[str] | None, typer.Option(
+        "--lora", help="LoRA adapter to apply, ADAPTER or ADAPTER:SCALE (default scale 1.0); repeat to stack them, "
+        "all on the base given with -m (or the base of the adapter given with -m).")] = None,
     router: RouterOpt = "127.0.0.1:50050",
     timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 600.0,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -103,6 +118,7 @@ def generate(
         model=common_pb2.ModelRef(model_id=model, revision=revision),
         params=common_pb2.GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, guidance_scale=guidance,
                                            width=width, height=height, seed=seed, num_images=num_images),
+        adapters=[_adapter_ref(item) for item in lora or ()],
     )
     result = None
     with grpc.insecure_channel(router) as channel, Progress(
@@ -139,11 +155,15 @@ def generate(
             "paths": [str(p) for p in paths], "model": r.model.model_id, "revision": r.model.revision,
             "executor": r.executor_id, "tier": TIER_NAMES.get(r.tier, "?"), "placement": PLACEMENT_NAMES.get(result.placement_reason, "?"),
             "attempted": list(result.attempted_executor_ids), "trace_id": trace_id,
+            "adapters": [{"model": a.model.model_id, "revision": a.model.revision, "scale": round(a.scale, 6),
+                          "tier": TIER_NAMES.get(a.tier, "?")} for a in r.adapters],
             "timings_ms": {p: round(ms(getattr(t, p)), 3) for p in phases},
         }))
         return
+    adapters = "".join(f" +{a.model.model_id}@{a.model.revision}:{a.scale:g}({TIER_NAMES.get(a.tier, '?')})"
+                       for a in r.adapters)
     console.print(
-        f"wrote {', '.join(map(str, paths))}  model={r.model.model_id}@{r.model.revision} executor={r.executor_id} "
+        f"wrote {', '.join(map(str, paths))}  model={r.model.model_id}@{r.model.revision}{adapters} executor={r.executor_id} "
         f"tier={TIER_NAMES.get(r.tier, '?')} placement={PLACEMENT_NAMES.get(result.placement_reason, '?')}\n"
         f"  queue {ms(t.queue):.1f} ms  ensure {ms(t.ensure):.1f}  read {ms(t.read):.1f}  materialize "
         f"{ms(t.materialize):.1f}  swap {ms(t.swap):.2f}  denoise {ms(t.denoise):.1f}  encode {ms(t.encode):.1f}  "

@@ -49,6 +49,10 @@ def snapshot_from_proto(status: executor_pb.ExecutorStatus, address: str) -> Exe
             HeldModel(held.model.model_id, held.model.revision, _tier(held.tier), held.size_bytes)
             for held in status.models
         ),
+        adapters=tuple(
+            HeldModel(held.model.model_id, held.model.revision, _tier(held.tier), held.size_bytes)
+            for held in status.adapters
+        ),
         queue_depth=status.queue_depth,
         queue_capacity=status.queue_capacity,
         version=status.version,
@@ -121,6 +125,7 @@ class GrpcExecutorClient(ExecutorClient):
             model=common_pb2.ModelRef(model_id=call.model_id, revision=call.revision),
             params=call.params,
             request_id=call.request_id,
+            adapters=call.adapters,
         )
         try:
             return await self._stub.Generate(request, timeout=timeout_s)
@@ -132,6 +137,7 @@ class GrpcExecutorClient(ExecutorClient):
             model=common_pb2.ModelRef(model_id=call.model_id, revision=call.revision),
             params=call.params,
             request_id=call.request_id,
+            adapters=call.adapters,
         )
         rpc = self._stub.GenerateStream(request, timeout=timeout_s)
         try:

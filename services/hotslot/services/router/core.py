@@ -14,6 +14,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from hotslot.convert import kind_from_proto
 from hotslot.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
 from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, ProgressEvent, ResultEvent
@@ -72,6 +73,7 @@ class _Waiter:
     revision: int
     work: RequestWork
     exclude: frozenset[str]
+    adapters: tuple[tuple[str, int], ...] = ()
     future: asyncio.Future[tuple[Slot, PlacementReason]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -104,6 +106,8 @@ class RouterCore:
         self.retry_attempts = retry_attempts
         self._waiters: deque[_Waiter] = deque()
         self._model_bytes: dict[tuple[str, int], int] = {}
+        self._adapter_bases: dict[tuple[str, int], str] = {}
+        """(adapter id, revision asked) -> its base model id, as the registry said."""
         """(model id, revision asked) -> the registry's total_bytes, for the load cost of models no executor holds."""
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         membership.add_listener(self._admit_waiters)
@@ -159,7 +163,12 @@ class RouterCore:
             # Made here, not left to the executor, so a retried request keeps one id across executors.
             call = replace(call, request_id=uuid.uuid4().hex)
         deadline = None if time_remaining_s is None else asyncio.get_running_loop().time() + time_remaining_s
-        await self._check_registered(call.model_id, call.revision)
+        base = await self._check_registered(call.model_id, call.revision)
+        adapters = tuple((a.model.model_id, a.model.revision) for a in call.adapters)
+        if base:  # an adapter as the model: place its base, with it as the first adapter
+            call = replace(call, place_model=(base, 0), place_adapters=((call.model_id, call.revision), *adapters))
+        else:
+            call = replace(call, place_adapters=adapters)
         return call, deadline
 
     def _retry_or_raise(self, model_id: str, request_id: str, attempted: list[str], error: ExecutorUnavailable) -> None:
@@ -254,19 +263,27 @@ class RouterCore:
             raise Unavailable("no registry is configured: set registry_address (HOTSLOT_ROUTER_REGISTRY_ADDRESS)")
         return self.catalog
 
-    async def _check_registered(self, model_id: str, revision: int) -> None:
+    async def _check_registered(self, model_id: str, revision: int) -> str:
         """A model no executor holds is about to be loaded somewhere: ask the registry first, so an unknown id is
         refused with the registry's NOT_FOUND before it takes an executor's queue slot. Models already held are
-        known to exist and skip this hop. If the registry cannot answer, the executor (which asks it too) decides."""
+        known to exist and skip this hop. If the registry cannot answer, the executor (which asks it too) decides.
+        Returns the base model id when the model is a LoRA adapter (remembered per id and revision), else ""."""
+        known_base = self._adapter_bases.get((model_id, revision))
+        if known_base is not None:
+            return known_base
         if self.catalog is None or held_anywhere(model_id, revision, self.membership.placeable()):
-            return
+            return ""
         try:
             model = await self.catalog.get_model(model_id, revision)
         except Unavailable as error:
             log.warning("cannot check %s with the registry (%s); sending it on", model_id, error.message)
-            return
+            return ""
         # Its size prices the load (placement's load cost); one entry per registered model asked for.
         self._model_bytes[(model_id, revision)] = model.manifest.total_bytes
+        if kind_from_proto(model.kind) == "LORA_ADAPTER" and model.base_model_id:
+            self._adapter_bases[(model_id, revision)] = model.base_model_id
+            return model.base_model_id
+        return ""
 
     # -- cluster status ----------------------------------------------------------------------------------
     def cluster_status(self) -> ClusterStatus:
@@ -282,7 +299,8 @@ class RouterCore:
     ) -> tuple[Slot, PlacementReason, float]:
         """Places the request and counts it in flight on the chosen executor, waiting in the router queue while
         every executor is full. Appends the executor id to `attempted`. Returns (slot, reason, seconds waited)."""
-        waiter = _Waiter(call.model_id, call.revision, call.work, frozenset(attempted))
+        model_id, revision = call.place_model or (call.model_id, call.revision)
+        waiter = _Waiter(model_id, revision, call.work, frozenset(attempted), call.place_adapters)
         placed = self._place(waiter)
         if placed is not None:
             (slot, reason), waited = placed, 0.0
@@ -310,7 +328,7 @@ class RouterCore:
         choice = self.placement.choose(
             waiter.model_id, waiter.revision, self.membership.placeable(), work=waiter.work,
             size_bytes=self._model_bytes.get((waiter.model_id, waiter.revision), 0),
-            now=asyncio.get_running_loop().time(), exclude=waiter.exclude,
+            now=asyncio.get_running_loop().time(), exclude=waiter.exclude, adapters=waiter.adapters,
         )
         if choice is None:
             return None

@@ -29,6 +29,12 @@ class GenerateCall:
     request_id: str
     work: RequestWork = DEFAULT_WORK
     """Steps, size and images of `params`, for placement's estimate (zeros: the executor's defaults)."""
+    adapters: tuple = ()
+    """The request's LoRA adapters (AdapterRef messages), passed on untouched: the executor resolves and checks them."""
+    place_model: tuple[str, int] | None = None
+    """(model id, revision) placement places: the base pipeline when the model is a LoRA adapter; None: the model."""
+    place_adapters: tuple[tuple[str, int], ...] = ()
+    """(model id, revision) of every adapter the request applies (the model first when it is one), for placement."""
 
 
 @dataclass(frozen=True)

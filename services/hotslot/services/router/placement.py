@@ -55,6 +55,8 @@ DEFAULT_WIDTH = 512
 DEFAULT_HEIGHT = 512
 DEFAULT_MODEL_BYTES = 2 * GIB
 """Size of a model neither an executor nor the registry has given a size for (an SD 1.5 pipeline in fp16)."""
+DEFAULT_ADAPTER_BYTES = 64 * 1024**2
+"""Size of a LoRA adapter no executor reports (an SD 1.5 rank-64 adapter in fp16 is ~75 MB)."""
 
 
 class Tier(enum.IntEnum):
@@ -260,6 +262,11 @@ class ExecutorSnapshot:
     queue: tuple[QueuedRequest, ...] = ()
     """Requests waiting or running there, in service order."""
     costs: CostEstimates = NO_COSTS
+    adapters: tuple[HeldModel, ...] = ()
+    """LoRA adapters held there (weights in host memory, or also loaded in their base's pipeline)."""
+
+    def holds_adapter(self, model_id: str, revision: int) -> bool:
+        return any(a.model_id == model_id and _matches(revision, a.revision) for a in self.adapters)
 
     @property
     def held_bytes(self) -> int:
@@ -426,9 +433,11 @@ class Placement:
         size_bytes: int,
         now: float | None,
         peers: CostEstimates = NO_COSTS,
+        adapters: Mapping[tuple[str, int], int] | None = None,
     ) -> Estimate:
         """When the request would finish on `candidate` (live, with a status); `peers` fills in the costs it has not
-        measured (see `peer_costs`)."""
+        measured (see `peer_costs`). `adapters` ((id, revision) -> bytes) are the LoRA adapters the request applies
+        on the model: each one not held there adds its load from the node's disk (held ones switch in place)."""
         snapshot = candidate.snapshot
         assert snapshot is not None
         costs = snapshot.costs.filled_from(peers)
@@ -440,6 +449,9 @@ class Placement:
             if candidate.will_load(model_id, revision):
                 # An earlier request there loads it: none of our own, and the one queued is shared.
                 load, shared = 0.0, min(load, queued)
+        for (adapter_id, adapter_revision), adapter_size in (adapters or {}).items():
+            if not snapshot.holds_adapter(adapter_id, adapter_revision):
+                load += costs.load_seconds(_UNHELD_TIER, adapter_size)
         return Estimate(queued, load, costs.service_seconds(work), shared)
 
     def rank(
@@ -453,6 +465,7 @@ class Placement:
         now: float | None = None,
         exclude: Collection[str] = (),
         need_room: bool = True,
+        adapters: Iterable[tuple[str, int]] = (),
     ) -> list[Choice]:
         """Every live executor not in `exclude` (executor ids), with `need_room` only those with room, soonest
         finish first. `size_bytes` is the model's size when known from elsewhere (the registry), used when no
@@ -462,13 +475,14 @@ class Placement:
         held_elsewhere = held_anywhere(model_id, revision, live)
         loading = {candidate.executor_id for candidate in live if candidate.will_load(model_id, revision)}
         peers = peer_costs(live)
+        adapter_sizes = {a: adapter_bytes(*a, live) or DEFAULT_ADAPTER_BYTES for a in adapters}
         keyed = []
         for candidate in live:
             if need_room and not self.has_room(candidate):
                 continue
             snapshot = candidate.snapshot
             assert snapshot is not None
-            estimate = self.estimate(candidate, model_id, revision, work, size, now, peers)
+            estimate = self.estimate(candidate, model_id, revision, work, size, now, peers, adapter_sizes)
             tier = snapshot.best_tier(model_id, revision)
             if tier in _HELD_TIERS:
                 reason = _HELD_TIERS[tier]  # type: ignore[index]
@@ -503,6 +517,15 @@ def model_bytes(model_id: str, revision: int, candidates: Iterable[Candidate]) -
         for model in candidate.snapshot.models:
             if model.model_id == model_id and _matches(revision, model.revision) and model.size_bytes > 0:
                 return model.size_bytes
+    return 0
+
+
+def adapter_bytes(model_id: str, revision: int, candidates: Iterable[Candidate]) -> int:
+    """A LoRA adapter's size as an executor holding it reports it; 0 when none does."""
+    for candidate in candidates:
+        for adapter in candidate.snapshot.adapters if candidate.snapshot is not None else ():
+            if adapter.model_id == model_id and _matches(revision, adapter.revision) and adapter.size_bytes > 0:
+                return adapter.size_bytes
     return 0
 
 

@@ -20,6 +20,7 @@ def generate_call(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> Gen
         params=params,
         request_id=request.request_id,
         work=RequestWork(steps=params.steps, width=params.width, height=params.height, num_images=params.num_images),
+        adapters=tuple(request.adapters),
     )
 
 
