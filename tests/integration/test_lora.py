@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -197,6 +199,10 @@ def test_the_router_forwards_adapters_and_lists_them(executor, stack: Stack) -> 
         cluster = front.GetClusterStatus(rpb_router.GetClusterStatusRequest())
         listed = {a.model.model_id: a for e in cluster.executors for a in e.adapters}
         assert {"lora-a", "lora-c"} <= set(listed) and listed["lora-a"].size_bytes > 0
+    shown = subprocess.run([sys.executable, "-m", "hotslot.cli.main", "status", "--router", router.address],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert shown.returncode == 0, shown.stderr
+    assert "lora-a@1 (active)" in shown.stdout, shown.stdout
 
 
 def test_preloader_killed_while_reading_an_adapter_leaves_the_base_serving(stack: Stack) -> None:

@@ -318,13 +318,14 @@ def preload(
 
 
 def status(router: RouterOpt = "127.0.0.1:50050") -> None:
-    """Show every executor the router knows: state, what it holds in which tier, queue depth."""
+    """Show every executor the router knows: state, what it holds in which tier (LoRA adapters too), queue depth."""
     with grpc.insecure_channel(router) as channel:
         try:
             reply = pb_grpc.RouterServiceStub(channel).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
         except grpc.RpcError as err:
             raise _fail(err) from None
-    table = Table("executor", "address", "state", "device", "queue", "active", "standby", "host", "preloader")
+    table = Table("executor", "address", "state", "device", "queue", "active", "standby", "host", "adapters",
+                  "preloader")
     for e in reply.executors:
         held = {tier: [] for tier in (common_pb2.TIER_ACTIVE, common_pb2.TIER_STANDBY, common_pb2.TIER_HOST)}
         for m in e.models:
@@ -332,6 +333,7 @@ def status(router: RouterOpt = "127.0.0.1:50050") -> None:
         table.add_row(
             e.executor_id, e.address, epb.ExecutorState.Name(e.state).removeprefix("EXECUTOR_STATE_").lower(), e.device,
             f"{e.queue_depth}/{e.queue_capacity}", *(", ".join(held[t]) for t in held if t in (1, 2, 3)),
+            ", ".join(f"{a.model.model_id}@{a.model.revision} ({TIER_NAMES.get(a.tier, '?')})" for a in e.adapters),
             f"pid {e.preloader.pid}" + ("" if e.preloader.alive else " (down)") + (f", {e.preloader.restarts} restarts" if e.preloader.restarts else ""),
         )
     console.print(table)
