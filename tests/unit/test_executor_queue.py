@@ -293,6 +293,31 @@ async def test_adapters_on_two_bases_or_too_many_are_refused_before_queueing(loa
         await core.close()
 
 
+class LeasingStorage(FakeStorage):
+    """Hands out one lease per view and records the renewals."""
+
+    def __init__(self) -> None:
+        self.renewed: list[str] = []
+
+    async def ensure(self, model_id: str, revision: int, lease_ttl_s: float) -> EnsuredView:
+        return EnsuredView(f"/views/{model_id}", f"lease-{model_id}", 0, all_local=False)
+
+    async def renew(self, lease_id: str, lease_ttl_s: float) -> None:
+        self.renewed.append(lease_id)
+
+
+async def test_the_leases_of_held_adapters_are_renewed_like_models(loader) -> None:
+    storage = LeasingStorage()
+    core = make_core(loader, lease_ttl_s=0.15)
+    core.views = storage
+    await core.start()
+    try:
+        await core.generate("lora-x", 0, request())
+        await until(lambda: {"lease-a", "lease-lora-x"} <= set(storage.renewed), "both leases renewed")
+    finally:
+        await core.close()
+
+
 async def test_status_lists_the_queue_in_service_order_and_the_measured_costs(loader) -> None:
     core = await started(make_core(loader, max_batch_images=1))
     try:

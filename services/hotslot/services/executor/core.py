@@ -974,8 +974,8 @@ class ExecutorCore:
     async def _renew_leases(self) -> None:
         while True:
             await asyncio.sleep(max(self.lease_ttl_s / 3, 0.05))
-            for held in self.slots.held():
-                entry = self.slots.get(held.key)
+            for key in [h.key for h in self.slots.held()] + [a.key for a in self.slots.adapters()]:
+                entry = self.slots.get(key)
                 if entry is None or not entry.lease_id:
                     continue
                 try:
