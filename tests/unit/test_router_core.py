@@ -115,6 +115,8 @@ class FakeCatalog(ModelCatalog):
         self.asked: list[str] = []
         self.down = False
         self.sizes: dict[str, int] = {}
+        self.bases: dict[str, str] = {}
+        """LoRA adapter id -> its base model id."""
 
     async def list_models(self, request: Any) -> Any:
         return {"models": sorted(self.models)}
@@ -125,8 +127,11 @@ class FakeCatalog(ModelCatalog):
             raise errors.Unavailable("registry at fake unreachable (UNAVAILABLE)")
         if model_id not in self.models:
             raise errors.NotFound(f"model {model_id!r} is not registered")
+        base = self.bases.get(model_id, "")
         return registry_pb.Model(
-            model_id=model_id, revision=1, manifest=common_pb2.Manifest(total_bytes=self.sizes.get(model_id, 0))
+            model_id=model_id, revision=1, manifest=common_pb2.Manifest(total_bytes=self.sizes.get(model_id, 0)),
+            kind=common_pb2.MODEL_KIND_LORA_ADAPTER if base else common_pb2.MODEL_KIND_DIFFUSERS_PIPELINE,
+            base_model_id=base,
         )
 
 
@@ -428,6 +433,20 @@ async def test_preload_replicas_load_on_that_many_executors_holders_first(cluste
     with pytest.raises(errors.InvalidArgument, match="replicas"):
         await cluster.core.preload("alpha", 0, -1, None)
     assert ("alpha", 0) not in cluster["exec-b"].preloads
+
+
+async def test_preload_of_an_adapter_goes_to_the_executors_holding_its_base(cluster: Cluster) -> None:
+    cluster.catalog.models.add("lora-x")
+    cluster.catalog.bases["lora-x"] = "beta"  # beta: standby on exec-b, host memory on exec-a
+    preloaded = await cluster.core.preload("lora-x", 0, 1, None)
+    assert [r.executor_id for r in preloaded.replicas] == ["exec-b"]
+    assert cluster["exec-b"].preloads == [("lora-x", 0)] and cluster["exec-a"].preloads == []
+    preloaded = await cluster.core.preload("lora-x", 0, 2, None)
+    assert [r.executor_id for r in preloaded.replicas] == ["exec-b", "exec-a"]
+    # alpha (active on exec-a only) as a base: its adapters go to exec-a.
+    cluster.catalog.models.add("lora-y")
+    cluster.catalog.bases["lora-y"] = "alpha"
+    assert (await cluster.core.preload("lora-y", 0, 1, None)).executor_id == "exec-a"
 
 
 async def test_preload_replica_that_fails_unavailable_is_retried_elsewhere_or_left_out(cluster: Cluster) -> None:

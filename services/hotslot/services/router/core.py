@@ -190,12 +190,13 @@ class RouterCore:
         compute, so queue room is not required and nothing is counted in flight. A replica whose executor fails with
         ExecutorUnavailable is retried on another executor not chosen yet, like a Generate; when some replicas
         fail that way and no executor is left for them, the others are the answer (the response lists them). Any
-        other failure is the answer."""
+        other failure is the answer. A LoRA adapter is placed like a request for it: on executors holding its base
+        first (holders of the adapter among them first), where the executor keeps its weights in host memory."""
         if not model_id:
             raise InvalidArgument.field("model.model_id", "is required")
         if replicas < 0:
             raise InvalidArgument.field("replicas", f"must be 0 or more, got {replicas}")
-        await self._check_registered(model_id, revision)
+        base = await self._check_registered(model_id, revision)
         deadline = None if time_remaining_s is None else asyncio.get_running_loop().time() + time_remaining_s
         claimed: list[str] = []
         live = sum(1 for link in self.membership.placeable() if link.live)
@@ -203,7 +204,8 @@ class RouterCore:
         if wanted == 0:
             raise self._no_executor(())
         outcomes = await asyncio.gather(
-            *(self._preload_one(model_id, revision, claimed, deadline) for _ in range(wanted)), return_exceptions=True
+            *(self._preload_one(model_id, revision, base, claimed, deadline) for _ in range(wanted)),
+            return_exceptions=True,
         )
         done = [outcome for outcome in outcomes if isinstance(outcome, PreloadReplica)]
         failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
@@ -218,13 +220,13 @@ class RouterCore:
         return Preloaded(tuple(done))
 
     async def _preload_one(
-        self, model_id: str, revision: int, claimed: list[str], deadline: float | None
+        self, model_id: str, revision: int, base: str, claimed: list[str], deadline: float | None
     ) -> PreloadReplica:
         """One replica: the best executor nobody has claimed yet (claimed in the same step it is picked, so
         parallel replicas never pick one twice), retried elsewhere on ExecutorUnavailable."""
         attempted: list[str] = []
         while True:
-            choice = self._preload_choice(model_id, revision, claimed)
+            choice = self._preload_choice(model_id, revision, base, claimed)
             if choice is None:
                 raise self._no_executor(claimed)
             link = choice.candidate
@@ -241,10 +243,12 @@ class RouterCore:
                 continue
             return PreloadReplica(link.executor_id, result)
 
-    def _preload_choice(self, model_id: str, revision: int, claimed: list[str]) -> Choice | None:
+    def _preload_choice(self, model_id: str, revision: int, base: str, claimed: list[str]) -> Choice | None:
+        # An adapter: rank its base with it as the request's adapter (its load counts where it is not held).
+        place, adapters = ((base, 0), ((model_id, revision),)) if base else ((model_id, revision), ())
         ranked = self.placement.rank(
-            model_id, revision, self.membership.placeable(), size_bytes=self._model_bytes.get((model_id, revision), 0),
-            now=asyncio.get_running_loop().time(), exclude=claimed, need_room=False,
+            *place, self.membership.placeable(), size_bytes=self._model_bytes.get(place, 0),
+            now=asyncio.get_running_loop().time(), exclude=claimed, need_room=False, adapters=adapters,
         )
         # Executors holding it first, best tier first (active or standby: nothing to do; host: a cheap copy),
         # whatever their queues: a preload does not wait behind them. Then the others, soonest finish first.
