@@ -117,7 +117,7 @@ def serve_share(src: Path, mountpoint: Path, delay_ms: float, mb_s: float, stats
     """FUSE passthrough of `src`: each read request waits `delay_ms`, and all of them share a link of `mb_s` MB/s
     (a request is done when the link has carried its bytes, plus the delay). No kernel_cache: the kernel drops a
     file's cached pages when it is opened again, so every load reads the share. Bytes served go to `stats`."""
-    from fuse import FUSE, FuseOSError, Operations
+    from fuse import FUSE
 
     delay, rate = delay_ms / 1000, mb_s * 1e6
     lock = threading.Lock()
@@ -134,50 +134,18 @@ def serve_share(src: Path, mountpoint: Path, delay_ms: float, mb_s: float, stats
 
     threading.Thread(target=write_stats, daemon=True).start()
 
-    class Throttled(Operations):
-        use_ns = True
+    def throttle(nbytes: int) -> None:
+        now = time.monotonic()
+        with lock:
+            start = max(now, state["link_free"])
+            state["link_free"] = start + nbytes / rate
+            state["bytes"] += nbytes
+            state["reads"] += 1
+            done = state["link_free"] + delay
+        time.sleep(max(0.0, done - now))
 
-        def _path(self, path: str) -> str:
-            return os.path.join(src, path.lstrip("/"))
-
-        def getattr(self, path, fh=None):
-            try:
-                st = os.lstat(self._path(path))
-            except OSError as err:
-                raise FuseOSError(err.errno) from None
-            keys = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
-            return {k.removesuffix("_ns"): getattr(st, k) for k in keys}
-
-        def readdir(self, path, fh):
-            return [".", "..", *os.listdir(self._path(path))]
-
-        def open(self, path, flags):
-            if flags & (os.O_WRONLY | os.O_RDWR):
-                raise FuseOSError(30)  # EROFS
-            return os.open(self._path(path), os.O_RDONLY)
-
-        def read(self, path, size, offset, fh):
-            data = os.pread(fh, size, offset)
-            now = time.monotonic()
-            with lock:
-                start = max(now, state["link_free"])
-                state["link_free"] = start + len(data) / rate
-                state["bytes"] += len(data)
-                state["reads"] += 1
-                done = state["link_free"] + delay
-            time.sleep(max(0.0, done - now))
-            return data
-
-        def release(self, path, fh):
-            os.close(fh)
-
-        def statfs(self, path):
-            st = os.statvfs(src)
-            return {k: getattr(st, k) for k in ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree",
-                                               "f_files", "f_flag", "f_frsize", "f_namemax")}
-
-    FUSE(Throttled(), str(mountpoint), foreground=True, nothreads=False, ro=True, fsname="hotslot-slowshare",
-         max_read=128 * 1024)
+    FUSE(slowdisk.read_only_passthrough(src, throttle), str(mountpoint), foreground=True, nothreads=False, ro=True,
+         fsname="hotslot-slowshare", max_read=128 * 1024)
 
 
 @dataclass

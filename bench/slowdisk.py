@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,14 +201,12 @@ def _raise_max_background(mountpoint: Path) -> str:
             return "unknown"
 
 
-def serve(src: Path, mountpoint: Path, delay_ms: float) -> None:
-    """Runs the FUSE passthrough in the foreground until unmounted; one thread per request (libfuse2's mt loop),
-    so concurrent requests sleep concurrently, as round trips on a network mount overlap."""
-    from fuse import FUSE, FuseOSError, Operations
+def read_only_passthrough(src: Path | str, on_read: Callable[[int], None]):
+    """A fusepy Operations object serving `src` read-only; `on_read(nbytes)` runs after every read request (to
+    delay it, count it), in that request's thread. Imports fusepy (see the module docstring)."""
+    from fuse import FuseOSError, Operations
 
-    delay = delay_ms / 1000
-
-    class DelayedPassthrough(Operations):
+    class ReadOnlyPassthrough(Operations):
         use_ns = True
 
         def _path(self, path: str) -> str:
@@ -231,8 +229,9 @@ def serve(src: Path, mountpoint: Path, delay_ms: float) -> None:
             return os.open(self._path(path), os.O_RDONLY)
 
         def read(self, path, size, offset, fh):
-            time.sleep(delay)
-            return os.pread(fh, size, offset)
+            data = os.pread(fh, size, offset)
+            on_read(len(data))
+            return data
 
         def release(self, path, fh):
             os.close(fh)
@@ -242,8 +241,17 @@ def serve(src: Path, mountpoint: Path, delay_ms: float) -> None:
             return {k: getattr(st, k) for k in ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree",
                                                "f_files", "f_flag", "f_frsize", "f_namemax")}
 
-    FUSE(DelayedPassthrough(), str(mountpoint), foreground=True, nothreads=False, ro=True,
-         fsname="hotslot-slowdisk", max_read=128 * 1024, kernel_cache=True)
+    return ReadOnlyPassthrough()
+
+
+def serve(src: Path, mountpoint: Path, delay_ms: float) -> None:
+    """Runs the FUSE passthrough in the foreground until unmounted; one thread per request (libfuse2's mt loop),
+    so concurrent requests sleep concurrently, as round trips on a network mount overlap."""
+    from fuse import FUSE
+
+    delay = delay_ms / 1000
+    FUSE(read_only_passthrough(src, lambda _: time.sleep(delay)), str(mountpoint), foreground=True, nothreads=False,
+         ro=True, fsname="hotslot-slowdisk", max_read=128 * 1024, kernel_cache=True)
 
 
 def main() -> None:
