@@ -19,7 +19,6 @@ from hotslot.services.router.placement import (
     Placement,
     PlacementReason,
     QueuedRequest,
-    QueuedState,
     RequestWork,
     Tier,
     TierCost,
@@ -167,7 +166,7 @@ def test_followers_of_a_cold_request_stay_until_their_queue_costs_more_than_a_se
 
 
 def test_a_request_queued_for_the_model_means_its_load_is_already_counted(placement: Placement) -> None:
-    loading = (QueuedRequest("r1", "m", 1, QueuedState.LOADING),)
+    loading = (QueuedRequest("m", 1),)  # loading there
     a = executor("a", depth=1, backlog_s=5.5, queue=loading)
     b = executor("b", depth=1, backlog_s=1.0)
     choice = placement.choose("m", 0, [a, b])

@@ -26,7 +26,7 @@ from .downstream import (
     ResultEvent,
     StreamEvent,
 )
-from .placement import CostEstimates, ExecutorSnapshot, HeldModel, QueuedRequest, QueuedState, Tier, TierCost
+from .placement import CostEstimates, ExecutorSnapshot, HeldModel, QueuedRequest, Tier, TierCost
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
@@ -58,16 +58,7 @@ def snapshot_from_proto(status: executor_pb.ExecutorStatus, address: str) -> Exe
         version=status.version,
         raw=status,
         queue=tuple(
-            QueuedRequest(
-                request_id=queued.request_id,
-                model_id=queued.model.model_id,
-                revision=queued.model.revision,
-                state=_queued_state(queued.state),
-                waited_s=queued.waited.ToNanoseconds() / 1e9,
-                overtaken_s=queued.overtaken.ToNanoseconds() / 1e9,
-                num_images=queued.num_images,
-            )
-            for queued in status.queue
+            QueuedRequest(queued.model.model_id, queued.model.revision) for queued in status.queue
         ),
         costs=costs_from_proto(status.costs),
     )
@@ -95,13 +86,6 @@ def _tier(value: int) -> Tier:
         return Tier(value)
     except ValueError:  # a tier newer than this router: never preferred
         return Tier.UNSPECIFIED
-
-
-def _queued_state(value: int) -> QueuedState:
-    try:
-        return QueuedState(value)
-    except ValueError:  # a state newer than this router
-        return QueuedState.UNSPECIFIED
 
 
 class GrpcExecutorClient(ExecutorClient):

@@ -110,27 +110,13 @@ class HeldModel:
     size_bytes: int = 0
 
 
-class QueuedState(enum.IntEnum):
-    """Where a request in an executor's queue stands; the values are hotslot.executor.v1.QueuedState's."""
-
-    UNSPECIFIED = 0
-    RUNNING = 1
-    READY = 2
-    LOADING = 3
-    WAITING = 4
-
-
 @dataclass(frozen=True)
 class QueuedRequest:
-    """One request in an executor's queue, as its status lists it (in service order)."""
+    """One request in an executor's queue, as its status lists it: placement only needs its model (a load of it
+    there is under way or will be). The rest of the entry (state, waits) reaches GetClusterStatus in `raw`."""
 
-    request_id: str
     model_id: str
     revision: int
-    state: QueuedState = QueuedState.UNSPECIFIED
-    waited_s: float = 0.0
-    overtaken_s: float = 0.0
-    num_images: int = 1
 
 
 @dataclass(frozen=True)
