@@ -87,6 +87,12 @@ def encode_png(pixels) -> bytes:
     return buf.getvalue()
 
 
+def batch_key(params: GenerationParams) -> tuple:
+    """Requests with equal keys (and the same model, hence scheduler, and adapters) can share one pipeline call;
+    prompts, negative prompts and seeds are per image."""
+    return (params.steps, params.guidance_scale, params.width, params.height)
+
+
 def run_pipeline(
     pipe,
     params: GenerationParams,
@@ -122,8 +128,7 @@ def run_batch(
     import torch
 
     first = requests[0]
-    assert all((p.steps, p.guidance_scale, p.width, p.height) == (first.steps, first.guidance_scale, first.width,
-               first.height) for p in requests), "a batch needs equal steps, guidance scale and size"
+    assert all(batch_key(p) == batch_key(first) for p in requests), "a batch needs equal steps, guidance scale and size"
     stops = list(should_stop) if should_stop is not None else [lambda: False] * len(requests)
 
     def all_stopped() -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .generation import GenerationParams
+from .generation import GenerationParams, batch_key
 from .slots import ModelKey
 
 _EPS = 1e-9
@@ -29,12 +29,6 @@ class Plan:
     run: list = field(default_factory=list)
     passed: list = field(default_factory=list)
     head: Queued | None = None
-
-
-def batch_key(params: GenerationParams) -> tuple:
-    """Requests with equal keys (and the same model, hence scheduler) can share one pipeline call; prompts,
-    negative prompts and seeds are per image."""
-    return (params.steps, params.guidance_scale, params.width, params.height)
 
 
 def same_call(a: Queued, b: Queued) -> bool:
