@@ -134,6 +134,23 @@ def test_switching_a_b_a_gives_a_again_and_the_base_after_without_rebuilding_the
     assert png(run(stub, "tiny-sd-1")) == png(other)  # a text-encoder adapter changes only its requests' images
 
 
+def test_fine_tunes_hold_their_shared_vae_and_text_encoder_once_and_status_shows_it(executor) -> None:
+    _, stub = executor
+    run(stub, "tiny-sd-1")
+    run(stub, "lora-b")  # a text-encoder adapter on tiny-sd-0, which shares its text encoder with tiny-sd-1
+    status = stub.GetStatus(epb.GetStatusRequest()).status
+    held = {m.model.model_id: m for m in status.models}
+    family = [held[m] for m in ("tiny-sd-0", "tiny-sd-1", "tiny-sd-2") if m in held]
+    assert len(family) >= 2
+    for m in family:
+        assert m.shared_bytes > 0 and m.unique_bytes > 0 and m.unique_bytes + m.shared_bytes == m.size_bytes
+    assert len({m.shared_bytes for m in family}) == 1  # the same VAE and text encoder
+    adapters = sum(a.size_bytes for a in status.adapters)
+    # the tiers count the shared bytes once: each model's UNet, one VAE and text encoder, and the adapters
+    assert sum(t.used_bytes for t in status.tiers) == sum(m.unique_bytes for m in family) + family[0].shared_bytes \
+        + adapters
+
+
 def test_kohya_naming_and_scales(executor) -> None:
     _, stub = executor
     base, a = run(stub), run(stub, "lora-a")

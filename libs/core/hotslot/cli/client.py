@@ -325,7 +325,7 @@ def status(router: RouterOpt = "127.0.0.1:50050") -> None:
         except grpc.RpcError as err:
             raise _fail(err) from None
     table = Table("executor", "address", "state", "device", "queue", "active", "standby", "host", "adapters",
-                  "preloader")
+                  "held MB (shared saves)", "preloader")
     for e in reply.executors:
         held = {tier: [] for tier in (common_pb2.TIER_ACTIVE, common_pb2.TIER_STANDBY, common_pb2.TIER_HOST)}
         for m in e.models:
@@ -334,6 +334,7 @@ def status(router: RouterOpt = "127.0.0.1:50050") -> None:
             e.executor_id, e.address, epb.ExecutorState.Name(e.state).removeprefix("EXECUTOR_STATE_").lower(), e.device,
             f"{e.queue_depth}/{e.queue_capacity}", *(", ".join(held[t]) for t in held if t in (1, 2, 3)),
             ", ".join(f"{a.model.model_id}@{a.model.revision} ({TIER_NAMES.get(a.tier, '?')})" for a in e.adapters),
+            _held_mb(e),
             f"pid {e.preloader.pid}" + ("" if e.preloader.alive else " (down)") + (f", {e.preloader.restarts} restarts" if e.preloader.restarts else ""),
         )
     console.print(table)
@@ -342,3 +343,9 @@ def status(router: RouterOpt = "127.0.0.1:50050") -> None:
     console.print(f"router queue: {reply.router_queue_depth}")
 
 
+def _held_mb(executor) -> str:
+    """Bytes the executor's tiers hold, and what holding shared components (VAE, text encoder) once saves against
+    every model keeping its own copy."""
+    used = sum(t.used_bytes for t in executor.tiers)
+    separate = sum(m.size_bytes for m in executor.models) + sum(a.size_bytes for a in executor.adapters)
+    return f"{used / 1e6:.1f} ({max(0, separate - used) / 1e6:.1f})"

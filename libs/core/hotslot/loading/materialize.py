@@ -39,6 +39,7 @@ from hotslot.loading.skeleton import (
 
 __all__ = [
     "assemble_pipeline",
+    "build_component",
     "build_pipeline",
     "materialize_module",
     "materialize_skeleton",
@@ -317,6 +318,23 @@ def assemble_pipeline(layout: PipelineLayout, components: Mapping[str, Any]) -> 
     return pipeline
 
 
+def build_component(
+    layout: PipelineLayout,
+    cname: str,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    skeletons: SkeletonCache,
+    dtype: torch.dtype | None = None,
+    config_digest: str | None = None,
+) -> nn.Module:
+    """The module of the weight component `cname`: a fresh instance of its cached skeleton with `state_dict`
+    assigned (no copy). Two calls over the same tensors give two module trees sharing every weight."""
+    comp = layout.components[cname]
+    assert comp is not None
+    skeleton = skeletons.skeleton(resolve_class(comp.library, comp.class_name), comp.directory, digest=config_digest)
+    return materialize_skeleton(skeleton, state_dict, name=cname, dtype=dtype)
+
+
 def build_pipeline(
     layout: PipelineLayout,
     state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
@@ -324,16 +342,21 @@ def build_pipeline(
     skeletons: SkeletonCache | None = None,
     dtype: torch.dtype | None = None,
     config_digests: Mapping[str, str] | None = None,
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> tuple[Any, float]:
     """The pipeline from loaded weights: skeletons and plain components from `skeletons` (cached: tokenizers
     shared, schedulers fresh copies), assignment of `state_dicts[component]` to a fresh instance
     of each skeleton, assembly. Returns (pipeline, seconds).
-    `config_digests` (component -> sha256 of its config.json, from the manifest) spares hashing the configs."""
+    `config_digests` (component -> sha256 of its config.json, from the manifest) spares hashing the configs.
+    `modules` (component -> module) are used as they are instead: modules another pipeline holds too."""
     t0 = time.perf_counter()
     skeletons = SkeletonCache() if skeletons is None else skeletons
     components: dict[str, Any] = {}
     for cname, comp in layout.components.items():
         if comp is None:
+            continue
+        if modules and cname in modules:
+            components[cname] = modules[cname]
             continue
         cls = resolve_class(comp.library, comp.class_name)
         if not is_model_class(cls):
@@ -341,8 +364,7 @@ def build_pipeline(
             continue
         if cname not in state_dicts:
             raise InvalidArgument(f"{layout.root}: no weights were loaded for component {cname!r}")
-        digest = (config_digests or {}).get(cname)
-        skeleton = skeletons.skeleton(cls, comp.directory, digest=digest)
-        components[cname] = materialize_skeleton(skeleton, state_dicts[cname], name=cname, dtype=dtype)
+        components[cname] = build_component(layout, cname, state_dicts[cname], skeletons=skeletons, dtype=dtype,
+                                            config_digest=(config_digests or {}).get(cname))
     pipeline = assemble_pipeline(layout, components)
     return pipeline, time.perf_counter() - t0

@@ -130,8 +130,10 @@ def read_weights(
     timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
     variant: str | None = None,
     meanwhile: Callable[[], None] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> LoadedWeights:
-    """Has the preloader read the weight components of `layout` (converted to `dtype`, keeping the modules that
+    """Has the preloader read the weight components of `layout` (but those named in `skip`, which the caller
+    holds already) (converted to `dtype`, keeping the modules that
     must stay float32) and waits for them; `meanwhile` runs here while the child reads. If anything fails here,
     the child still releases the weights once they arrive, so nothing stays held.
 
@@ -144,6 +146,7 @@ def read_weights(
     another thread beside them): a private page costs ~30 % less to fill than a shared one (measured on an SD 1.5 fp16 -> fp32 load),
     and nothing has to cross a process. With both, the preloader is not used at all on CPU."""
     names, keep = plan_weights(layout, dtype)
+    names = [n for n in names if n not in skip]
     on_cpu = torch.device(device).type == "cpu"
     as_stored = mappable_components(layout, names, keep, dtype) if on_cpu and (map_files or convert_here) else []
     mapped = as_stored if map_files else []

@@ -88,6 +88,7 @@ class StorageClient(_Peer):
             lease_id=reply.lease_id,
             bytes_fetched=reply.bytes_fetched,
             all_local=all(f.source == storage_pb.FILE_SOURCE_LOCAL_HIT for f in reply.files),
+            digests={f.path: f.sha256 for f in reply.files},
         )
 
     async def renew(self, lease_id: str, lease_ttl_s: float) -> None:

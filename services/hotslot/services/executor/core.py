@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import logging
 import math
 import threading
@@ -829,7 +830,8 @@ class ExecutorCore:
                                   {"hotslot.model": str(key), "hotslot.bytes_fetched": view.bytes_fetched})
                 prep.phase = "read"
                 t0_ns, t0 = time.time_ns(), time.perf_counter()
-                read_fn = self.loader.read if prep.base is None else self.loader.read_adapter
+                read_fn = (functools.partial(self.loader.read, digests=view.digests) if prep.base is None
+                           else self.loader.read_adapter)
                 try:
                     read = await self._read_with_retry(key, view.view_path, read_fn)
                 except BaseException:
@@ -839,8 +841,9 @@ class ExecutorCore:
                 self._record_span("read", t0_ns, time.time_ns(), ctx,
                                   {"hotslot.model": str(key), "hotslot.bytes": read.weights.nbytes,
                                    "hotslot.handoff_s": read.handoff_s})
+                parts = getattr(read.weights, "part_sizes", dict)()  # components it may share with others
                 entry = self.slots.add_host(key, read.weights, read.weights.nbytes, lease_id=view.lease_id,
-                                            view_path=view.view_path, base=prep.base)  # acquired
+                                            view_path=view.view_path, base=prep.base, parts=parts)  # acquired
                 self._changed()
             else:
                 prep.from_tier = entry.tier
@@ -958,6 +961,9 @@ class ExecutorCore:
     # -- leases and housekeeping -------------------------------------------------------------------------
     def _on_evict(self, entry: SlotEntry) -> None:
         log.info("evicted %s (%d bytes)", entry.key, entry.size_bytes)
+        release = getattr(entry.weights, "release", None)  # shared components lose a user; the last frees them
+        if release is not None:
+            release()
         if entry.lease_id:
             task = asyncio.get_running_loop().create_task(self._unpin(entry.lease_id))
             self._tasks.append(task)

@@ -2,7 +2,7 @@
 registry resolves a model reference, the node's storage-cache makes its files present and pins them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -22,6 +22,7 @@ class EnsuredView:
     lease_id: str
     bytes_fetched: int
     all_local: bool  # every file was already in the node-local cache
+    digests: dict[str, str] = field(default_factory=dict)  # path in the view -> sha256, from the manifest
 
 
 class ModelResolver(Protocol):

@@ -7,15 +7,16 @@ import gc
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hotslot.loading.layout import PipelineLayout, read_layout
-from hotslot.loading.materialize import build_pipeline
-from hotslot.loading.pipeline_loader import read_weights
+from hotslot.loading.materialize import build_component, build_pipeline
+from hotslot.loading.pipeline_loader import plan_weights, read_weights
 from hotslot.loading.preloader import LoadedWeights, LoadTimings, Preloader
 from hotslot.loading.reader import (
     DEFAULT_READ_CONCURRENCY,
@@ -24,9 +25,11 @@ from hotslot.loading.reader import (
     module_predicate,
     populate,
     read_header,
+    tensor_views,
 )
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, resolve_class
 
+from .components import ComponentPool, SharedComponent, component_id
 from .lora import ADAPTER_COMPONENT, AdapterWeights, adapter_file, apply_adapters, unload_missing
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ WARM_CLASSES = (
     ("transformers", "CLIPTextModelWithProjection"),
     ("transformers", "CLIPTokenizer"),
 )
+# The components LoRA adapters change (PEFT wraps their layers): a pipeline that loads adapters owns these.
+ADAPTER_TARGETS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -53,17 +58,45 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
         raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}") from None
 
 
-@dataclass
+@dataclass(eq=False)
 class HostWeights:
-    """A model's weights as the slot holds them, plus the layout needed to materialize it again."""
+    """A model's weights as the slot holds them, per weight component, plus the layout needed to materialize it
+    again. The components live in the executor's `ComponentPool`: one that another held model has byte for byte
+    is that model's, not a copy."""
 
+    key: str
     layout: PipelineLayout
-    weights: LoadedWeights
-    on_device: bool
+    parts: dict[str, SharedComponent]  # weight component name -> the held component
+    pool: ComponentPool = field(repr=False)
+    materialized: bool = False  # a pipeline was built around these weights and not yet dropped
+    released: bool = False
 
     @property
     def nbytes(self) -> int:
-        return self.weights.nbytes
+        return sum(p.nbytes for p in self.parts.values())
+
+    @property
+    def components(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: part.tensors for name, part in self.parts.items()}
+
+    def part_sizes(self) -> dict[str, int]:
+        """component id -> bytes, for the slot manager's accounting (shared bytes counted once)."""
+        return {part.component_id: part.nbytes for part in self.parts.values()}
+
+    def release(self) -> None:
+        """The model left the executor: its components lose a user (the last user frees one). Idempotent."""
+        if self.released:
+            return
+        self.released = True
+        self.unmaterialized()
+        for part in self.parts.values():
+            self.pool.release(part, self.key)
+
+    def unmaterialized(self) -> None:
+        if self.materialized:
+            self.materialized = False
+            for part in self.parts.values():
+                part.pipelines = max(0, part.pipelines - 1)
 
 
 @dataclass
@@ -87,6 +120,7 @@ class ModelLoader:
         convert_here: bool = False,
         skeletons: SkeletonCache | None = None,
         max_pipeline_adapters: int = 8,
+        components: ComponentPool | None = None,
     ) -> None:
         self.preloader = preloader
         self.device = device
@@ -98,6 +132,7 @@ class ModelLoader:
         self.skeletons = skeletons or SkeletonCache()
         self.is_cuda = torch.device(device).type == "cuda"
         self.max_pipeline_adapters = max_pipeline_adapters
+        self.components = ComponentPool() if components is None else components
 
     def warmup(self) -> float:
         """Imports diffusers/transformers and the classes of a Stable Diffusion pipeline once, at start, so the
@@ -116,19 +151,33 @@ class ModelLoader:
         gc.freeze()
         return time.perf_counter() - t0
 
-    def read(self, key: str, view_path: str, timeout_s: float) -> ReadResult:
+    def read(self, key: str, view_path: str, timeout_s: float, digests: Mapping[str, str] | None = None) -> ReadResult:
         """Reads every weight file of the view in the preloader child; the tensors arrive as shared memory (CPU,
         zero copy) or CUDA IPC handles. With `map_files` (CPU), components stored in the dtype they are wanted
         in are mapped from the view's files instead (no copy at all) and only the others are read and converted
         by the child. Then the pages are populated in parallel, so the first denoising step takes no page faults.
+        Components another held model has byte for byte (`digests`: the manifest's path -> sha256) are not read
+        at all: the model shares them (`ComponentPool`).
         Skeletons are built in `materialize` (cached per config digest), so this phase measures reading alone."""
         t0 = time.perf_counter()
         layout = read_layout(view_path)
-        weights = read_weights(self.preloader, layout, key, self.device, self.dtype, chunk_bytes=self.chunk_bytes,
-                               read_concurrency=self.read_concurrency, map_files=self.map_files,
-                               convert_here=self.convert_here, timeout_s=timeout_s,
-                               meanwhile=lambda: self.prefetch(layout))
-        if self.is_cuda:
+        names, _ = plan_weights(layout, self.dtype)
+        ids = {name: self._component_id(layout, name, digests or {}) for name in names}
+        parts: dict[str, SharedComponent] = {}
+        for name in names:
+            held = self.components.take(ids[name], key)
+            if held is not None:
+                parts[name] = held
+        try:
+            weights = read_weights(self.preloader, layout, key, self.device, self.dtype, chunk_bytes=self.chunk_bytes,
+                                   read_concurrency=self.read_concurrency, map_files=self.map_files,
+                                   convert_here=self.convert_here, timeout_s=timeout_s,
+                                   meanwhile=lambda: self.prefetch(layout), skip=frozenset(parts))
+        except BaseException:
+            for part in parts.values():
+                self.components.release(part, key)
+            raise
+        if self.is_cuda and weights.files:
             # IPC memory belongs to the child and dies with it: own a copy so a preloader crash cannot take the
             # weights of held models with it. This runs beside inference, never on the request path.
             weights = weights.owned_copy()
@@ -138,18 +187,31 @@ class ModelLoader:
         populate_s = time.perf_counter() - t_populate
         # On CPU the parent's mapping keeps the shared memory alive, so the child can drop its reference now.
         self.preloader.release(key)
+        shared_bytes = sum(p.nbytes for p in parts.values())
+        for name, tensors in weights.components.items():
+            files = [f for f in weights.files if f[0] == name]
+            part = SharedComponent(ids[name] or f"{key}/{name}/{uuid.uuid4().hex}", name, files, tensors,
+                                   sum(buf.numel() for _, _, buf, _ in files))
+            parts[name] = self.components.add(part, key)  # an equal one read meanwhile wins; ours is dropped
         t = weights.timings
         log.info(
             "read weights",
             extra={"model": key, "bytes": weights.nbytes, "files": len(weights.files),
                    "files_read": t.files, "bytes_read": t.bytes_read,
-                   "read_by": t.reader,
+                   "read_by": t.reader, "shared_components": len(names) - len(weights.components),
+                   "shared_bytes": shared_bytes,
                    "read_s": round(t.child_s or t.read_s, 3), "read_cpu_s": round(t.cpu_s, 3),
                    "handoff_s": round(t.handoff_s, 3), "populate_s": round(populate_s, 3),
                    "wall_s": round(time.perf_counter() - t0, 3)},
         )
-        return ReadResult(HostWeights(layout, weights, on_device=True), t.read_s + t.convert_s, t.handoff_s,
-                          time.perf_counter() - t0)
+        host = HostWeights(key, layout, parts, self.components)
+        return ReadResult(host, t.read_s + t.convert_s, t.handoff_s, time.perf_counter() - t0)
+
+    def _component_id(self, layout: PipelineLayout, name: str, digests: Mapping[str, str]) -> str | None:
+        comp = layout.components[name]
+        assert comp is not None
+        directory = comp.directory.relative_to(layout.root).as_posix()
+        return component_id(comp.library, comp.class_name, str(self.dtype), self.device, directory, digests)
 
     def read_adapter(self, key: str, view_path: str, timeout_s: float) -> ReadResult:
         """Reads a LoRA adapter's safetensors file as `read` reads a pipeline's: mapped from the view on CPU when
@@ -183,9 +245,25 @@ class ModelLoader:
     def apply_adapters(self, pipeline: Any, wanted: list[tuple[str, AdapterWeights, float]],
                        held: dict[str, AdapterWeights]) -> None:
         """Makes `pipeline` run with exactly `wanted` (lora.apply_adapters), first unloading the adapters it keeps
-        whose weights the host tier no longer holds (`held`: adapter name -> the weights it holds)."""
+        whose weights the host tier no longer holds (`held`: adapter name -> the weights it holds). Before the
+        first adapter goes in, the pipeline gets module trees of its own for the components adapters change, over
+        the same weight tensors: PEFT wraps layers of the module it is given, and the held module is shared with
+        every other pipeline that has that component."""
+        if wanted:
+            self._own_adapter_targets(pipeline)
         unload_missing(pipeline, held)
         apply_adapters(pipeline, wanted, max_loaded=self.max_pipeline_adapters)
+
+    def _own_adapter_targets(self, pipeline: Any) -> None:
+        host: HostWeights | None = getattr(pipeline, "_hotslot_host", None)
+        if host is None or pipeline.__dict__.get("_hotslot_own_targets"):
+            return
+        for name in ADAPTER_TARGETS:
+            part = host.parts.get(name)
+            if part is not None and getattr(pipeline, name, None) is part.module:
+                setattr(pipeline, name, build_component(host.layout, name, part.tensors, skeletons=self.skeletons,
+                                                        dtype=self.dtype))
+        pipeline.__dict__["_hotslot_own_targets"] = True
 
     def prefetch(self, layout: PipelineLayout) -> None:
         """Builds (and caches) the skeletons and tokenizers of the layout's components; `read` runs it while the
@@ -203,25 +281,55 @@ class ModelLoader:
                 log.debug("prefetch of %s failed; materialize will report it", comp.directory, exc_info=True)
 
     def materialize(self, host: HostWeights) -> tuple[Any, float]:
-        """Modules from cached meta skeletons with the weights assigned in place (no copy on CPU)."""
-        if not host.on_device:
-            self.to_device(host)
-        return build_pipeline(host.layout, host.weights.components, skeletons=self.skeletons, dtype=self.dtype)
+        """The pipeline around the held components' modules: a component's module is built once (from the cached
+        meta skeleton, the weights assigned in place, no copy on CPU) and then stands in every pipeline that has
+        that component."""
+        t0 = time.perf_counter()
+        self.to_device(host)
+        modules = {}
+        for name, part in host.parts.items():
+            if part.module is None:
+                part.module = build_component(host.layout, name, part.tensors, skeletons=self.skeletons,
+                                              dtype=self.dtype)
+            modules[name] = part.module
+        pipeline, _ = build_pipeline(host.layout, {}, skeletons=self.skeletons, dtype=self.dtype, modules=modules)
+        pipeline.__dict__["_hotslot_host"] = host
+        if not host.materialized:
+            host.materialized = True
+            for part in host.parts.values():
+                part.pipelines += 1
+        return pipeline, time.perf_counter() - t0
 
     def demote(self, host: HostWeights) -> None:
-        """STANDBY -> HOST. On CPU the weights already are host (shared) memory; on CUDA copy them to pinned
-        host memory so device memory is freed."""
-        if self.is_cuda and host.on_device:
-            host.weights = host.weights.with_buffers([buf.to("cpu").pin_memory() for buf in host.weights.buffers])
-            host.on_device = False
+        """STANDBY -> HOST. On CPU the weights already are host (shared) memory; on CUDA copy the components no
+        other materialized pipeline uses to pinned host memory so device memory is freed."""
+        host.unmaterialized()
+        if not self.is_cuda:
+            return
+        for part in host.parts.values():
+            if part.on_device and part.pipelines == 0:
+                self._move(part, [buf.to("cpu").pin_memory() for _, _, buf, _ in part.files])
+                part.module = None
+                part.on_device = False
 
     def to_device(self, host: HostWeights) -> None:
-        if self.is_cuda and not host.on_device:
-            buffers = [buf.to(self.device, non_blocking=True) for buf in host.weights.buffers]
+        if not self.is_cuda:
+            return
+        moved = False
+        for part in host.parts.values():
+            if not part.on_device:
+                self._move(part, [buf.to(self.device, non_blocking=True) for _, _, buf, _ in part.files])
+                part.on_device = moved = True
+        if moved:
             torch.cuda.synchronize(self.device)
-            host.weights = host.weights.with_buffers(buffers)
-            host.on_device = True
 
+    @staticmethod
+    def _move(part: SharedComponent, buffers: list[torch.Tensor]) -> None:
+        part.files = [(c, p, buf, specs) for (c, p, _, specs), buf in zip(part.files, buffers, strict=True)]
+        tensors: dict[str, torch.Tensor] = {}
+        for _, _, buf, specs in part.files:
+            tensors.update(tensor_views(buf, specs))
+        part.tensors = tensors
 
 
 def device_memory(device: str) -> tuple[int, int]:

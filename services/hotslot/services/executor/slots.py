@@ -8,6 +8,8 @@ Transitions (all under the manager's lock, between requests):
   ACTIVE    -> STANDBY   the previous active model when another is swapped in
   STANDBY   -> HOST      over the standby budget: least recently used unreferenced pipeline dropped, weights kept
   HOST      -> evicted   over the host budget: least recently used unreferenced weights dropped, view unpinned
+Models may share parts (components equal byte for byte: `components.ComponentPool`): an entry lists them with their
+bytes, and a part is counted once, in the fastest tier of the entries that hold it.
 LoRA adapters are entries too, always in HOST (their weights; the base's pipeline loads them when a request uses
 them), counted in the host budget and evicted least recently used like the rest.
 This module holds no torch code: what a tier change does to memory is the loader's business (`demote`, `drop`
@@ -53,6 +55,7 @@ class SlotEntry:
     refs: int = 0
     last_used: float = field(default_factory=time.monotonic)
     base: ModelKey | None = None  # set for a LoRA adapter: the pipeline it applies to
+    parts: dict[str, int] = field(default_factory=dict)  # part id -> bytes: parts other entries may hold too
 
     @property
     def is_adapter(self) -> bool:
@@ -65,6 +68,8 @@ class HeldModel:
     tier: Tier
     size_bytes: int
     refs: int
+    unique_bytes: int = 0  # held for this model alone
+    shared_bytes: int = 0  # held once for this model and others (size_bytes = unique_bytes + shared_bytes)
 
 
 @dataclass(frozen=True)
@@ -111,14 +116,34 @@ class SlotManager:
         return [e for k, e in self._entries.items() if k.model_id == model_id and (revision == 0 or k.revision == revision)]
 
     def used(self, tier: Tier) -> int:
-        return sum(e.size_bytes for e in self._entries.values() if e.tier == tier)
+        """Bytes held in `tier`: each entry's own bytes, and each part once, in the fastest tier holding it."""
+        own = sum(e.size_bytes - sum(e.parts.values()) for e in self._entries.values() if e.tier == tier)
+        fastest: dict[str, tuple[Tier, int]] = {}
+        for e in self._entries.values():
+            for part, nbytes in e.parts.items():
+                seen = fastest.get(part)
+                if seen is None or e.tier < seen[0]:
+                    fastest[part] = (e.tier, nbytes)
+        return own + sum(nbytes for t, nbytes in fastest.values() if t == tier)
+
+    def holders(self) -> dict[str, int]:
+        """part id -> how many entries hold it."""
+        counts: dict[str, int] = {}
+        for e in self._entries.values():
+            for part in e.parts:
+                counts[part] = counts.get(part, 0) + 1
+        return counts
 
     def held(self) -> list[HeldModel]:
-        """The pipelines held (adapters: `adapters`)."""
-        return [
-            HeldModel(e.key, e.tier, e.size_bytes, e.refs)
-            for e in sorted(self._entries.values(), key=lambda e: (e.tier, e.key)) if not e.is_adapter
-        ]
+        """The pipelines held (adapters: `adapters`), with the bytes each shares with other held models."""
+        holders = self.holders()
+        out = []
+        for e in sorted(self._entries.values(), key=lambda e: (e.tier, e.key)):
+            if e.is_adapter:
+                continue
+            shared = sum(nbytes for part, nbytes in e.parts.items() if holders[part] > 1)
+            out.append(HeldModel(e.key, e.tier, e.size_bytes, e.refs, e.size_bytes - shared, shared))
+        return out
 
     def adapters(self) -> list[SlotEntry]:
         """The LoRA adapters held, by key."""
@@ -137,14 +162,15 @@ class SlotManager:
 
     # -- transitions -------------------------------------------------------------------------------------
     def add_host(self, key: ModelKey, weights: Any, size_bytes: int, *, lease_id: str = "", view_path: str = "",
-                 base: ModelKey | None = None) -> SlotEntry:
+                 base: ModelKey | None = None, parts: dict[str, int] | None = None) -> SlotEntry:
         """Adds freshly loaded weights to the host tier and returns the entry *acquired*: the caller (who is about
         to materialize or run it) must `release` it. Other models make room now; if they cannot (all in use),
-        the budget is met again when references are released."""
+        the budget is met again when references are released. `parts` (part id -> bytes, within `size_bytes`)
+        are what it may share with other entries."""
         if key in self._entries:
             raise ValueError(f"{key} is already held")
         entry = SlotEntry(key, size_bytes, weights, Tier.HOST, lease_id=lease_id, view_path=view_path,
-                          last_used=self._clock(), refs=1, base=base)
+                          last_used=self._clock(), refs=1, base=base, parts=dict(parts or {}))
         self._entries[key] = entry
         self._enforce(Tier.HOST)
         return entry

@@ -169,16 +169,20 @@ class EvictResponse(_message.Message):
     def __init__(self, freed_bytes: _Optional[int] = ...) -> None: ...
 
 class HeldModel(_message.Message):
-    __slots__ = ("model", "tier", "size_bytes", "ref_count")
+    __slots__ = ("model", "tier", "size_bytes", "ref_count", "unique_bytes", "shared_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     tier: _common_pb2.Tier
     size_bytes: int
     ref_count: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., size_bytes: _Optional[int] = ..., ref_count: _Optional[int] = ...) -> None: ...
+    unique_bytes: int
+    shared_bytes: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., size_bytes: _Optional[int] = ..., ref_count: _Optional[int] = ..., unique_bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ...) -> None: ...
 
 class HeldAdapter(_message.Message):
     __slots__ = ("model", "base", "tier", "size_bytes", "ref_count")
