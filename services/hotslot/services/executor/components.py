@@ -87,6 +87,11 @@ class ComponentPool:
             component.module = None
             return True
 
+    def nbytes(self) -> int:
+        """Bytes of every component held, each once."""
+        with self._lock:
+            return sum(c.nbytes for c in self._held.values())
+
     def shared(self) -> list[SharedComponent]:
         """The components more than one model holds now."""
         with self._lock:
