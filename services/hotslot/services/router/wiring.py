@@ -10,7 +10,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.server import ServiceRegistration, run_server
-from hotslot.bootstrap.settings import ServiceSettings
+from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
 from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.router.v1 import router_service_pb2 as pb
 from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "router"
 DEFAULT_PORT = 50050
+DEFAULT_METRICS_PORT = 9460
 
 
 class RouterSettings(ServiceSettings):
@@ -32,6 +33,7 @@ class RouterSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSLOT_ROUTER_", extra="ignore")
 
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    metrics_port: int = metrics_port_field(DEFAULT_METRICS_PORT)
     executors: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Executor addresses, comma-separated host:port. Ones not up yet are retried until they are.",

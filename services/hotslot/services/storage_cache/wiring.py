@@ -10,7 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.server import ServiceRegistration, run_server
-from hotslot.bootstrap.settings import ServiceSettings
+from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
 from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.storage.v1 import storage_cache_service_pb2 as pb
 from hotslot.storage.v1 import storage_cache_service_pb2_grpc as pb_grpc
@@ -29,6 +29,7 @@ from .servicer import StorageCacheServicer
 
 SERVICE_NAME = "storage-cache"
 DEFAULT_PORT = 50052
+DEFAULT_METRICS_PORT = 9462
 DEFAULT_CAPACITY_BYTES = 20 * 1024**3
 
 
@@ -39,6 +40,7 @@ class StorageCacheSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSLOT_STORAGE_CACHE_", extra="ignore")
 
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    metrics_port: int = metrics_port_field(DEFAULT_METRICS_PORT)
     backing_root: Path = Field(
         Path(".hotslot/share"),
         description="Root of the shared backing store (the NFS mount); the same share as the registry's "
