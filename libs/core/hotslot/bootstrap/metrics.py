@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import grpc
@@ -19,25 +19,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from hotslot.bootstrap.interceptors import wrap_handler
 from hotslot.bootstrap.settings import format_address
+from hotslot.metering import SECONDS_BUCKETS
 
 log = logging.getLogger(__name__)
 
 INSTRUMENTATION_NAME = "hotslot.bootstrap"
 METRICS_PATH = "/metrics"
-
-# Bucket bounds (seconds) of every latency histogram: from a swap (microseconds) and a unary RPC (milliseconds) to a
-# cold load from the share (minutes). The OpenTelemetry default bounds (0-10000) are meant for milliseconds.
-SECONDS_BUCKETS: Sequence[float] = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000,
-)
-# Bytes per second (storage fills): 1 MiB/s to 16 GiB/s, doubling.
-BANDWIDTH_BUCKETS: Sequence[float] = tuple(float(2**20 * 2**i) for i in range(15))
-
-
-def no_meter() -> metrics.Meter:
-    """A meter whose instruments record nothing: the default of cores built without metrics (unit tests)."""
-    return metrics.NoOpMeterProvider().get_meter(INSTRUMENTATION_NAME)
-
 
 class MetricsEndpoint:
     """One process's metrics: a MeterProvider whose instruments a Prometheus reader collects at every scrape (no
