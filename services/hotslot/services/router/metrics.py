@@ -14,6 +14,10 @@ _CODES: tuple[tuple[type[HotslotError], str], ...] = (
     (ResourceExhausted, "RESOURCE_EXHAUSTED"), (DeadlineExceeded, "DEADLINE_EXCEEDED"), (Unavailable, "UNAVAILABLE"),
 )
 
+# Every (code, reason) the router refuses with.
+REFUSALS = (("RESOURCE_EXHAUSTED", "queue_full"), ("RESOURCE_EXHAUSTED", "queue_timeout"),
+            ("DEADLINE_EXCEEDED", "deadline"), ("UNAVAILABLE", "no_executor"))
+
 
 class RouterMetrics:
     """Prometheus names (README "Metrics"): hotslot_router_placements_total{reason}, _retries_total{call},
@@ -38,6 +42,14 @@ class RouterMetrics:
             "hotslot_router_queue_depth", unit="{request}",
             description="Requests waiting in the router for an executor with room.",
         )
+        # Counters start at 0 for every label value, so rate() and increase() see them before the first event.
+        for reason in PlacementReason:
+            if reason is not PlacementReason.UNSPECIFIED:
+                self._placements.add(0, {"reason": reason.label})
+        for call in ("generate", "preload"):
+            self._retries.add(0, {"call": call})
+        for code, reason in REFUSALS:
+            self._refusals.add(0, {"code": code, "reason": reason})
 
     def placed(self, reason: PlacementReason) -> None:
         self._placements.add(1, {"reason": reason.label})

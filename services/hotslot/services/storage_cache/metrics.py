@@ -42,6 +42,8 @@ class StorageCacheMetrics:
             description="Bytes per second of each file copied from the backing store.",
             explicit_bucket_boundaries_advisory=BANDWIDTH_BUCKETS,
         )
+        for counter in (self._hits, self._misses, self._fetched):
+            counter.add(0)  # at 0 from the start, so rate() sees them before the first Ensure
 
     def observe_store(self, usage: Callable[[], StoreUsage]) -> None:
         """Gauges (and the evictions counter) read from `usage()` at each scrape."""
