@@ -3,6 +3,7 @@ type and labels, refusals carry the status code their error reaches the client w
 from the blob store at scrape time, and the README's metric table is exactly what the services serve."""
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from hotslot.services.router.metrics import RouterMetrics
 from hotslot.services.router.placement import PlacementReason
 from hotslot.services.storage_cache.blobstore import StoreUsage
 from hotslot.services.storage_cache.metrics import StorageCacheMetrics
+from tests.unit.test_router_core import call, settle
+from tests.unit.test_router_core import cluster as router_cluster  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 # Served by the bootstrap's gRPC interceptor (tests/unit/test_bootstrap_metrics.py covers them).
@@ -117,3 +120,29 @@ def test_the_readme_lists_exactly_the_metrics_the_services_serve_with_their_type
     record_everything(endpoint, usage)
     served = {exposed(f): f.type for f in families(endpoint).values()} | GRPC_METRICS
     assert readme_metrics() == served
+
+
+async def test_the_router_core_counts_placements_refusals_and_its_queue(endpoint, router_cluster) -> None:  # noqa: F811
+    router_cluster.core.metrics = RouterMetrics(endpoint.meter("router"))
+    a, b = router_cluster["exec-a"], router_cluster["exec-b"]
+    a.script, b.script = ["hold"], ["hold"]
+    first = router_cluster.start(router_cluster.core.generate(call("alpha", "first"), None))
+    second = router_cluster.start(router_cluster.core.generate(call("beta", "second"), None))
+    await settle(lambda: a.holding == 1 and b.holding == 1)
+    waiting = router_cluster.start(router_cluster.core.generate(call("alpha", "waiting"), None))
+    await settle(lambda: router_cluster.core.cluster_status().router_queue_depth == 1)
+    assert samples(families(endpoint)["hotslot_router_queue_depth"])[frozenset()] == 1
+    with pytest.raises(ResourceExhausted):
+        await router_cluster.core.generate(call("alpha", "refused"), None)
+
+    a.release.set()
+    b.release.set()
+    await asyncio.gather(first, second, waiting)
+    found = families(endpoint)
+    placements = samples(found["hotslot_router_placements"])
+    assert placements[frozenset({("reason", "active")})] == 2  # first and waiting
+    assert placements[frozenset({("reason", "standby")})] == 1  # second
+    refusals = samples(found["hotslot_router_refusals"])
+    assert refusals[frozenset({("code", "RESOURCE_EXHAUSTED"), ("reason", "queue_full")})] == 1
+    assert sum(refusals.values()) == 1
+    assert samples(found["hotslot_router_queue_depth"])[frozenset()] == 0
