@@ -3,6 +3,8 @@ on the Prometheus endpoint, and reflection (v1alpha and v1) sends the contracts 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import urllib.request
 
 import grpc
@@ -16,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotslot.bootstrap.metrics import MetricsEndpoint
 from hotslot.bootstrap.reflection import documented_files
-from hotslot.bootstrap.server import ServiceRegistration, create_server
+from hotslot.bootstrap.server import ServiceRegistration, create_server, run_server
 from hotslot.bootstrap.settings import ServiceSettings
 from hotslot.errors import NotFound
 from hotslot.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
@@ -125,3 +127,22 @@ async def test_reflection_v1_lists_services_and_sends_the_rpc_comments(served):
     v1_file = descriptor_pb2.FileDescriptorProto.FromString(itself.file_descriptor_response.file_descriptor_proto[0])
     assert v1_file.package == "grpc.reflection.v1"
     assert [m.name for m in v1_file.service[0].method] == ["ServerReflectionInfo"]
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def test_a_metrics_port_in_use_stops_the_service_at_start_naming_the_port(restore_logging):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = ServiceSettings(metrics_port=port)
+        with pytest.raises(OSError, match=f"cannot listen for metrics on 127.0.0.1:{port}"):
+            await run_server([], settings=settings, service_name="test")

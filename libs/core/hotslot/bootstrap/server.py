@@ -125,7 +125,7 @@ async def run_server(
             metrics_endpoint.serve(settings.host, settings.metrics_port)
         except OSError as error:
             metrics_endpoint.close()
-            raise OSError(f"cannot serve metrics on {format_address(settings.host, settings.metrics_port)}: "
+            raise OSError(f"cannot listen for metrics on {format_address(settings.host, settings.metrics_port)}: "
                           f"{error}") from error
         log.info("hotslot %s metrics on %s", service_name, metrics_endpoint.url(settings.host))
         meter = metrics_endpoint.meter(INSTRUMENTATION_NAME)
