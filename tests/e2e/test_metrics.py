@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from hotslot.registry.v1 import registry_service_pb2 as rpb
 from hotslot.registry.v1 import registry_service_pb2_grpc as rgrpc
+from tests.support.metrics import Scrape
 from tests.support.procs import HOTSLOT, ServiceProcess
 from tests.support.stack import running_cluster
 
@@ -24,26 +23,6 @@ REGISTRY = "hotslot.registry.v1.RegistryService"
 STORAGE = "hotslot.storage.v1.StorageCacheService"
 EXECUTOR = "hotslot.executor.v1.ExecutorService"
 ROUTER = "hotslot.router.v1.RouterService"
-
-
-class Scrape:
-    """One scrape of a /metrics endpoint, parsed from the Prometheus text format."""
-
-    def __init__(self, svc: ServiceProcess) -> None:
-        assert svc.metrics_url.startswith("http://"), f"{svc.name} logged no metrics endpoint"
-        with urllib.request.urlopen(svc.metrics_url, timeout=10) as reply:
-            assert reply.status == 200
-            assert reply.headers["Content-Type"].startswith("text/plain")
-            self.text = reply.read().decode()
-        self.families = {f.name: f for f in text_string_to_metric_families(self.text)}
-
-    def value(self, sample: str, **labels: str) -> float:
-        """The sum of the samples named `sample` whose labels include `labels` (0 if none)."""
-        return sum(s.value for f in self.families.values() for s in f.samples
-                   if s.name == sample and labels.items() <= s.labels.items())
-
-    def type_of(self, family: str) -> str:
-        return self.families[family].type
 
 
 def generate(router: ServiceProcess, model: str, out: Path) -> subprocess.CompletedProcess:
