@@ -19,11 +19,15 @@ $(BIN)/.installed: pyproject.toml package.json
 
 install: $(BIN)/.installed
 
-# Regenerates every *_pb2.py, *_pb2_grpc.py and *.pyi under libs/proto from protos/.
+# Regenerates every *_pb2.py, *_pb2_grpc.py and *.pyi under libs/proto from protos/, and the descriptor set with
+# source info (the comments) that server reflection sends (libs/proto/hotslot/descriptor_set.binpb).
 protos: $(BIN)/.installed
 	rm -rf $(PROTO_OUT)/hotslot
+	mkdir -p $(PROTO_OUT)/hotslot
 	$(BIN)/python -m grpc_tools.protoc -I protos \
-	  --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) $(PROTO_FILES)
+	  --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+	  --descriptor_set_out=$(PROTO_OUT)/hotslot/descriptor_set.binpb --include_source_info --include_imports \
+	  $(PROTO_FILES)
 
 # Fails when the generated code differs from what `make protos` would write.
 protos-check: $(BIN)/.installed

@@ -134,7 +134,7 @@ def start_router(executor: str, max_inflight: int, log_path: Path) -> tuple[subp
     proc = subprocess.Popen(
         [sys.executable, "-m", "hotslot.cli.main", "serve", "router", "--host", "127.0.0.1", "--port", str(port),
          "--executors", executor, "--registry-address", "", "--max-inflight-per-executor", str(max_inflight),
-         "--log-level", "WARNING"],
+         "--log-level", "WARNING", "--metrics-port", "0"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
     )
     return proc, f"127.0.0.1:{port}"

@@ -174,7 +174,7 @@ def storage_cache(backing: Path, cache_dir: Path, *args: str) -> Iterator[Servic
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hotslot.cli.main", "serve", "storage-cache", "--port", "0",
-             "--backing-root", str(backing), "--cache-dir", str(cache_dir), "--registry-address", "", *args],
+             "--metrics-port", "0", "--backing-root", str(backing), "--cache-dir", str(cache_dir), "--registry-address", "", *args],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:

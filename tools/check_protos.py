@@ -9,14 +9,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "libs" / "proto"
+DESCRIPTOR_SET = "hotslot/descriptor_set.binpb"  # with source info, for server reflection (as `make protos`)
 
 
 def main() -> int:
     protos = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / DESCRIPTOR_SET).parent.mkdir(parents=True)
         subprocess.run(
             [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"),
-             f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos],
+             f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}",
+             f"--descriptor_set_out={tmp}/{DESCRIPTOR_SET}", "--include_source_info", "--include_imports", *protos],
             check=True,
         )
         fresh = {p.relative_to(tmp) for p in Path(tmp).rglob("*") if p.is_file()}

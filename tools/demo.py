@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,6 +49,35 @@ def hotslot(*args: str) -> str:
     if done.returncode != 0:
         raise SystemExit(f"`hotslot {' '.join(args)}` failed:\n{done.stderr}")
     return done.stdout
+
+
+def print_metrics(cluster: LocalCluster) -> None:
+    """A few counters from each service's Prometheus endpoint (README, Metrics), as an operator would scrape them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def by_label(samples: list, name: str, label: str) -> str:
+        return " ".join(f"{s.labels[label]}={s.value:g}" for s in samples if s.name == name and s.value) or "-"
+
+    console.print("\n[bold]metrics[/bold] (Prometheus text format, each service's /metrics):")
+    for name, svc in cluster.services.items():
+        with urllib.request.urlopen(svc.metrics_url, timeout=10) as reply:
+            samples = [s for f in text_string_to_metric_families(reply.read().decode()) for s in f.samples]
+        total = {s.name: 0.0 for s in samples}
+        for s in samples:
+            total[s.name] += s.value
+        rpcs = f"rpcs={total.get('hotslot_grpc_server_requests_total', 0):g}"
+        if name == "router":
+            detail = f"placements {by_label(samples, 'hotslot_router_placements_total', 'reason')}"
+        elif name.startswith("executor"):
+            detail = (f"served from {by_label(samples, 'hotslot_executor_requests_total', 'tier')}, "
+                      f"models read into memory {sum(s.value for s in samples if s.labels.get('phase') == 'read' and s.name == 'hotslot_executor_load_duration_seconds_count'):g}")
+        elif name == "storage-cache":
+            detail = (f"file hits={total.get('hotslot_storage_cache_hits_total', 0):g} "
+                      f"misses={total.get('hotslot_storage_cache_misses_total', 0):g}, "
+                      f"fetched {total.get('hotslot_storage_cache_fetched_bytes_total', 0) / 2**20:.1f} MiB")
+        else:
+            detail = f"by method {by_label(samples, 'hotslot_grpc_server_requests_total', 'grpc_method')}"
+        console.print(f"  {name:<14} {svc.metrics_url:<32} {rpcs:<9} {detail}")
 
 
 def main() -> int:
@@ -126,6 +156,7 @@ def main() -> int:
         for span in sorted(spans, key=lambda s: s["start_ns"]):
             console.print(f"  {'  ' * depth(span)}{span['service']:<22} {span['name']:<55} "
                           f"{(span['end_ns'] - span['start_ns']) / 1e6:9.2f} ms")
+        print_metrics(cluster)
     finally:
         codes = cluster.stop()
         sink.stop()

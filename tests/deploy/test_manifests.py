@@ -22,7 +22,8 @@ import yaml
 from pydantic import ByteSize
 from typer.main import get_command
 
-from hotslot.bootstrap.settings import ServiceSettings, settings_from
+from hotslot.bootstrap.metrics import METRICS_PATH
+from hotslot.bootstrap.settings import METRICS_OFF, ServiceSettings, settings_from
 from hotslot.cli.main import app
 from hotslot.executor.v1 import executor_service_pb2
 from hotslot.registry.v1 import registry_service_pb2
@@ -333,6 +334,20 @@ def test_ports_and_probes_match_the_port_each_service_listens_on(rendered, name)
             assert probe["grpc"].get("service", "") in health_names, f"{where}: {probe_name} {probe['grpc']}"
         # Readiness follows the service's own status, which turns NOT_SERVING first on shutdown.
         assert container["readinessProbe"]["grpc"].get("service"), f"{where}: readiness names no service"
+
+
+@pytest.mark.parametrize("name", list(RENDERS))
+def test_prometheus_scrapes_each_pod_on_the_port_and_path_its_service_serves_metrics_on(rendered, name):
+    for workload, container, service in hotslot_containers(rendered[name]):
+        settings = settings_of(container, service)
+        where = workload["metadata"]["name"]
+        assert settings.metrics_port not in (METRICS_OFF, 0), f"{where}: metrics need a fixed port to be scraped"
+        assert settings.metrics_port != settings.port, where
+        annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", where
+        assert annotations.get("prometheus.io/port") == str(settings.metrics_port), where
+        assert annotations.get("prometheus.io/path") == METRICS_PATH, where
+        assert [p["containerPort"] for p in container["ports"] if p["name"] == "metrics"] == [settings.metrics_port]
 
 
 @pytest.mark.parametrize("name", list(RENDERS))

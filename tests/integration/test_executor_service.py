@@ -16,6 +16,7 @@ from PIL import Image
 
 from hotslot.common.v1 import common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as epb
+from tests.support.metrics import Scrape
 from tests.support.stack import Stack, executor_stub, generate_request, ms, start_stack
 from tests.support.waiting import wait_for
 
@@ -146,6 +147,8 @@ def test_preloader_killed_mid_load_executor_keeps_serving(stack: Stack) -> None:
             after = wait_for(lambda: (s := status(stub)).preloader.alive and s.preloader.pid != old_pid and s,
                              what="preloader restarted")
             assert after.preloader.restarts >= 1
+            wait_for(lambda: Scrape(svc).value("hotslot_executor_preloader_restarts_total") >= 1,
+                     what="the restart counted on /metrics")
             again = stub.Preload(epb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1")), timeout=120)
             assert again.tier == common_pb2.TIER_STANDBY
             assert stub.Generate(generate_request("tiny-sd-1"), timeout=120).tier == common_pb2.TIER_STANDBY

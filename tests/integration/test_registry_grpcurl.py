@@ -1,5 +1,6 @@
-"""The registry through the real grpcurl binary: reflection lists and describes the services, and a model
-registered from JSON comes back with per-file sha256 equal to `sha256sum` of the files."""
+"""The registry through the real grpcurl binary: reflection lists and describes the services with the comments of
+their contract, and a model registered from JSON comes back with per-file sha256 equal to `sha256sum` of the
+files."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2
 
+from hotslot.bootstrap.reflection import documented_files
+from hotslot.registry.v1 import registry_service_pb2
 from tests.support.procs import start_service
 
 pytestmark = pytest.mark.integration
@@ -44,6 +48,7 @@ def test_list_describe_and_json_register(registry) -> None:
         "hotslot.registry.v1.RegistryService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     } <= set(services)
 
     described = grpcurl(svc.address, "describe", "hotslot.registry.v1.RegistryService")
@@ -80,3 +85,23 @@ def test_bad_json_call_returns_invalid_argument(registry) -> None:
     )
     assert done.returncode != 0
     assert "InvalidArgument" in done.stderr and "absolute" in done.stderr
+
+
+def rpc_comment(service: str, method: str) -> list[str]:
+    """The lines of the comment above `rpc method` in the contract's source (protos/), as written."""
+    file = descriptor_pb2.FileDescriptorProto.FromString(documented_files()[registry_service_pb2.DESCRIPTOR.name])
+    s = next(i for i, svc in enumerate(file.service) if svc.name == service)
+    m = next(i for i, rpc in enumerate(file.service[s].method) if rpc.name == method)
+    comment = next(loc.leading_comments for loc in file.source_code_info.location if list(loc.path) == [6, s, 2, m])
+    return [line.strip() for line in comment.splitlines() if line.strip()]
+
+
+def test_describe_prints_each_rpcs_documentation_with_its_status_codes(registry) -> None:
+    svc, _ = registry
+    service = grpcurl(svc.address, "describe", "hotslot.registry.v1.RegistryService")
+    method = grpcurl(svc.address, "describe", "hotslot.registry.v1.RegistryService.GetModel")
+    for described in (service, method):
+        assert "Returns INVALID_ARGUMENT" in described and "NOT_FOUND" in described, described
+    for rpc in ("RegisterModel", "GetModel", "ListModels", "DeleteModel", "WatchModels"):
+        lines = rpc_comment("RegistryService", rpc)
+        assert lines and all(line in service for line in lines), f"{rpc}: {lines}"

@@ -196,6 +196,7 @@ async def test_reflection_lists_every_service_and_describes_them(served):
         REGISTRY,
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     }
     assert registry_file.endswith("registry_service.proto")
 

@@ -15,13 +15,15 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from hotslot.bootstrap.interceptors import ErrorMappingInterceptor
 from hotslot.bootstrap.logging import configure_logging
-from hotslot.bootstrap.settings import ServiceSettings, format_address
+from hotslot.bootstrap.metrics import MetricsEndpoint, MetricsServerInterceptor
+from hotslot.bootstrap.reflection import enable_reflection
+from hotslot.bootstrap.settings import METRICS_OFF, ServiceSettings, format_address
 from hotslot.bootstrap.telemetry import (
+    INSTRUMENTATION_NAME,
     TracingServerInterceptor,
     configure_tracing,
     message_size_options,
@@ -53,13 +55,20 @@ async def create_server(
     *,
     settings: ServiceSettings,
     tracer_provider: trace.TracerProvider | None = None,
+    meter: metrics.Meter | None = None,
 ) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """Builds (does not start) a server bound to `address` ("127.0.0.1:0" or "[::]:0" picks a free port) hosting
-    `registrations`, the grpc.health.v1 service (SERVING for "" and each service) and reflection. Returns the
-    server, the bound port and the health servicer."""
+    `registrations`, the grpc.health.v1 service (SERVING for "" and each service) and reflection (v1 and v1alpha,
+    with the contracts' comments). With `meter`, every RPC is counted and timed on it. Returns the server, the
+    bound port and the health servicer."""
+    # Tracing first, so errors are mapped while the server span is current and land on it; metrics outside the
+    # error mapping too, so they count the status code a domain error became.
+    interceptors: list[grpc.aio.ServerInterceptor] = [TracingServerInterceptor(tracer_provider)]
+    if meter is not None:
+        interceptors.append(MetricsServerInterceptor(meter))
+    interceptors.append(ErrorMappingInterceptor())
     server = grpc.aio.server(
-        # Tracing first, so errors are mapped while the server span is current and land on it.
-        interceptors=[TracingServerInterceptor(tracer_provider), ErrorMappingInterceptor()],
+        interceptors=interceptors,
         options=message_size_options(settings.max_message_bytes),
     )
     names = [registration.full_name for registration in registrations]
@@ -70,7 +79,7 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (health.OVERALL_HEALTH, *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*names, health.SERVICE_NAME], server)
 
     try:
         port = server.add_insecure_port(address)
@@ -89,6 +98,7 @@ async def run_server(
     on_started: Callable[[int], Awaitable[None] | None] | None = None,
     on_shutdown: Iterable[Callable[[], Awaitable[None] | None]] = (),
     tracer_provider: trace.TracerProvider | None = None,
+    metrics_endpoint: MetricsEndpoint | None = None,
 ) -> None:
     """Serves `registrations` until SIGTERM or SIGINT, then shuts down gracefully.
 
@@ -100,13 +110,28 @@ async def run_server(
 
     Configures logging from `settings`. Without `tracer_provider` it builds one from the OTEL_* variables, makes
     it the global provider (so core code using trace.get_tracer() is exported) and flushes it at the end; a
-    provider passed in is used as is and left to the caller."""
+    provider passed in is used as is and left to the caller.
+
+    Metrics: unless `settings.metrics_port` is -1, the Prometheus endpoint of `metrics_endpoint` (one is made when
+    none is given: a service whose core records metrics makes it first and passes it) is served on
+    host:metrics_port before the gRPC port opens, logged as `hotslot <service_name> metrics on http://...`, and
+    closed at the end; every RPC is counted and timed on it."""
     configure_logging(service_name, settings.log_level, settings.log_format)
+    if metrics_endpoint is None:
+        metrics_endpoint = MetricsEndpoint(service_resource_name(settings, service_name))
+    meter = None
+    if settings.metrics_port != METRICS_OFF:
+        try:
+            metrics_endpoint.serve(settings.host, settings.metrics_port)
+        except OSError as error:
+            metrics_endpoint.close()
+            raise OSError(f"cannot listen for metrics on {format_address(settings.host, settings.metrics_port)}: "
+                          f"{error}") from error
+        log.info("hotslot %s metrics on %s", service_name, metrics_endpoint.url(settings.host))
+        meter = metrics_endpoint.meter(INSTRUMENTATION_NAME)
     owns_provider = tracer_provider is None
     if tracer_provider is None:
-        tracer_provider = configure_tracing(
-            settings.otel_service_name or os.environ.get("OTEL_SERVICE_NAME") or f"hotslot-{service_name}"
-        )
+        tracer_provider = configure_tracing(service_resource_name(settings, service_name))
         trace.set_tracer_provider(tracer_provider)
 
     loop = asyncio.get_running_loop()
@@ -125,7 +150,7 @@ async def run_server(
     installed: list[int] = []
     try:
         server, port, health_servicer = await create_server(
-            settings.address, registrations, settings=settings, tracer_provider=tracer_provider
+            settings.address, registrations, settings=settings, tracer_provider=tracer_provider, meter=meter
         )
         for signum in _SIGNALS:
             try:
@@ -162,6 +187,12 @@ async def run_server(
             loop.remove_signal_handler(signum)
         if owns_provider:
             shutdown_tracing(tracer_provider)
+        metrics_endpoint.close()
+
+
+def service_resource_name(settings: ServiceSettings, service_name: str) -> str:
+    """service.name of the process's traces and metrics: the setting, else OTEL_SERVICE_NAME, else hotslot-<service>."""
+    return settings.otel_service_name or os.environ.get("OTEL_SERVICE_NAME") or f"hotslot-{service_name}"
 
 
 async def _run_hooks(hooks: list[Callable[[], Awaitable[None] | None]]) -> None:

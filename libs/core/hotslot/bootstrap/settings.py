@@ -8,6 +8,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+METRICS_OFF = -1  # metrics_port: no /metrics endpoint (the base default; each service sets a port of its own)
+METRICS_PORT_DESCRIPTION = (
+    "TCP port of the Prometheus /metrics endpoint (plain HTTP on `host`); 0 picks a free port (logged at start), "
+    "-1 turns the endpoint off."
+)
 
 S = TypeVar("S", bound="ServiceSettings")
 
@@ -32,6 +37,7 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = Field(
         DEFAULT_MAX_MESSAGE_BYTES, gt=0, description="Largest gRPC message sent or received, in bytes."
     )
+    metrics_port: int = Field(METRICS_OFF, ge=METRICS_OFF, le=65535, description=METRICS_PORT_DESCRIPTION)
     otel_service_name: str | None = Field(
         None, description="service.name of the traces; defaults to 'hotslot-<service>'."
     )
@@ -40,6 +46,11 @@ class ServiceSettings(BaseSettings):
     def address(self) -> str:
         """host:port as gRPC wants it to bind (IPv6 hosts in brackets)."""
         return format_address(self.host, self.port)
+
+
+def metrics_port_field(default: int) -> Any:
+    """The metrics_port field of a service whose endpoint is on by default, at port `default`."""
+    return Field(default, ge=METRICS_OFF, le=65535, description=METRICS_PORT_DESCRIPTION)
 
 
 def format_address(host: str, port: int) -> str:

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 INSTRUMENTATION_NAME = "hotslot.bootstrap"
 
 # Probes call these every few seconds; a span per probe would drown the traces that matter.
-UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+UNTRACED_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
 
 _FLUSH_TIMEOUT_MS = 5_000
 

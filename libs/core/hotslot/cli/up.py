@@ -20,7 +20,7 @@ def up(
     executors: Annotated[int, typer.Option(min=1, help="Number of executors.")] = 2,
     device: Annotated[str, typer.Option(help="Device of every executor: cpu, or cuda (one GPU each: use one executor per GPU).")] = "cpu",
     host: Annotated[str, typer.Option(help="Address the services listen on.")] = "127.0.0.1",
-    auto_ports: Annotated[bool, typer.Option(help="Pick free ports instead of 50050 (router), 50051 (registry), 50052 (storage-cache), 50053+ (executors).")] = False,
+    auto_ports: Annotated[bool, typer.Option(help="Pick free ports instead of 50050 (router), 50051 (registry), 50052 (storage-cache), 50053+ (executors), and 9460-9463+ for their metrics.")] = False,
     cache_capacity: Annotated[str, typer.Option(help="Capacity of the node-local cache, e.g. 20GiB.")] = "20GiB",
     otel: Annotated[str, typer.Option(help="Where spans go: none, console (into each service's log) or otlp.")] = "none",
     otlp_endpoint: Annotated[str, typer.Option(help="OTLP/gRPC collector for --otel otlp, e.g. http://localhost:4317.")] = "",
@@ -51,9 +51,10 @@ def up(
         table = Table(title="hotslot is up", show_lines=False)
         table.add_column("service")
         table.add_column("address")
+        table.add_column("metrics")
         table.add_column("log")
         for name, svc in cluster.services.items():
-            table.add_row(name, svc.address, str(svc.log_path))
+            table.add_row(name, svc.address, svc.metrics_url, str(svc.log_path))
         out = make_console()
         out.print(table)
         out.print(

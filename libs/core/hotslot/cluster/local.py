@@ -16,6 +16,8 @@ from hotslot.cluster.process import ServiceProcess, spawn_service, wait_ready
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"router": 50050, "registry": 50051, "storage-cache": 50052, "executor": 50053}
+# Prometheus /metrics endpoints: the services' defaults, executors counting up from 9463 like their gRPC ports.
+DEFAULT_METRICS_PORTS = {"router": 9460, "registry": 9461, "storage-cache": 9462, "executor": 9463}
 
 
 def cpu_thread_args(spec: ClusterSpec, cpus: int | None = None) -> list[str]:
@@ -37,7 +39,7 @@ class ClusterSpec:
     state_dir: Path = Path(".hotslot")
     executors: int = 2
     host: str = "127.0.0.1"
-    auto_ports: bool = False  # pick free ports instead of the well-known 50050-5005x
+    auto_ports: bool = False  # pick free ports instead of the well-known 50050-5005x (and 9460-946x for metrics)
     device: str = "cpu"
     cache_capacity: str = "20GiB"
     executor_args: list[str] = field(default_factory=list)
@@ -91,13 +93,14 @@ class LocalCluster:
             env=self._env(name),
             host=self.spec.host,
             port=self._port(service, index),
+            metrics_port=0 if self.spec.auto_ports else DEFAULT_METRICS_PORTS[service] + index,
         )
         self.services[name] = svc
         return svc
 
     def _ready(self, name: str) -> ServiceProcess:
         svc = wait_ready(self.services[name], self.spec.start_timeout_s)
-        self.on_progress(f"{name} serving on {svc.address} (pid {svc.pid})")
+        self.on_progress(f"{name} serving on {svc.address}, metrics on {svc.metrics_url} (pid {svc.pid})")
         return svc
 
     def start(self) -> None:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hotslot.bootstrap.parent import PARENT_PID_ENV
 
 LISTENING = re.compile(r"hotslot (\S+) listening on (\S+):(\d+)")
+METRICS = re.compile(r"hotslot (\S+) metrics on (http://\S+/metrics)")  # logged before LISTENING
 HOTSLOT = [sys.executable, "-m", "hotslot.cli.main"]
 
 
@@ -30,6 +31,8 @@ class ServiceProcess:
     host: str = ""
     port: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    metrics_url: str = ""
+    """Its Prometheus endpoint, http://host:port/metrics ("" when it serves none)."""
 
     @property
     def address(self) -> str:
@@ -73,15 +76,18 @@ def spawn_service(
     env: dict[str, str] | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    metrics_port: int = 0,
 ) -> ServiceProcess:
-    """Starts `hotslot serve <service> --host HOST --port PORT <args>` with its output in `log_path` and returns at
-    once; `wait_ready` learns its port. Call it from the main thread: the child's parent-death signal fires when
-    the *thread* that spawned it ends."""
+    """Starts `hotslot serve <service> --host HOST --port PORT --metrics-port METRICS_PORT <args>` with its output in
+    `log_path` and returns at once; `wait_ready` learns its ports (metrics_port 0: a free one, -1: none; a
+    --metrics-port in `args` wins). Call it from the main thread: the child's parent-death signal fires when the
+    *thread* that spawned it ends."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [*HOTSLOT, "serve", service, "--host", host, "--port", str(port), *args],
+            [*HOTSLOT, "serve", service, "--host", host, "--port", str(port), "--metrics-port", str(metrics_port),
+             *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -99,6 +105,8 @@ def wait_ready(svc: ServiceProcess, timeout: float = 60) -> ServiceProcess:
         match = LISTENING.search(svc.log())
         if match:
             svc.host, svc.port = match.group(2), int(match.group(3))
+            metrics = METRICS.search(svc.log())
+            svc.metrics_url = metrics.group(2) if metrics else ""
             break
         if svc.proc.poll() is not None:
             raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log()[-4000:]}")
@@ -123,9 +131,10 @@ def start_service(
     timeout: float = 60,
     host: str = "127.0.0.1",
     port: int = 0,
+    metrics_port: int = 0,
 ) -> ServiceProcess:
     """spawn_service + wait_ready."""
-    svc = spawn_service(service, args, log_path=log_path, env=env, host=host, port=port)
+    svc = spawn_service(service, args, log_path=log_path, env=env, host=host, port=port, metrics_port=metrics_port)
     return wait_ready(svc, timeout)
 
 

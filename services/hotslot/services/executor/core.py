@@ -38,6 +38,7 @@ from .costs import LOAD_TIERS, CostModel, CostSnapshot, work_units
 from .downstream import ModelResolver, ViewProvider
 from .generation import GenerationLimits, GenerationParams, run_batch, validate
 from .lora import adapter_name, loaded_adapters, loaded_weights
+from .metrics import ExecutorMetrics
 from .queue_policy import Plan, plan_next, service_order
 from .slots import HeldModel, ModelKey, SlotEntry, SlotManager, Tier, TierUsage
 
@@ -248,6 +249,7 @@ class ExecutorCore:
         max_adapters: int = 4,
         costs: CostModel | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self.executor_id = executor_id
         self.address = address
@@ -271,6 +273,7 @@ class ExecutorCore:
         self.costs = costs or CostModel()
         self._resolved: dict[tuple[str, int], tuple[Any, float]] = {}
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self.metrics = metrics or ExecutorMetrics()
         self._waiting: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
         self._running: list[_Job] = []  # the requests of the pipeline call on the device now
@@ -325,6 +328,7 @@ class ExecutorCore:
     def _changed(self) -> None:
         self._wake.set()  # the worker plans again: a model became ready, a request left, a load ended
         self._version += 1
+        self.metrics.state(len(self._waiting) + len(self._running), self.slots.usage())
         self._changed_event.set()
         self._changed_event = asyncio.Event()
 
@@ -708,6 +712,7 @@ class ExecutorCore:
                     self._fail(job, err)
                 return
             done = next(r for r in results if r is not None)
+            self.metrics.denoised(done.denoise_s)
             self.costs.record_call(sum(work_units(j.params) for j in live), done.denoise_s + done.encode_s)
             for job, result in zip(live, results, strict=True):
                 if result is None:
@@ -743,6 +748,7 @@ class ExecutorCore:
         times.total = time.perf_counter() - job.enqueued_at
         base_load = next((p for p in job.preps if p.key == job.key), None)
         from_tier = base_load.from_tier if base_load is not None else tier
+        self.metrics.served(from_tier)
         log.info(
             "generated",
             extra={"request_id": job.request_id, "model": str(job.key), "tier": from_tier.name,
@@ -787,12 +793,15 @@ class ExecutorCore:
     # -- the slot ----------------------------------------------------------------------------------------
     def _swap(self, entry: SlotEntry, pipeline: Any, emits: list, contexts: list) -> float:
         """Makes `entry` active (a pointer assignment) and returns the seconds it took."""
-        if self.slots.active is not entry:
+        swapping = self.slots.active is not entry
+        if swapping:
             for emit in emits:
                 emit(LoadEvent("swap"))
         t0_ns, t0 = time.time_ns(), time.perf_counter()
         self.slots.activate(entry, pipeline)
         seconds = time.perf_counter() - t0
+        if swapping:
+            self.metrics.swapped(seconds)
         for ctx in contexts:
             self._record_span("swap", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(entry.key)})
         self._changed()
@@ -826,6 +835,7 @@ class ExecutorCore:
                 view = await self.views.ensure(key.model_id, key.revision, self.lease_ttl_s)
                 prep.spans["ensure"] = (t0, time.perf_counter())
                 prep.from_tier = Tier.LOCAL_DISK if view.all_local else Tier.BACKING_STORE
+                self.metrics.load_phase("ensure", prep.spans["ensure"][1] - t0, prep.from_tier)
                 self._record_span("ensure", t0_ns, time.time_ns(), ctx,
                                   {"hotslot.model": str(key), "hotslot.bytes_fetched": view.bytes_fetched})
                 prep.phase = "read"
@@ -838,6 +848,7 @@ class ExecutorCore:
                     await self._unpin(view.lease_id)
                     raise
                 prep.spans["read"] = (t0, time.perf_counter())
+                self.metrics.load_phase("read", prep.spans["read"][1] - t0, prep.from_tier)
                 self._record_span("read", t0_ns, time.time_ns(), ctx,
                                   {"hotslot.model": str(key), "hotslot.bytes": read.weights.nbytes,
                                    "hotslot.handoff_s": read.handoff_s})
@@ -854,6 +865,7 @@ class ExecutorCore:
                     t0_ns, t0 = time.time_ns(), time.perf_counter()
                     pipeline, _ = await asyncio.to_thread(self.loader.materialize, entry.weights)
                     prep.spans["materialize"] = (t0, time.perf_counter())
+                    self.metrics.load_phase("materialize", prep.spans["materialize"][1] - t0, prep.from_tier)
                     self.costs.record_load(prep.from_tier, entry.size_bytes,
                                            sum(p1 - p0 for p0, p1 in prep.spans.values()))
                     self._record_span("materialize", t0_ns, time.time_ns(), ctx, {"hotslot.model": str(key)})
@@ -996,6 +1008,8 @@ class ExecutorCore:
             if seen != self._preloader_seen:
                 if self._preloader_seen and not seen[1]:
                     log.warning("preloader process died; the active model keeps serving")
+                if self._preloader_seen and seen[2] > self._preloader_seen[2]:
+                    self.metrics.preloader_restarted(seen[2] - self._preloader_seen[2])
                 self._preloader_seen = seen
                 self._changed()
             await asyncio.sleep(0.2)

@@ -4,9 +4,10 @@ from __future__ import annotations
 from pydantic import ByteSize, Field
 from pydantic_settings import SettingsConfigDict
 
-from hotslot.bootstrap.settings import ServiceSettings
+from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
 
 DEFAULT_PORT = 50053
+DEFAULT_METRICS_PORT = 9463
 GiB = 1024**3
 # Reads in flight per load (the reader's DEFAULT_READ_CONCURRENCY; not imported, it would pull torch into the CLI).
 DEFAULT_READ_CONCURRENCY = 4
@@ -19,6 +20,7 @@ class ExecutorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSLOT_EXECUTOR_", extra="ignore")
 
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    metrics_port: int = metrics_port_field(DEFAULT_METRICS_PORT)
     executor_id: str = Field(
         "", description="Id of this executor in the cluster; defaults to `<hostname>-<device>-<port>`."
     )

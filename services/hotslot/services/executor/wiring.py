@@ -7,7 +7,8 @@ import socket
 import torch
 from opentelemetry import trace
 
-from hotslot.bootstrap.server import ServiceRegistration, run_server
+from hotslot.bootstrap.metrics import MetricsEndpoint
+from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
 from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.executor.v1 import executor_service_pb2 as pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
@@ -17,6 +18,7 @@ from .clients import RegistryClient, StorageClient
 from .core import ExecutorCore
 from .generation import GenerationLimits
 from .loader import ModelLoader, device_memory, resolve_dtype
+from .metrics import ExecutorMetrics
 from .servicer import ExecutorServicer
 from .settings import ExecutorSettings
 from .slots import SlotManager
@@ -50,7 +52,8 @@ def check_device(device: str) -> None:
 
 
 def build_core(
-    settings: ExecutorSettings, port: int, tracer_provider: trace.TracerProvider | None = None
+    settings: ExecutorSettings, port: int, tracer_provider: trace.TracerProvider | None = None,
+    metrics: ExecutorMetrics | None = None,
 ) -> tuple[ExecutorCore, Preloader, list]:
     check_device(settings.device)
     if settings.torch_threads:
@@ -98,6 +101,7 @@ def build_core(
         max_batch_images=batch_images(settings),
         max_adapters=settings.max_adapters,
         tracer_provider=tracer_provider,
+        metrics=metrics,
     )
     return core, preloader, [registry, storage]
 
@@ -121,7 +125,9 @@ def identity(settings: ExecutorSettings, port: int) -> tuple[str, str]:
 
 
 async def serve(settings: ExecutorSettings) -> None:
-    core, preloader, clients = build_core(settings, settings.port)
+    endpoint = MetricsEndpoint(service_resource_name(settings, SERVICE_NAME))
+    core, preloader, clients = build_core(settings, settings.port,
+                                          metrics=ExecutorMetrics(endpoint.meter(__name__)))
 
     async def started(port: int) -> None:
         # The id and advertised address name the bound port, known only now (port 0 picks one).
@@ -133,7 +139,7 @@ async def serve(settings: ExecutorSettings) -> None:
 
     try:
         await run_server(registrations(core, settings.status_min_interval_s), settings=settings, service_name=SERVICE_NAME,
-                         on_started=started, on_shutdown=[stopping])
+                         on_started=started, on_shutdown=[stopping], metrics_endpoint=endpoint)
     finally:
         await core.close()
         for client in clients:

@@ -7,7 +7,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from hotslot.bootstrap.server import ServiceRegistration, run_server
-from hotslot.bootstrap.settings import ServiceSettings
+from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
 from hotslot.registry.v1 import registry_service_pb2 as pb
 from hotslot.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
@@ -17,6 +17,7 @@ from .store import SQLiteModelStore
 
 SERVICE_NAME = "registry"
 DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9461
 
 
 class RegistrySettings(ServiceSettings):
@@ -25,6 +26,7 @@ class RegistrySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSLOT_REGISTRY_", extra="ignore")
 
     port: int = Field(DEFAULT_PORT, description="TCP port to listen on; 0 picks a free port.")
+    metrics_port: int = metrics_port_field(DEFAULT_METRICS_PORT)
     models_root: Path = Field(
         Path(".hotslot/share"),
         description="Root of the shared model store (the NFS mount). Sources are given relative to it.",

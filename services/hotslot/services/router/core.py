@@ -19,6 +19,7 @@ from hotslot.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted,
 
 from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, ProgressEvent, ResultEvent
 from .membership import ExecutorLink, ExecutorMembership, Slot
+from .metrics import RouterMetrics
 from .placement import Choice, Placement, PlacementReason, RequestWork, Tier, held_anywhere
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class RouterCore:
         retry_after_s: float = 1.0,
         retry_attempts: int = 1,
         tracer_provider: trace.TracerProvider | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.membership = membership
         self.catalog = catalog
@@ -110,6 +112,7 @@ class RouterCore:
         """(adapter id, revision asked) -> its base model id, as the registry said."""
         """(model id, revision asked) -> the registry's total_bytes, for the load cost of models no executor holds."""
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self.metrics = metrics or RouterMetrics()
         membership.add_listener(self._admit_waiters)
 
     # -- generate ----------------------------------------------------------------------------------------
@@ -176,6 +179,7 @@ class RouterCore:
         executor", which would hide why the request failed)."""
         if len(attempted) > self.retry_attempts or not self._any_live(frozenset(attempted)):
             raise error
+        self.metrics.retried("generate")
         log.warning(
             "executor %s failed (%s); retrying elsewhere", attempted[-1], error.message,
             extra={"request_id": request_id, "model_id": model_id, "attempted": list(attempted)},
@@ -238,6 +242,7 @@ class RouterCore:
             except ExecutorUnavailable as error:
                 if len(attempted) > self.retry_attempts or not self._any_live(frozenset(claimed)):
                     raise
+                self.metrics.retried("preload")
                 log.warning("executor %s failed to preload %s (%s); trying another", link.executor_id, model_id,
                             error.message)
                 continue
@@ -317,6 +322,7 @@ class RouterCore:
                 slot, reason = await self._wait_for_room(waiter, deadline)
                 waited = loop.time() - started
         attempted.append(slot.link.executor_id)
+        self.metrics.placed(reason)
         span = trace.get_current_span()
         span.set_attribute("hotslot.model_id", call.model_id)
         span.set_attribute("hotslot.request_id", call.request_id)
@@ -346,26 +352,28 @@ class RouterCore:
         if not self._any_live(waiter.exclude):
             raise self._no_executor(waiter.exclude)
         if len(self._waiters) >= self.max_queue:
-            raise ResourceExhausted(
+            raise self.metrics.refused(ResourceExhausted(
                 f"every executor is busy and the router queue is full ({self.max_queue} waiting); "
                 f"retry in {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s,
-            )
+            ), "queue_full")
         loop = asyncio.get_running_loop()
         limit = self.queue_timeout_s
         if deadline is not None:
             limit = min(limit, deadline - loop.time())
         self._waiters.append(waiter)
+        self.metrics.queue_depth(len(self._waiters))
         try:
             async with asyncio.timeout(max(limit, 0.0)):
                 return await waiter.future
         except TimeoutError:
             if deadline is not None and loop.time() >= deadline:
-                raise DeadlineExceeded("the deadline passed while the request waited for an executor") from None
-            raise ResourceExhausted(
+                raise self.metrics.refused(DeadlineExceeded(
+                    "the deadline passed while the request waited for an executor"), "deadline") from None
+            raise self.metrics.refused(ResourceExhausted(
                 f"no executor had room within {self.queue_timeout_s:g} s; retry in {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s,
-            ) from None
+            ), "queue_timeout") from None
         except BaseException:
             # Cancelled (client gone) after _admit_waiters reserved a slot for us but before we resumed: give the
             # slot back, or the executor would look busier forever.
@@ -376,6 +384,7 @@ class RouterCore:
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
+            self.metrics.queue_depth(len(self._waiters))
             waiter.future.cancel()
 
     def _admit_waiters(self) -> None:
@@ -398,13 +407,17 @@ class RouterCore:
         return any(link.live and link.executor_id not in exclude for link in self.membership.placeable())
 
     def _no_executor(self, exclude: Collection[str]) -> Unavailable:
+        """The error of a request refused for want of a live executor (counted as a refusal: it is raised)."""
         known = len(self.membership.targets())
         if exclude:
-            return ExecutorUnavailable(
+            error: Unavailable = ExecutorUnavailable(
                 f"no other executor is ready (tried {', '.join(exclude)}; {known} known)"
             )
-        return Unavailable(f"no executor is ready ({known} known, {len(self.membership.unreachable_addresses())} "
-                           "unreachable)")
+        else:
+            error = Unavailable(f"no executor is ready ({known} known, "
+                                f"{len(self.membership.unreachable_addresses())} unreachable)")
+        self.metrics.refused(error, "no_executor")
+        return error
 
     @staticmethod
     def _timeout(deadline: float | None) -> float | None:

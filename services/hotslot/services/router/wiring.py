@@ -9,8 +9,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from hotslot.bootstrap.logging import configure_logging
-from hotslot.bootstrap.server import ServiceRegistration, run_server
-from hotslot.bootstrap.settings import ServiceSettings
+from hotslot.bootstrap.metrics import MetricsEndpoint
+from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
+from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
 from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.router.v1 import router_service_pb2 as pb
 from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
@@ -18,12 +19,14 @@ from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from .clients import GrpcExecutorConnector, GrpcModelCatalog
 from .core import RouterCore
 from .membership import ExecutorMembership, split_host_port
+from .metrics import RouterMetrics
 from .servicer import RouterServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "router"
 DEFAULT_PORT = 50050
+DEFAULT_METRICS_PORT = 9460
 
 
 class RouterSettings(ServiceSettings):
@@ -32,6 +35,7 @@ class RouterSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSLOT_ROUTER_", extra="ignore")
 
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    metrics_port: int = metrics_port_field(DEFAULT_METRICS_PORT)
     executors: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Executor addresses, comma-separated host:port. Ones not up yet are retried until they are.",
@@ -93,7 +97,9 @@ class RouterSettings(ServiceSettings):
         return value
 
 
-def build(settings: RouterSettings) -> tuple[RouterCore, ExecutorMembership, GrpcModelCatalog | None]:
+def build(
+    settings: RouterSettings, metrics: RouterMetrics | None = None
+) -> tuple[RouterCore, ExecutorMembership, GrpcModelCatalog | None]:
     """Must run with the event loop running (the executor channels are made as targets are added)."""
 
     def channel(address: str):
@@ -121,6 +127,7 @@ def build(settings: RouterSettings) -> tuple[RouterCore, ExecutorMembership, Grp
         queue_timeout_s=settings.queue_timeout_s,
         retry_after_s=settings.retry_after_s,
         retry_attempts=settings.retry_attempts,
+        metrics=metrics,
     )
     return core, membership, catalog
 
@@ -140,10 +147,12 @@ async def serve(settings: RouterSettings) -> None:
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
     if not settings.executors and not settings.executors_dns:
         log.warning("no executors configured (executors / executors_dns): every Generate will be UNAVAILABLE")
-    core, membership, catalog = build(settings)
+    endpoint = MetricsEndpoint(service_resource_name(settings, SERVICE_NAME))
+    core, membership, catalog = build(settings, RouterMetrics(endpoint.meter(__name__)))
     try:
         await membership.start()
-        await run_server(registrations(core), settings=settings, service_name=SERVICE_NAME)
+        await run_server(registrations(core), settings=settings, service_name=SERVICE_NAME,
+                         metrics_endpoint=endpoint)
     finally:
         # After the server stopped: requests still in flight during the grace need their executor channels.
         await membership.close()

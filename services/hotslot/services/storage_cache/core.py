@@ -30,6 +30,7 @@ from hotslot.manifest import SHA256_PATTERN, FileEntry, Manifest, validate_model
 from .backing import BackingStore
 from .blobstore import BlobStore, Lease, Reservation, StoreUsage, VerifyReport, format_bytes
 from .fill import CopyMethod, HashingCopy
+from .metrics import StorageCacheMetrics
 from .put import PutHeader, PutResult, WriteThroughUploader
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ class StorageCacheCore:
         max_lease_ttl_s: float = DEFAULT_MAX_LEASE_TTL_S,
         progress_buffer: int = DEFAULT_PROGRESS_BUFFER,
         tracer_provider: trace.TracerProvider | None = None,
+        metrics: StorageCacheMetrics | None = None,
     ) -> None:
         if parallel_fetches <= 0:
             raise InvalidArgument.field("parallel_fetches", f"must be > 0, got {parallel_fetches}")
@@ -226,6 +228,8 @@ class StorageCacheCore:
         self.hits = 0
         self.misses = 0
         self.bytes_fetched = 0
+        self.metrics = metrics or StorageCacheMetrics()
+        self.metrics.observe_store(store.usage)
 
     # -- Ensure ------------------------------------------------------------------------------------------
     async def ensure(
@@ -265,6 +269,7 @@ class StorageCacheCore:
             hits = sum(1 for f in files if f.source is FileSource.LOCAL_HIT)
             self.hits += hits
             self.misses += len(files) - hits
+            self.metrics.ensured(hits, len(files) - hits)
             span.set_attribute("hotslot.bytes_fetched", fetched)
             span.set_attribute("hotslot.local_hits", hits)
         return EnsureResult(
@@ -418,7 +423,9 @@ class StorageCacheCore:
         attempts: list[_Copied] = []
         # A mismatch is read once more: a file being replaced on NFS, or a flaky read, heals on the second try.
         for _attempt in range(2):
+            started = time.perf_counter()
             copied = await loop.run_in_executor(self._pool, self._copy, path, size, report)
+            self.metrics.filled(copied.size, time.perf_counter() - started)
             trace.get_current_span().set_attribute("hotslot.copy_method", copied.method.value)
             read += copied.size
             self.bytes_fetched += copied.size

@@ -9,8 +9,9 @@ from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from hotslot.bootstrap.logging import configure_logging
-from hotslot.bootstrap.server import ServiceRegistration, run_server
-from hotslot.bootstrap.settings import ServiceSettings
+from hotslot.bootstrap.metrics import MetricsEndpoint
+from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
+from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
 from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.storage.v1 import storage_cache_service_pb2 as pb
 from hotslot.storage.v1 import storage_cache_service_pb2_grpc as pb_grpc
@@ -24,11 +25,13 @@ from .core import (
     DEFAULT_READ_CHUNK_BYTES,
     StorageCacheCore,
 )
+from .metrics import StorageCacheMetrics
 from .resolver import RegistryResolver
 from .servicer import StorageCacheServicer
 
 SERVICE_NAME = "storage-cache"
 DEFAULT_PORT = 50052
+DEFAULT_METRICS_PORT = 9462
 DEFAULT_CAPACITY_BYTES = 20 * 1024**3
 
 
@@ -39,6 +42,7 @@ class StorageCacheSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSLOT_STORAGE_CACHE_", extra="ignore")
 
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    metrics_port: int = metrics_port_field(DEFAULT_METRICS_PORT)
     backing_root: Path = Field(
         Path(".hotslot/share"),
         description="Root of the shared backing store (the NFS mount); the same share as the registry's "
@@ -93,7 +97,8 @@ class StorageCacheSettings(ServiceSettings):
 
 
 def build_core(
-    settings: StorageCacheSettings, tracer_provider: trace.TracerProvider | None = None
+    settings: StorageCacheSettings, tracer_provider: trace.TracerProvider | None = None,
+    metrics: StorageCacheMetrics | None = None,
 ) -> tuple[StorageCacheCore, RegistryResolver]:
     """The core and its registry resolver (close both). Without `tracer_provider`, spans go to the global
     provider, which run_server installs before the first call."""
@@ -116,6 +121,7 @@ def build_core(
         lease_ttl_s=settings.lease_ttl_s,
         max_lease_ttl_s=settings.max_lease_ttl_s,
         tracer_provider=tracer_provider,
+        metrics=metrics,
     )
     return core, resolver
 
@@ -133,7 +139,8 @@ def registrations(core: StorageCacheCore) -> list[ServiceRegistration]:
 async def serve(settings: StorageCacheSettings) -> None:
     # Before run_server (which configures it again): opening the store and verifying it log what they find.
     configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
-    core, resolver = build_core(settings)
+    endpoint = MetricsEndpoint(service_resource_name(settings, SERVICE_NAME))
+    core, resolver = build_core(settings, metrics=StorageCacheMetrics(endpoint.meter(__name__)))
 
     async def verify_before_serving(_port: int) -> None:
         # Runs with the port open and health NOT_SERVING, so probes see a live process that is not ready yet
@@ -142,7 +149,8 @@ async def serve(settings: StorageCacheSettings) -> None:
 
     try:
         await run_server(registrations(core), settings=settings, service_name=SERVICE_NAME,
-                         on_started=verify_before_serving if settings.verify_on_start else None)
+                         on_started=verify_before_serving if settings.verify_on_start else None,
+                         metrics_endpoint=endpoint)
     finally:
         await core.close()
         await resolver.close()
