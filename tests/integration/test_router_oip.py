@@ -4,7 +4,9 @@ tritonclient example as written, then checks the repository calls, readiness, in
 and the errors a Triton user sees for an unknown model and a bad input."""
 from __future__ import annotations
 
+import base64
 import io
+import json
 import queue
 import re
 import shutil
@@ -22,6 +24,10 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from hotslot.common.v1 import common_pb2
+from hotslot.modelgen.lora import write_lora
+from hotslot.registry.v1 import registry_service_pb2 as rpb
+from hotslot.registry.v1 import registry_service_pb2_grpc as rgrpc
 from tests.support.stack import Stack, running_cluster
 from tests.support.waiting import wait_for
 
@@ -33,7 +39,14 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shut
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_family: list[Path]) -> Iterator[Stack]:
-    with running_cluster(tmp_path_factory.mktemp("oip"), tiny_family[:2], executors=1) as stack:
+    root = tmp_path_factory.mktemp("oip")
+    with running_cluster(root, tiny_family[:2], executors=1) as stack:
+        adapter = write_lora(root / "made" / "tiny-lora-a", tiny_family[0], seed=1)
+        shutil.copytree(adapter, stack.share / "loras" / "tiny-lora-a")
+        with grpc.insecure_channel(stack.registry.address) as channel:
+            rgrpc.RegistryServiceStub(channel).RegisterModel(rpb.RegisterModelRequest(
+                model_id="tiny-lora-a", kind=common_pb2.MODEL_KIND_LORA_ADAPTER, base_model_id="tiny-sd-0",
+                source="loras/tiny-lora-a"), timeout=60)
         yield stack
 
 
@@ -84,12 +97,12 @@ def test_loading_makes_a_model_ready_and_listed_ready_and_unloading_undoes_it(cl
     def states() -> dict[str, str]:
         return {m.name: m.state for m in client.get_model_repository_index().models}
 
-    assert states() == {"tiny-sd-0": "UNAVAILABLE", "tiny-sd-1": "UNAVAILABLE"}
+    assert states() == {"tiny-lora-a": "UNAVAILABLE", "tiny-sd-0": "UNAVAILABLE", "tiny-sd-1": "UNAVAILABLE"}
     assert not client.is_model_ready("tiny-sd-1")
     client.load_model("tiny-sd-1")
     assert client.is_model_ready("tiny-sd-1")
     assert client.is_model_ready("tiny-sd-1", model_version="1")
-    assert states() == {"tiny-sd-0": "UNAVAILABLE", "tiny-sd-1": "READY"}
+    assert states() == {"tiny-lora-a": "UNAVAILABLE", "tiny-sd-0": "UNAVAILABLE", "tiny-sd-1": "READY"}
     # tritonclient has no `ready` argument: the generated stub of the vendored proto sends it.
     with grpc.insecure_channel(cluster.router.address) as channel:
         ready = oip_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
@@ -126,6 +139,21 @@ def test_infer_returns_the_png_of_the_requested_size_and_the_same_seed_gives_the
     assert (response.id, response.model_name, response.model_version) == ("boat-1", "tiny-sd-1", "1")
     assert response.parameters["seed"].int64_param == 11
     assert response.parameters["executor_id"].string_param
+
+
+def test_lora_adapters_apply_as_a_parameter_or_run_as_the_model(client):
+    inputs = [bytes_input("prompt", "a red boat"), int_input("steps", 2), int_input("seed", 3, "INT64")]
+    base = client.infer("tiny-sd-0", inputs)
+    with_lora = client.infer("tiny-sd-0", inputs, parameters={"lora": "tiny-lora-a:0.5"})
+    assert with_lora.get_response().parameters["lora"].string_param == "tiny-lora-a:0.5"
+    assert "lora" not in base.get_response().parameters
+    assert with_lora.as_numpy("image")[0] != base.as_numpy("image")[0]
+    as_model = client.infer("tiny-lora-a", inputs)
+    assert as_model.get_response().parameters["lora"].string_param == "tiny-lora-a:1"
+    assert client.get_model_metadata("tiny-lora-a").platform == "diffusers_lora"
+    with pytest.raises(InferenceServerException) as error:
+        client.infer("tiny-sd-0", inputs, parameters={"lora": "no-such-adapter"})
+    assert error.value.status() == "StatusCode.NOT_FOUND"
 
 
 def test_an_unknown_model_is_not_found_and_not_ready(client):
@@ -222,3 +250,19 @@ def test_reflection_lists_the_inference_service_beside_the_router_service(cluste
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout
     assert "rpc ModelInfer ( .inference.ModelInferRequest ) returns ( .inference.ModelInferResponse )" in described
+
+
+def test_grpcurl_infers_with_parameters_only_as_the_readme_shows(cluster: Stack):
+    if GRPCURL is None:
+        pytest.skip("grpcurl binary not installed")
+    assert cluster.router is not None
+    body = ('{"model_name": "tiny-sd-0", "parameters": {"prompt": {"string_param": "a lighthouse"},'
+            ' "steps": {"int64_param": 4}}}')
+    answer = json.loads(subprocess.run(
+        [GRPCURL, "-plaintext", "-d", body, cluster.router.address, "inference.GRPCInferenceService/ModelInfer"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout)
+    assert answer["outputs"] == [{"name": "image", "datatype": "BYTES", "shape": ["1"]}]
+    raw = base64.b64decode(answer["raw_output_contents"][0])
+    assert int.from_bytes(raw[:4], "little") == len(raw) - 4
+    assert Image.open(io.BytesIO(raw[4:])).size == (64, 64)

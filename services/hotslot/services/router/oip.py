@@ -456,6 +456,9 @@ def image_outcome(request: InferRequest, routed: Routed) -> InferOutcome:
         "placement_reason": routed.placement_reason.label,
         "hotslot_request_id": result.request_id,
     }
+    if result.adapters:
+        # As the `lora` parameter is written, revisions resolved: what ran.
+        parameters["lora"] = ",".join(f"{a.model.model_id}:{a.scale:g}" for a in result.adapters)
     if result.images:
         parameters["seed"] = int(result.images[0].seed)
         parameters["width"] = int(result.images[0].width)
