@@ -1,5 +1,6 @@
-"""The Open Inference Protocol's domain side (services/.../router/oip.py): tensors and parameters parsed into a
-text-to-image request, the raw tensor encodings, the schema, and what a routed result becomes."""
+"""The Open Inference Protocol's domain side: tensors and parameters parsed into a text-to-image request, the raw
+tensor encodings and the schema (router/oip.py), and what the router core is asked and answers becomes
+(router/oip_frontend.py)."""
 from __future__ import annotations
 
 import struct
@@ -9,7 +10,7 @@ import pytest
 from hotslot.common.v1 import common_pb2
 from hotslot.errors import InvalidArgument
 from hotslot.executor.v1 import executor_service_pb2 as epb
-from hotslot.services.router import oip
+from hotslot.services.router import oip, oip_frontend
 from hotslot.services.router.core import Routed
 from hotslot.services.router.downstream import ProgressEvent
 from hotslot.services.router.placement import HeldModel, PlacementReason, Tier
@@ -195,7 +196,7 @@ def test_a_version_that_is_no_revision_is_refused(version):
 
 # -- the core's inputs and outputs --------------------------------------------------------------------------------
 def test_the_generate_call_sets_only_what_the_client_gave():
-    call = oip.generate_call("tiny-sd-0", 2, oip.TextToImage(
+    call = oip_frontend.generate_call("tiny-sd-0", 2, oip.TextToImage(
         prompt="a", seed=0, guidance_scale=0.0, adapters=(("tiny-lora-a", 0.5), ("tiny-lora-k", None))
     ))
     assert (call.model_id, call.revision, call.request_id) == ("tiny-sd-0", 2, "")
@@ -215,7 +216,7 @@ def test_a_routed_result_becomes_the_png_as_raw_bytes_output_with_where_it_ran()
         request_id="abc",
     )
     asked = oip.InferRequest("tiny-sd-0", id="req-1", parameters={"prompt": "a"})
-    outcome = oip.image_outcome(asked, Routed(result, ("executor-1",), PlacementReason.STANDBY, 0.0))
+    outcome = oip_frontend.image_outcome(asked, Routed(result, ("executor-1",), PlacementReason.STANDBY, 0.0))
     assert (outcome.model_name, outcome.model_version, outcome.id, outcome.final) == ("tiny-sd-0", "3", "req-1", True)
     (image,) = outcome.outputs
     assert (image.name, image.datatype, image.shape) == ("image", "BYTES", (1,))
@@ -228,11 +229,11 @@ def test_a_routed_result_becomes_the_png_as_raw_bytes_output_with_where_it_ran()
 
 def test_progress_events_become_parameters_of_a_response_with_no_outputs():
     asked = oip.InferRequest("tiny-sd-0", id="r")
-    step = oip.progress_outcome(asked, ProgressEvent("step", epb.StepProgress(step=2, total_steps=4)))
+    step = oip_frontend.progress_outcome(asked, ProgressEvent("step", epb.StepProgress(step=2, total_steps=4)))
     assert (step.outputs, step.final, dict(step.parameters)) == (
         (), False, {"progress": "step", "step": 2, "total_steps": 4}
     )
-    load = oip.progress_outcome(asked, ProgressEvent("load", epb.LoadProgress(
+    load = oip_frontend.progress_outcome(asked, ProgressEvent("load", epb.LoadProgress(
         phase=epb.LOAD_PHASE_READ, bytes_done=10, bytes_total=20
     )))
     assert load.parameters == {"progress": "load", "load_phase": "read", "bytes_done": 10, "bytes_total": 20,
@@ -256,7 +257,7 @@ class _Snapshot:
 def test_a_model_counts_as_held_in_active_standby_or_host_memory_only():
     snapshot = _Snapshot(models=[HeldModel("a", 1, Tier.STANDBY), HeldModel("b", 1, Tier.LOCAL_DISK)],
                          adapters=[HeldModel("lora", 2, Tier.HOST)])
-    assert oip.held_by(snapshot, "a", 0) and oip.held_by(snapshot, "a", 1)
-    assert not oip.held_by(snapshot, "a", 2)
-    assert not oip.held_by(snapshot, "b", 0)
-    assert oip.held_by(snapshot, "lora", 0)
+    assert oip_frontend.held_by(snapshot, "a", 0) and oip_frontend.held_by(snapshot, "a", 1)
+    assert not oip_frontend.held_by(snapshot, "a", 2)
+    assert not oip_frontend.held_by(snapshot, "b", 0)
+    assert oip_frontend.held_by(snapshot, "lora", 0)

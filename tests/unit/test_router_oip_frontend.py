@@ -1,4 +1,4 @@
-"""The Open Inference Protocol front-end (oip.InferenceFrontend) on a real RouterCore with fake executors and a
+"""The Open Inference Protocol front-end (oip_frontend.InferenceFrontend) on a real RouterCore with fake executors and a
 fake registry (real subclasses of the downstream interfaces): readiness follows what executors hold, load and unload
 go through Preload and Evict and wait for the executors' status, and a stream runs requests at once, answering a
 failed one with an error while the others go on."""
@@ -14,7 +14,7 @@ from hotslot import errors
 from hotslot.common.v1 import common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as epb
 from hotslot.registry.v1 import registry_service_pb2 as registry_pb
-from hotslot.services.router import oip
+from hotslot.services.router import oip, oip_frontend
 from hotslot.services.router.core import RouterCore
 from hotslot.services.router.downstream import (
     Evicted,
@@ -129,7 +129,7 @@ async def setup():
                  FakeExecutor("10.0.0.2:7000", "exec-b", {"beta": Tier.LOCAL_DISK})]
     membership = ExecutorMembership(FakeConnector(executors), static_targets=[e.address for e in executors])
     core = RouterCore(membership, FakeCatalog(["alpha", "beta", "gamma"]))
-    frontend = oip.InferenceFrontend(core, server_version="1.2.3", status_wait_s=5.0)
+    frontend = oip_frontend.InferenceFrontend(core, server_version="1.2.3", status_wait_s=5.0)
     assert not frontend.server_ready()
     await membership.start()
     await settle(lambda: len(membership.placeable()) == 2)

@@ -11,6 +11,7 @@ import grpc_service_pb2_grpc as pb_grpc
 from hotslot.bootstrap.interceptors import status_code_of
 
 from . import oip
+from .oip_frontend import InferenceFrontend
 
 SERVICE_FULL_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -98,7 +99,7 @@ def model_metadata_to_proto(metadata: oip.ModelMetadata) -> pb.ModelMetadataResp
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, frontend: oip.InferenceFrontend) -> None:
+    def __init__(self, frontend: InferenceFrontend) -> None:
         self.frontend = frontend
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:

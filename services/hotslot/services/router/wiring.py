@@ -20,7 +20,7 @@ from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from .clients import GrpcExecutorConnector, GrpcModelCatalog
 from .core import RouterCore
 from .membership import ExecutorMembership, split_host_port
-from .oip import InferenceFrontend
+from .oip_frontend import InferenceFrontend
 from .oip_servicer import SERVICE_FULL_NAME as OIP_SERVICE_NAME
 from .oip_servicer import InferenceServicer
 from .servicer import RouterServicer
