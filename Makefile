@@ -20,9 +20,12 @@ $(BIN)/.installed: pyproject.toml package.json
 install: $(BIN)/.installed
 
 # Regenerates every *_pb2.py, *_pb2_grpc.py and *.pyi under libs/proto from protos/, and the descriptor set with
-# source info (the comments) that server reflection sends (libs/proto/hotslot/descriptor_set.binpb).
+# source info (the comments) that server reflection sends (libs/proto/hotslot/descriptor_set.binpb). The vendored
+# Open Inference Protocol files (protos/grpc_service.proto, model_config.proto) sit at the root because
+# grpc_service.proto imports "model_config.proto" unchanged, so their modules are top-level (grpc_service_pb2,
+# model_config_pb2).
 protos: $(BIN)/.installed
-	rm -rf $(PROTO_OUT)/hotslot
+	rm -rf $(PROTO_OUT)/hotslot $(PROTO_OUT)/*_pb2*.py $(PROTO_OUT)/*_pb2.pyi
 	mkdir -p $(PROTO_OUT)/hotslot
 	$(BIN)/python -m grpc_tools.protoc -I protos \
 	  --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \

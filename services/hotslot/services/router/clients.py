@@ -17,6 +17,7 @@ from hotslot.registry.v1 import registry_service_pb2 as registry_pb
 from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 from .downstream import (
+    Evicted,
     ExecutorClient,
     ExecutorConnector,
     ExecutorUnavailable,
@@ -142,6 +143,14 @@ class GrpcExecutorClient(ExecutorClient):
             return await self._stub.Preload(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, f"executor at {self.address}") from None
+
+    async def evict(self, model_id: str, revision: int, timeout_s: float | None) -> Evicted:
+        request = executor_pb.EvictRequest(model=common_pb2.ModelRef(model_id=model_id, revision=revision))
+        try:
+            response = await self._stub.Evict(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"executor at {self.address}") from None
+        return Evicted(response.freed_bytes)
 
     async def close(self) -> None:
         await self._channel.close()

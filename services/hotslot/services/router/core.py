@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import uuid
 from collections import deque
@@ -15,7 +16,14 @@ from typing import Any
 from opentelemetry import trace
 
 from hotslot.convert import kind_from_proto
-from hotslot.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from hotslot.errors import (
+    DeadlineExceeded,
+    HotslotError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, ProgressEvent, ResultEvent
 from .membership import ExecutorLink, ExecutorMembership, Slot
@@ -58,6 +66,26 @@ class Preloaded:
     @property
     def result(self) -> Any:
         return self.replicas[0].result
+
+
+class EvictOutcome(enum.Enum):
+    """What Evict did on one executor."""
+
+    EVICTED = 1
+    MARKED = 2
+    NOT_HELD = 3
+    FAILED = 4
+
+
+@dataclass(frozen=True)
+class EvictAnswer:
+    """One executor's answer to an Evict."""
+
+    executor_id: str
+    outcome: EvictOutcome
+    freed_bytes: int = 0
+    pending_bytes: int = 0
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -259,6 +287,50 @@ class RouterCore:
         # whatever their queues: a preload does not wait behind them. Then the others, soonest finish first.
         ranked.sort(key=lambda choice: choice.tier if choice.reason in _HELD_REASONS else len(Tier))
         return ranked[0] if ranked else None
+
+    # -- evict -------------------------------------------------------------------------------------------------
+    async def evict(
+        self, model_id: str, revision: int, executor_id: str, time_remaining_s: float | None
+    ) -> list[EvictAnswer]:
+        """Evicts the model on `executor_id`, whose errors are the answer (NotFound when it does not hold the model);
+        or, with no executor named, on every connected executor whose latest status lists it (revision 0: any
+        revision), in parallel, each failure listed as that executor's outcome. Ordered by executor id."""
+        if not model_id:
+            raise InvalidArgument.field("model.model_id", "is required")
+        links = self.membership.placeable()
+        if executor_id:
+            link = next((link for link in links if link.executor_id == executor_id and link.client), None)
+            if link is None:
+                raise NotFound(f"no connected executor has id {executor_id!r}")
+            evicted = await link.client.evict(model_id, revision, time_remaining_s)  # type: ignore[union-attr]
+            return [self._evict_answer(executor_id, evicted)]
+        holders = [
+            link for link in links
+            if link.client is not None and link.snapshot is not None and any(
+                held.model_id == model_id and (revision == 0 or held.revision == revision)
+                for held in (*link.snapshot.models, *link.snapshot.adapters)
+            )
+        ]
+        outcomes = await asyncio.gather(
+            *(link.client.evict(model_id, revision, time_remaining_s) for link in holders),  # type: ignore[union-attr]
+            return_exceptions=True,
+        )
+        answers = []
+        for link, outcome in zip(holders, outcomes, strict=True):
+            if isinstance(outcome, NotFound):
+                answers.append(EvictAnswer(link.executor_id, EvictOutcome.NOT_HELD, message=outcome.message))
+            elif isinstance(outcome, HotslotError):
+                answers.append(EvictAnswer(link.executor_id, EvictOutcome.FAILED, message=outcome.message))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                answers.append(self._evict_answer(link.executor_id, outcome))
+        return answers
+
+    @staticmethod
+    def _evict_answer(executor_id: str, evicted: Any) -> EvictAnswer:
+        outcome = EvictOutcome.MARKED if evicted.pending_bytes else EvictOutcome.EVICTED
+        return EvictAnswer(executor_id, outcome, evicted.freed_bytes, evicted.pending_bytes)
 
     # -- registry passthrough ----------------------------------------------------------------------------
     async def list_models(self, request: Any) -> Any:

@@ -2,9 +2,11 @@
 around them."""
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from typing import Annotated
 
+import grpc_service_pb2_grpc as oip_grpc
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
@@ -20,6 +22,9 @@ from .clients import GrpcExecutorConnector, GrpcModelCatalog
 from .core import RouterCore
 from .membership import ExecutorMembership, split_host_port
 from .metrics import RouterMetrics
+from .oip_frontend import InferenceFrontend
+from .oip_servicer import SERVICE_FULL_NAME as OIP_SERVICE_NAME
+from .oip_servicer import InferenceServicer
 from .servicer import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -138,8 +143,21 @@ def registrations(core: RouterCore) -> list[ServiceRegistration]:
             full_name=pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
             servicer=RouterServicer(core),
             add_to_server=pb_grpc.add_RouterServiceServicer_to_server,
-        )
+        ),
+        # The Open Inference Protocol (KServe v2 / Triton clients) on the same port.
+        ServiceRegistration(
+            full_name=OIP_SERVICE_NAME,
+            servicer=InferenceServicer(InferenceFrontend(core, server_version=_version())),
+            add_to_server=oip_grpc.add_GRPCInferenceServiceServicer_to_server,
+        ),
     ]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hotslot")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "0+unknown"
 
 
 async def serve(settings: RouterSettings) -> None:
