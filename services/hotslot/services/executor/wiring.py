@@ -7,8 +7,8 @@ import socket
 import torch
 from opentelemetry import trace
 
+from hotslot.bootstrap.security import service_channel
 from hotslot.bootstrap.server import ServiceRegistration, run_server
-from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.executor.v1 import executor_service_pb2 as pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
 from hotslot.loading.preloader import Preloader
@@ -68,8 +68,11 @@ def build_core(
                          convert_here=settings.convert_in_executor,
                          max_pipeline_adapters=settings.max_pipeline_adapters)
 
+    security = settings.client_security()
+
     def channel(address: str):
-        return insecure_channel(address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes)
+        return service_channel(address, security=security, tracer_provider=tracer_provider,
+                               max_message_bytes=settings.max_message_bytes)
 
     registry = RegistryClient(settings.registry_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
     storage = StorageClient(settings.storage_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
