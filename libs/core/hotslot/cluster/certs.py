@@ -84,9 +84,10 @@ def _sans(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def generate(directory: Path, hosts: list[str] | None = None) -> LocalCredentials:
+def generate(directory: Path, hosts: list[str] | None = None, admin_token: str | None = None) -> LocalCredentials:
     """Writes a fresh CA, a service certificate valid for `hosts` (plus localhost, 127.0.0.1 and ::1), a user
-    client certificate and tokens into `directory` (replacing what is there) and returns their paths."""
+    client certificate and tokens (the user's admin token `admin_token` when given) into `directory`, replacing what
+    is there, and returns their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     ca_key = _key()
@@ -94,7 +95,7 @@ def generate(directory: Path, hosts: list[str] | None = None) -> LocalCredential
     ca_cert = _cert("hotslot local CA", ca_key, ca_name, ca_key, ca=True, sans=[], usages=[])
 
     all_hosts = [*(hosts or []), "localhost", "127.0.0.1", "::1"]
-    all_hosts = [h for h in all_hosts if h not in ("0.0.0.0", "::", "[::]", "")]
+    all_hosts = [h for h in all_hosts if h]
     service_key = _key()
     service_cert = _cert("hotslot service", service_key, ca_name, ca_key, ca=False, sans=_sans(all_hosts),
                          usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
@@ -107,7 +108,7 @@ def generate(directory: Path, hosts: list[str] | None = None) -> LocalCredential
         service_cert=directory / "service.pem", service_key=directory / "service-key.pem",
         client_cert=directory / "client.pem", client_key=directory / "client-key.pem",
         tokens_file=directory / "tokens", service_token_file=directory / "service-token",
-        admin_token=secrets.token_urlsafe(32), generate_token=secrets.token_urlsafe(32),
+        admin_token=admin_token or secrets.token_urlsafe(32), generate_token=secrets.token_urlsafe(32),
     )
     service_token = secrets.token_urlsafe(32)
     creds.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
