@@ -49,10 +49,22 @@ def check_device(device: str) -> None:
         raise SystemExit(f"device {device!r}: use cpu, cuda or cuda:N")
 
 
+def log_libraries_through_root() -> None:
+    """diffusers and transformers install their own stderr handler; through the root logger instead, their records
+    get the service's format, escaping and the filter that keeps prompts out (bootstrap/logging.PromptFilter)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+
+
 def build_core(
     settings: ExecutorSettings, port: int, tracer_provider: trace.TracerProvider | None = None
 ) -> tuple[ExecutorCore, Preloader, list]:
     check_device(settings.device)
+    log_libraries_through_root()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     dtype = resolve_dtype(settings.dtype, settings.device)
