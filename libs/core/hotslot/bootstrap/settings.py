@@ -83,11 +83,8 @@ class ServiceSettings(BaseSettings):
             raise ValueError("a client certificate needs both client_tls_cert_file and client_tls_key_file")
         if self.client_tls_cert_file is not None and self.client_tls_ca_file is None:
             raise ValueError("client_tls_cert_file needs client_tls_ca_file (the client certificate is sent over TLS)")
-        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "tokens_file", "client_tls_ca_file",
-                     "client_tls_cert_file", "client_tls_key_file", "client_token_file"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"{name}: {path} is not a file")
+        # The files themselves are read when the server starts (a missing one stops it with its path): settings
+        # are also built where the files do not exist, e.g. to check the Kubernetes manifests.
         return self
 
     def server_tls(self) -> ServerTls | None:
