@@ -213,3 +213,33 @@ def test_settings_refuse_half_a_tls_configuration(creds) -> None:
         ServiceSettings(tls_client_ca_file=creds.ca)
     with pytest.raises(ValueError, match="client_tls_ca_file"):
         ServiceSettings(client_tls_cert_file=creds.client_cert, client_tls_key_file=creds.client_key)
+
+
+async def test_the_health_port_answers_probes_in_plaintext_while_the_service_port_needs_mtls(creds) -> None:
+    import socket
+
+    from hotslot.bootstrap.server import run_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = probe.getsockname()[1]
+    settings = settings_for(creds).model_copy(update={"health_port": health_port})
+    started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    regs = [ServiceRegistration(full_name=REGISTRY, servicer=NoRegistry(),
+                                add_to_server=rgrpc.add_RegistryServiceServicer_to_server)]
+    task = asyncio.ensure_future(run_server(regs, settings=settings, service_name="test",
+                                            on_started=lambda port: started.set_result(port)))
+    try:
+        port = await asyncio.wait_for(started, 30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=REGISTRY), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # The health port serves health only: the API is not reachable around TLS and tokens through it.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await rgrpc.RegistryServiceStub(channel).GetModel(rpb.GetModelRequest(model_id="m"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not found" in err.value.details().lower()
+        assert await get_model(f"127.0.0.1:{port}", None) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
