@@ -55,6 +55,14 @@ GENERATE_METHODS = frozenset({
     "/hotslot.storage.v1.StorageCacheService/RenewLease",
     "/hotslot.storage.v1.StorageCacheService/Unpin",
     "/hotslot.storage.v1.StorageCacheService/GetUsage",
+    # The Open Inference Protocol (KServe v2) on the router: inference and the read calls Triton clients make.
+    # Its repository calls (load, unload) are not listed, so they need admin.
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+    "/inference.GRPCInferenceService/ServerMetadata",
+    "/inference.GRPCInferenceService/ModelMetadata",
+    "/inference.GRPCInferenceService/ModelInfer",
 })
 
 # Services open to anyone who can connect: probes (Kubernetes, load balancers, `hotslot up`) carry no token, and
