@@ -4,6 +4,7 @@ certificate, its bearer token), rebuilt when their files change; and the bearer-
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
@@ -133,8 +134,9 @@ class TokenTable:
             except (OSError, ValueError) as error:
                 log.warning("keeping the previous tokens: cannot reload %s: %s", self.path, error)
         found: Scope | None = None
-        candidate = token.encode()
-        # Every entry is compared (no early exit), so the time taken says nothing about which token nearly matched.
+        # Digests of equal length, every entry compared (no early exit): the time taken says nothing about how
+        # much of a token matched, nor how long the tokens are.
+        candidate = hashlib.sha256(token.encode()).digest()
         for known, scope in self._tokens:
             if hmac.compare_digest(known, candidate) and (found is None or scope > found):
                 found = scope
@@ -142,6 +144,7 @@ class TokenTable:
 
 
 def parse_tokens(text: str, origin: str = "tokens") -> list[tuple[bytes, Scope]]:
+    """(sha256 of the token, scope) for each `TOKEN SCOPE` line; ValueError (without the line) when malformed."""
     tokens: list[tuple[bytes, Scope]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -153,7 +156,7 @@ def parse_tokens(text: str, origin: str = "tokens") -> list[tuple[bytes, Scope]]
             raise ValueError(f"{origin} line {number}: expected `TOKEN generate` or `TOKEN admin`")
         if len(parts[0]) < 16:
             raise ValueError(f"{origin} line {number}: a token must be at least 16 characters")
-        tokens.append((parts[0].encode(), Scope[parts[1].upper()]))
+        tokens.append((hashlib.sha256(parts[0].encode()).digest(), Scope[parts[1].upper()]))
     if not tokens:
         raise ValueError(f"{origin}: no tokens (lines of `TOKEN SCOPE`)")
     return tokens
