@@ -243,3 +243,21 @@ async def test_the_health_port_answers_probes_in_plaintext_while_the_service_por
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_unusable_tls_or_token_files_stop_the_server_naming_the_file(creds, tmp_path: Path) -> None:
+    from hotslot.bootstrap.security import SecurityConfigError
+
+    other = certs.generate(tmp_path / "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    bad_tokens = tmp_path / "tokens"
+    bad_tokens.write_text("short admin\n")
+    cases = [
+        (dict(tls_cert_file=garbage, tls_key_file=creds.service_key), "tls_cert_file"),
+        (dict(tls_cert_file=creds.service_cert, tls_key_file=other.service_key), "is not the key of"),
+        (dict(tokens_file=bad_tokens), "at least 16"),
+    ]
+    for fields, needle in cases:
+        with pytest.raises(SecurityConfigError, match=needle):
+            await serve(ServiceSettings(**fields))

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 RELOAD_CHECK_S = 1.0
 
 
+class SecurityConfigError(ValueError):
+    """A TLS or token file that cannot be used (malformed, unreadable); the message names the file, never a secret."""
+
+
 class Scope(IntEnum):
     """What a bearer token may do. A higher scope includes the lower ones: admin may also generate."""
 
@@ -123,7 +127,10 @@ class TokenTable:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._tokens = parse_tokens(self.path.read_text(), str(self.path))
+        try:
+            self._tokens = parse_tokens(self.path.read_text(), str(self.path))
+        except (OSError, ValueError) as error:
+            raise SecurityConfigError(f"tokens_file: {error}") from None
         self._watch = _WatchedFiles([self.path])
 
     def scope_of(self, token: str) -> Scope | None:
@@ -226,9 +233,32 @@ class ServerTls:
 
 
 def _server_configuration(tls: ServerTls) -> grpc.ServerCertificateConfiguration:
-    pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
+    key, cert = tls.key_file.read_bytes(), tls.cert_file.read_bytes()
     ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
-    return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+    _check_pem(cert, key, ca, tls)
+    return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+
+def _check_pem(cert: bytes, key: bytes, ca: bytes | None, tls: ServerTls) -> None:
+    """gRPC only says it could not bind when a file is not what it should be; say which file."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        chain = x509.load_pem_x509_certificates(cert)
+    except ValueError:
+        raise SecurityConfigError(f"tls_cert_file {tls.cert_file}: no PEM certificate in it") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise SecurityConfigError(f"tls_key_file {tls.key_file}: not an unencrypted PEM private key") from None
+    if private.public_key() != chain[0].public_key():
+        raise SecurityConfigError(f"tls_key_file {tls.key_file} is not the key of tls_cert_file {tls.cert_file}")
+    if ca is not None:
+        try:
+            x509.load_pem_x509_certificates(ca)
+        except ValueError:
+            raise SecurityConfigError(f"tls_client_ca_file {tls.client_ca_file}: no PEM certificate in it") from None
 
 
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
@@ -242,7 +272,7 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
             return None
         try:
             configuration = _server_configuration(tls)
-        except OSError as error:
+        except (OSError, SecurityConfigError) as error:
             # Mid-rotation (a file replaced but not its partner yet): keep serving with the old one.
             log.warning("keeping the previous TLS certificate: cannot read the new one: %s", error)
             return None
