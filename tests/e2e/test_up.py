@@ -178,6 +178,12 @@ def test_up_with_tls_serves_only_clients_with_a_certificate_and_a_token(up, tiny
     assert json.loads(done.stdout)["executor"] == "executor-0"
     assert Image.open(tmp_path / "out.png").size == (64, 64)
 
+    # The same through flags instead of HOTSLOT_CLIENT_*.
+    done = cli("models", "list", "--router", env["HOTSLOT_CLIENT_ROUTER"], "--ca", env["HOTSLOT_CLIENT_CA"],
+               "--cert", env["HOTSLOT_CLIENT_CERT"], "--key", env["HOTSLOT_CLIENT_KEY"], "--token", generate_token,
+               env={}, cwd=tmp_path)
+    assert done.returncode == 0 and model.name in done.stdout, done.stderr
+
     # No token: refused before anything runs.
     no_token = {k: v for k, v in env.items() if k != "HOTSLOT_CLIENT_TOKEN"}
     done = cli("status", env=no_token, cwd=tmp_path)
