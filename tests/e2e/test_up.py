@@ -164,7 +164,11 @@ def test_up_with_tls_serves_only_clients_with_a_certificate_and_a_token(up, tiny
     endpoints = cluster.wait_up()
     env = client_env(cluster.state / "tls" / "client.env")
     assert env["HOTSLOT_CLIENT_ROUTER"] == endpoints["router"]
-    # What `up` printed is what a user pastes: the same lines as client.env.
+    # What `up` printed is what a user pastes: the same lines as client.env (printed after the table wait_up saw).
+    deadline = time.monotonic() + 30
+    while "Ctrl-C stops everything" not in cluster.stdout.read_text():
+        assert time.monotonic() < deadline, cluster.output()[-4000:]
+        time.sleep(0.1)
     assert f"export HOTSLOT_CLIENT_TOKEN={env['HOTSLOT_CLIENT_TOKEN']}" in cluster.stdout.read_text()
     generate_token = (cluster.state / "tls" / "generate-token").read_text().strip()
 
