@@ -2,7 +2,10 @@
 them into a local share, starts the cluster (registry, storage-cache, two executors, router as separate processes),
 registers the models and runs a mixed workload (full fine-tunes, adapters as models, adapters stacked on their base)
 through the router with the `hotslot` CLI, writes the PNGs to ./out/, prints one row per request
-and one trace per request (received by an OTLP sink started here), then shuts everything down."""
+and one trace per request (received by an OTLP sink started here), then shuts everything down.
+
+The cluster runs as `hotslot up --tls` does: TLS with client certificates between everything, and bearer tokens
+(the CLI gets them through HOTSLOT_CLIENT_*). `python tools/demo.py --plaintext` runs it without."""
 from __future__ import annotations
 
 import json
@@ -41,11 +44,12 @@ PROMPTS = ["a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a sa
 
 WIDTH = 200  # rich wraps at 80 columns when output is not a terminal (make, CI logs)
 console = Console(width=max(WIDTH, shutil.get_terminal_size().columns))
+CLIENT_ENV: dict[str, str] = {}  # HOTSLOT_CLIENT_* of the running cluster (CA, certificate, token)
 
 
 def hotslot(*args: str) -> str:
     done = subprocess.run([*HOTSLOT, *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": str(console.width)})
+                          env={**os.environ, "COLUMNS": str(console.width), **CLIENT_ENV})
     if done.returncode != 0:
         raise SystemExit(f"`hotslot {' '.join(args)}` failed:\n{done.stderr}")
     return done.stdout
@@ -80,14 +84,16 @@ def print_metrics(cluster: LocalCluster) -> None:
         console.print(f"  {name:<14} {svc.metrics_url:<32} {rpcs:<9} {detail}")
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    tls = "--plaintext" not in argv
     started = time.monotonic()
     shutil.rmtree(STATE, ignore_errors=True)
     OUT.mkdir(exist_ok=True)
     sink = TraceSink(STATE / "traces.jsonl").start()
     spec = ClusterSpec(state_dir=STATE, executors=2, auto_ports=True, otel="otlp", otlp_endpoint=sink.endpoint,
                        executor_args=["--default-width", "64", "--default-height", "64", "--default-steps", "8",
-                                      "--max-width", "256", "--max-height", "256", "--torch-threads", "1"])
+                                      "--max-width", "256", "--max-height", "256", "--torch-threads", "1"],
+                       tls=tls)
     with console.status("writing a family of tiny models (shared VAE and text encoder)"):
         models = write_family(spec.share / "tiny", MODELS, prefix="tiny-sd")
     console.print(f"wrote {len(models)} tiny Stable Diffusion pipelines under {spec.share / 'tiny'}")
@@ -98,6 +104,9 @@ def main() -> int:
     try:
         with console.status("starting registry, storage-cache, 2 executors and the router"):
             cluster.start()
+        CLIENT_ENV.update(cluster.client_env())
+        if tls:
+            console.print(f"TLS + client certificates + tokens on every service (credentials in {spec.tls_dir})")
         router, registry = cluster.address("router"), cluster.address("registry")
         for model in models:
             console.print(hotslot("models", "register", model.name, f"tiny/{model.name}", "--label", "demo=1",
@@ -167,4 +176,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

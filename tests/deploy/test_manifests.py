@@ -38,8 +38,11 @@ from .kustomize_lite import render, split_image
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-RENDERS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
-OVERLAYS = ("cpu", "gpu")  # the deployable renders; the base lacks the executor workload on purpose
+RENDERS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu",
+           "tls": K8S / "overlays" / "tls"}
+OVERLAYS = ("cpu", "gpu", "tls")  # the deployable renders; the base lacks the executor workload on purpose
+# Custom resources of cert-manager (the tls overlay): no schema ships offline, their structure is checked below.
+CERT_MANAGER_API = "cert-manager.io/v1"
 NAMESPACE = "hotslot"
 
 # The oldest Kubernetes the manifests are meant for (native gRPC probes are GA since 1.27,
@@ -214,6 +217,8 @@ def mount_of(container: dict, path: PurePosixPath) -> dict:
 def test_every_rendered_object_validates_against_the_kubernetes_schemas(rendered, name, version):
     problems = []
     for obj in rendered[name]:
+        if obj["apiVersion"] == CERT_MANAGER_API:
+            continue
         try:
             # strict: unknown fields (a typo such as `readinesProbe`) are errors, not silently dropped.
             kubernetes_validate.validate(obj, version, strict=True)
@@ -319,9 +324,15 @@ def test_every_flag_exists_in_its_serve_command_and_every_value_is_accepted(rend
 @pytest.mark.parametrize("name", list(RENDERS))
 def test_ports_and_probes_match_the_port_each_service_listens_on(rendered, name):
     for workload, container, service in hotslot_containers(rendered[name]):
-        port = settings_of(container, service).port
+        settings = settings_of(container, service)
+        port = settings.port
         where = workload["metadata"]["name"]
         assert [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"] == [port], where
+        if settings.tls_cert_file is not None:
+            # Kubernetes' gRPC probes cannot speak TLS: they ask the plaintext health-only port.
+            assert settings.health_port, f"{where}: TLS without a health port leaves the probes nothing to ask"
+            assert [p["containerPort"] for p in container["ports"] if p["name"] == "health"] == [settings.health_port]
+            port = settings.health_port
         _, module = SERVICES[service]
         health_names = {""} | {s.full_name for s in module.DESCRIPTOR.services_by_name.values()}
         for probe_name in ("livenessProbe", "readinessProbe", "startupProbe"):
@@ -479,7 +490,7 @@ def test_executor_memory_budgets_fit_its_shared_memory_and_its_limit(rendered, n
     )
     assert executor.torch_threads == math.ceil(cpu_cores(limits["cpu"]))
     gpus = {k: v for k, v in limits.items() if k.startswith("nvidia.com/")}
-    if name == "gpu":
+    if name in ("gpu", "tls"):  # the tls overlay is the gpu one with TLS
         assert on_gpu and gpus == {"nvidia.com/gpu": 1}, "one executor per GPU, seen as `cuda`"
         assert executor.dtype == "float16"
     else:
@@ -612,3 +623,115 @@ def test_the_build_context_keeps_what_the_image_copies():
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
                 assert source.rstrip("/") in allowed, f"{source} is excluded from the build context"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# security: network policies, TLS from cert-manager, tokens from a Secret
+
+
+def policies(objects: list[dict]) -> list[dict]:
+    return [obj for obj in objects if obj["kind"] == "NetworkPolicy"]
+
+
+def policy_for(objects: list[dict], workload: dict) -> list[dict]:
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    return [p for p in policies(objects)
+            if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()]
+
+
+def peers_selected(objects: list[dict], rule: dict, key: str) -> list[dict] | None:
+    """Workloads a rule's `from`/`to` selects within the namespace; None when it admits anything (no peers, or a
+    namespaceSelector)."""
+    peers = rule.get(key)
+    if not peers:
+        return None
+    selected = []
+    for peer in peers:
+        if "namespaceSelector" in peer or "ipBlock" in peer:
+            return None
+        match = peer["podSelector"].get("matchLabels", {})
+        selected += [w for w in workloads(objects)
+                     if match.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+    return selected
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_only_the_router_is_reachable_from_outside_and_each_service_only_from_its_callers(rendered, name):
+    objects = rendered[name]
+    default = [p for p in policies(objects) if p["spec"]["podSelector"] == {}
+               and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} and not p["spec"].get("ingress")
+               and not p["spec"].get("egress")]
+    assert default, "no default-deny policy: pods without a policy of their own would take any connection"
+    callers = {"router": None, "registry": {"router", "storage-cache", "executor"}, "storage-cache": {"executor"},
+               "executor": {"router"}}
+    for service, expected in callers.items():
+        workload, container = workload_of(objects, service)
+        own = [p for p in policy_for(objects, workload) if p["spec"]["podSelector"]]
+        assert own, f"no NetworkPolicy selects {workload['metadata']['name']}"
+        rules = [rule for p in own for rule in p["spec"].get("ingress", [])]
+        scrape = [rule for rule in rules if [p["port"] for p in rule["ports"]] == ["metrics"]]
+        assert scrape, f"{service}: Prometheus cannot reach its metrics port"
+        assert all(peers_selected(objects, rule, "from") is None for rule in scrape)  # a monitoring namespace
+        port = settings_of(container, service).port
+        for rule in rules:
+            if rule in scrape:
+                continue
+            assert [p["port"] for p in rule["ports"]] == [port], f"{service}: ingress to {rule['ports']}"
+            selected = peers_selected(objects, rule, "from")
+            if expected is None:
+                assert selected is None, f"{service} must be reachable from outside the namespace"
+                continue
+            assert selected is not None, f"{service} must not be reachable from outside the namespace"
+            names = {s for w in selected for _, c, s in hotslot_containers([w])}
+            assert names == expected, f"{service} reachable from {sorted(names)}, expected {sorted(expected)}"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_each_service_may_reach_the_services_it_dials_and_the_collector(rendered, name):
+    objects = rendered[name]
+    dials = {"router": {"registry", "executor"}, "registry": set(), "storage-cache": {"registry"},
+             "executor": {"registry", "storage-cache"}}
+    for service, expected in dials.items():
+        workload, _ = workload_of(objects, service)
+        reached = set()
+        collector = False
+        for policy in policy_for(objects, workload):
+            for rule in policy["spec"].get("egress", []):
+                selected = peers_selected(objects, rule, "to") or []
+                reached |= {s for w in selected for _, c, s in hotslot_containers([w])}
+                collector |= any(w["metadata"]["name"] == "hotslot-otel-collector" for w in selected)
+        assert reached == expected, f"{service} may reach {sorted(reached)}, expected {sorted(expected)}"
+        assert collector, f"{service} cannot send spans to the collector"
+
+
+def test_the_tls_overlay_runs_every_service_with_mtls_tokens_and_certificates_from_cert_manager(rendered):
+    objects = rendered["tls"]
+    issued = {c["spec"]["secretName"]: c for c in objects if c["kind"] == "Certificate"}
+    issuers = {i["metadata"]["name"]: i for i in objects if i["kind"] == "Issuer"}
+    for certificate in issued.values():
+        ref = certificate["spec"]["issuerRef"]
+        assert ref["kind"] == "Issuer" and ref["name"] in issuers, certificate["metadata"]["name"]
+        if "ca" in issuers[ref["name"]]["spec"]:
+            ca_secret = issuers[ref["name"]]["spec"]["ca"]["secretName"]
+            assert issued[ca_secret]["spec"]["isCA"] is True
+    for workload, container, service in hotslot_containers(objects):
+        where = workload["metadata"]["name"]
+        s = settings_of(container, service)
+        assert s.tls_cert_file and s.tls_key_file and s.tls_client_ca_file, f"{where}: not mTLS"
+        assert s.client_tls_ca_file and s.client_tls_cert_file and s.client_token_file, f"{where}: calls not mTLS"
+        assert s.tokens_file, f"{where}: no tokens"
+        for path in (s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file, s.tokens_file, s.client_token_file):
+            mount = mount_of(container, PurePosixPath(path))
+            assert mount.get("readOnly"), f"{where}: {path} on a writable volume"
+            volume = volume_mount(workload, container, mount["mountPath"])
+            secret = volume["secret"]["secretName"]
+            assert secret in issued or secret == "hotslot-tokens", f"{where}: {path} from unknown Secret {secret}"
+        certificate = issued[volume_mount(workload, container, mount_of(
+            container, PurePosixPath(s.tls_cert_file))["mountPath"])["secret"]["secretName"]]
+        assert {"server auth", "client auth"} <= set(certificate["spec"]["usages"]), where
+        # Peers are checked against one name that the shared certificate carries (executors are dialled by IP).
+        assert s.client_tls_server_name in certificate["spec"]["dnsNames"], where
+        for address in (getattr(s, "registry_address", ""), getattr(s, "storage_address", ""),
+                        getattr(s, "executors_dns", "")):
+            if address:
+                assert split_address(address)[0] in certificate["spec"]["dnsNames"], f"{where}: {address}"

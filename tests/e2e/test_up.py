@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from hotslot.common.v1 import common_pb2
@@ -30,13 +31,13 @@ SERVICES = {"registry", "storage-cache", "executor-0", "router"}
 
 
 class Up:
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, *extra: str) -> None:
         self.state = state
         self.stdout = state.parent / f"{state.name}-up.out"
         self.stderr = state.parent / f"{state.name}-up.err"
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                [*HOTSLOT, "up", "--auto-ports", "--state-dir", str(state), "--executors", "1"],
+                [*HOTSLOT, "up", "--auto-ports", "--state-dir", str(state), "--executors", "1", *extra],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                 env={**os.environ, "COLUMNS": "200"},  # rich wraps at 80 columns off a terminal
             )
@@ -86,8 +87,8 @@ def check_tree(tree: list[Proc], endpoints: dict[str, str]) -> None:
 def up(tmp_path: Path):
     launched: list[Up] = []
 
-    def start(name: str) -> Up:
-        u = Up(tmp_path / name)
+    def start(name: str, *extra: str) -> Up:
+        u = Up(tmp_path / name, *extra)
         launched.append(u)
         return u
 
@@ -141,3 +142,78 @@ def test_up_killed_with_sigkill_leaves_nothing(up) -> None:
     # its preloader; the preloader also ends on its own when its parent's pipe closes.
     left = wait_gone(tree, 15)
     assert not left, "still running 15 s after `hotslot up` was killed:\n" + describe(left)
+
+
+def client_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HOTSLOT_CLIENT_")}
+    return subprocess.run([*HOTSLOT, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**clean, "COLUMNS": "200", **env})
+
+
+def test_up_with_tls_serves_only_clients_with_a_certificate_and_a_token(up, tiny_family: list[Path],
+                                                                         tmp_path: Path) -> None:
+    cluster = up("state-tls", "--tls")
+    endpoints = cluster.wait_up()
+    env = client_env(cluster.state / "tls" / "client.env")
+    assert env["HOTSLOT_CLIENT_ROUTER"] == endpoints["router"]
+    # What `up` printed is what a user pastes: the same lines as client.env (printed after the table wait_up saw).
+    deadline = time.monotonic() + 30
+    while "Ctrl-C stops everything" not in cluster.stdout.read_text():
+        assert time.monotonic() < deadline, cluster.output()[-4000:]
+        time.sleep(0.1)
+    assert f"export HOTSLOT_CLIENT_TOKEN={env['HOTSLOT_CLIENT_TOKEN']}" in cluster.stdout.read_text()
+    generate_token = (cluster.state / "tls" / "generate-token").read_text().strip()
+
+    model = tiny_family[0]
+    done = cli("models", "upload", model.name, str(model), env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    done = cli("generate", "-m", model.name, "a lighthouse", "--steps", "2", "--width", "64", "--height", "64",
+               "-o", str(tmp_path / "out.png"), "--quiet", "--json",
+               env={**env, "HOTSLOT_CLIENT_TOKEN": generate_token}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["executor"] == "executor-0"
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+    # The same through flags instead of HOTSLOT_CLIENT_*.
+    done = cli("models", "list", "--router", env["HOTSLOT_CLIENT_ROUTER"], "--ca", env["HOTSLOT_CLIENT_CA"],
+               "--cert", env["HOTSLOT_CLIENT_CERT"], "--key", env["HOTSLOT_CLIENT_KEY"], "--token", generate_token,
+               env={}, cwd=tmp_path)
+    assert done.returncode == 0 and model.name in done.stdout, done.stderr
+
+    # No token: refused before anything runs.
+    no_token = {k: v for k, v in env.items() if k != "HOTSLOT_CLIENT_TOKEN"}
+    done = cli("status", env=no_token, cwd=tmp_path)
+    assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr, done.stderr
+    # A generate token may not register or upload.
+    done = cli("models", "register", "again", f"models/{model.name}",
+               env={**env, "HOTSLOT_CLIENT_TOKEN": generate_token}, cwd=tmp_path)
+    assert done.returncode == 1 and "PERMISSION_DENIED" in done.stderr, done.stderr
+    # Uploading over a registered model's files: refused, and refused again with --overwrite.
+    done = cli("models", "upload", model.name, str(model), env=env, cwd=tmp_path)
+    assert done.returncode == 1 and "ALREADY_EXISTS" in done.stderr, done.stderr
+    done = cli("models", "upload", model.name, str(model), "--overwrite", env=env, cwd=tmp_path)
+    assert done.returncode == 1 and "FAILED_PRECONDITION" in done.stderr, done.stderr
+
+    ca = Path(env["HOTSLOT_CLIENT_CA"]).read_bytes()
+    cert, key = Path(env["HOTSLOT_CLIENT_CERT"]).read_bytes(), Path(env["HOTSLOT_CLIENT_KEY"]).read_bytes()
+    # Health needs the certificate (it is TLS) but no token, for probes.
+    with grpc.secure_channel(endpoints["router"], grpc.ssl_channel_credentials(ca, key, cert)) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    # Plaintext, or TLS without a client certificate: no connection at all.
+    for channel in (grpc.insecure_channel(endpoints["registry"]),
+                    grpc.secure_channel(endpoints["registry"], grpc.ssl_channel_credentials(ca))):
+        with channel, pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    cluster.proc.send_signal(signal.SIGTERM)
+    assert cluster.proc.wait(60) == 0, cluster.output()[-4000:]

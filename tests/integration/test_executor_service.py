@@ -197,6 +197,28 @@ def test_bad_parameters_are_invalid_argument(executor, params, field) -> None:
     assert field in err.value.details()
 
 
+@pytest.mark.parametrize("request_id", ["r1\n2026-01-01T00:00:00.000Z INFO    forged [executor] hello", "r" * 100_000])
+def test_a_request_id_with_a_newline_or_100_kb_long_is_invalid_argument(executor, request_id) -> None:
+    svc, stub = executor
+    request = generate_request("tiny-sd-0")
+    request.request_id = request_id
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.value.details()
+    assert "forged" not in svc.log()
+
+
+def test_a_long_prompt_leaves_no_prompt_text_in_the_log(executor) -> None:
+    svc, stub = executor
+    # Longer than the text encoder's 77 tokens: the pipeline truncates it and (unfiltered) quotes the rest.
+    prompt = "a lighthouse at dusk " * 40 + "zanzibarquetzal"
+    reply = stub.Generate(generate_request("tiny-sd-0", prompt=prompt), timeout=120)
+    assert reply.images
+    log = svc.log()
+    assert "was truncated" in log  # the fact is kept ...
+    assert "zanzibarquetzal" not in log and "lighthouse at dusk" not in log  # ... the prompt is not
+
+
 def test_unknown_model_bad_tier_and_unknown_evict(executor) -> None:
     _, stub = executor
     with pytest.raises(grpc.RpcError) as err:

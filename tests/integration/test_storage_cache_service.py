@@ -289,6 +289,52 @@ def test_put_writes_through_and_a_cancelled_or_failed_put_leaves_nothing(stub, t
     assert usage(stub).bytes_fetched == 0
 
 
+def put_messages(path: str, data: bytes, overwrite: bool = False):
+    yield pb.PutFileRequest(header=pb.PutFileHeader(path=path, expected_sha256=hashlib.sha256(data).hexdigest(),
+                                                    size_bytes=len(data), overwrite=overwrite))
+    yield pb.PutFileRequest(chunk=data)
+
+
+def test_put_refuses_to_replace_an_existing_file_unless_asked(stub, share) -> None:
+    stub.PutFile(put_messages("uploads/once/config.json", b'{"v": 1}'), timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PutFile(put_messages("uploads/once/config.json", b'{"v": 2}'), timeout=60)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "overwrite" in err.value.details()
+    assert (share / "uploads/once/config.json").read_bytes() == b'{"v": 1}'
+    assert [p.name for p in (share / "uploads/once").iterdir()] == ["config.json"]  # no temp file left
+
+    stub.PutFile(put_messages("uploads/once/config.json", b'{"v": 2}', overwrite=True), timeout=60)
+    assert (share / "uploads/once/config.json").read_bytes() == b'{"v": 2}'
+
+
+def test_put_never_replaces_a_file_a_registered_model_names_even_with_overwrite(stub, share, manifests) -> None:
+    target = share / "models/tiny-sd-1/scheduler/scheduler_config.json"
+    before = target.read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PutFile(put_messages("models/tiny-sd-1/scheduler/scheduler_config.json", b"{}", overwrite),
+                         timeout=60)
+        expected = grpc.StatusCode.FAILED_PRECONDITION if overwrite else grpc.StatusCode.ALREADY_EXISTS
+        assert err.value.code() == expected, err.value.details()
+    assert "tiny-sd-1@1" in err.value.details() and "new path" in err.value.details()
+    assert target.read_bytes() == before
+    # A new revision goes to a new path, which is fine.
+    reply = stub.PutFile(put_messages("models/tiny-sd-1-v2/scheduler/scheduler_config.json", b"{}"), timeout=60)
+    assert reply.size_bytes == 2
+
+
+def test_data_loss_for_an_explicit_manifest_does_not_reveal_the_files_digest_or_size(stub, share) -> None:
+    real = share / "models/tiny-sd-2/unet/config.json"
+    real_digest = hashlib.sha256(real.read_bytes()).hexdigest()
+    guess = common_pb2.Manifest(files=[common_pb2.FileEntry(path="unet/config.json", size_bytes=1, sha256="0" * 64)])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.EnsureModel(pb.EnsureModelRequest(
+            manifest=pb.ManifestTarget(source="models/tiny-sd-2", manifest=guess)), timeout=60)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "does not match" in err.value.details()
+    assert real_digest not in err.value.details() and str(real.stat().st_size) not in err.value.details()
+
+
 def test_the_stream_reports_progress_then_the_result(stub, manifests) -> None:
     request = pb.EnsureModelStreamRequest(request=pb.EnsureModelRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1")))
     events = list(stub.EnsureModelStream(request, timeout=60))

@@ -594,3 +594,21 @@ async def test_second_sigterm_cancels_in_flight_calls_instead_of_waiting_out_the
         if child.returncode is None:
             child.kill()
             await child.wait()
+
+
+def test_text_logs_escape_control_characters_in_messages_and_fields(capsys) -> None:
+    configure_logging("svc", "INFO", "text")
+    forged = "r1\n2026-01-01T00:00:00.000Z INFO    x [svc] forged\x1b[31m\u2028"
+    logging.getLogger("hotslot.test").info("request %s done", forged, extra={"request_id": forged})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert "r1\\n2026" in lines[0] and "\\x1b[31m" in lines[0] and "\\u2028" in lines[0]
+
+
+def test_the_pipelines_truncation_warning_keeps_the_fact_but_not_the_prompt(capsys) -> None:
+    configure_logging("svc", "INFO", "text")
+    library = logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+    library.warning("The following part of your input was truncated because CLIP can only handle sequences up to"
+                    " 77 tokens: ['my secret prompt']")
+    err = capsys.readouterr().err
+    assert "77 tokens" in err and "truncated" in err and "secret" not in err

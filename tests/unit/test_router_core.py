@@ -212,6 +212,16 @@ async def test_missing_model_id_is_refused_before_any_executor_is_called(cluster
     assert not cluster["exec-a"].sent and not cluster["exec-b"].sent
 
 
+@pytest.mark.parametrize("request_id", ["abc\n2026-01-01T00:00:00Z INFO forged line", "x" * 100_000, "a b", "é"])
+async def test_a_request_id_with_control_characters_or_too_long_is_refused(cluster: Cluster, request_id) -> None:
+    with pytest.raises(errors.InvalidArgument, match="request_id") as refused:
+        await cluster.core.generate(call("alpha", request_id), None)
+    assert request_id not in refused.value.message
+    assert not cluster["exec-a"].sent and not cluster["exec-b"].sent
+    routed = await cluster.core.generate(call("alpha", "trace-1:retry_2.a-" + "z" * 110), None)
+    assert routed.result["request_id"].startswith("trace-1:retry_2.a-")
+
+
 async def test_unknown_model_is_not_found_from_the_registry_before_it_takes_a_slot(cluster: Cluster) -> None:
     with pytest.raises(errors.NotFound, match="'ghost' is not registered"):
         await cluster.core.generate(call("ghost"), None)

@@ -1,9 +1,12 @@
 """Logging setup every service shares: one line per record on stderr, as readable text or as JSON that carries the
-service name and the trace and span of the current OpenTelemetry span, so logs and traces can be joined."""
+service name and the trace and span of the current OpenTelemetry span, so logs and traces can be joined. User text
+cannot forge lines (control characters are escaped in text logs; JSON escapes them itself), and prompts stay out
+(the pipelines' truncation warning, which quotes the cut-off part of the prompt, is reworded)."""
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +63,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+# C0 and C1 control characters, DEL and the Unicode line and paragraph separators: anything a terminal or a log
+# shipper could take for the end of a line (or for a colour).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_text(text: str) -> str:
+    """`text` with every control character written as an escape (\\n, \\x1b, \\u2028), so one record stays
+    one line whatever a client put in its request."""
+    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), m.group().encode("unicode_escape").decode("ascii")), text)
+
+
 class TextFormatter(logging.Formatter):
     """`ts LEVEL logger [service] message key=value ...`; a traceback, when there is one, follows on its own lines."""
 
@@ -69,14 +84,38 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = {**_extras(record), **_trace_fields()}
-        line = f"{_timestamp(record)} {record.levelname:<7} {record.name} [{self.service}] {record.getMessage()}"
+        message = escape_text(record.getMessage())
+        line = f"{_timestamp(record)} {record.levelname:<7} {record.name} [{self.service}] {message}"
         if fields:
-            line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+            line += " " + " ".join(f"{key}={escape_text(str(value))}" for key, value in fields.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
         return line
+
+
+# diffusers' text-encoding step warns "The following part of your input was truncated because CLIP can only handle
+# sequences up to N tokens: [<the rest of the prompt>]": the prompt, in the log.
+_TRUNCATED_PROMPT = re.compile(r"part of your input was truncated .*?up to\s*(\d+) tokens", re.DOTALL)
+
+
+class PromptFilter(logging.Filter):
+    """Rewords the pipelines' prompt-truncation warning so it keeps the fact (and the token limit) but not the
+    prompt text. A handler filter: it sees records that propagate from any logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and isinstance(record.msg, str) and "truncated" in record.msg:
+            try:
+                text = record.getMessage()
+            except Exception:
+                return True
+            match = _TRUNCATED_PROMPT.search(text)
+            if match:
+                record.msg = (f"a prompt was longer than the text encoder's {match.group(1)} tokens and was "
+                              "truncated (the cut-off text is not logged)")
+                record.args = None
+        return True
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -106,6 +145,7 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "text") -> N
             root.removeHandler(handler)
     handler = _StderrHandler()
     setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(PromptFilter())
     handler.setFormatter(JsonFormatter(service) if fmt == "json" else TextFormatter(service))
     root.addHandler(handler)
     root.setLevel(level.upper())

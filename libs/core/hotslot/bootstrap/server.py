@@ -21,6 +21,7 @@ from hotslot.bootstrap.interceptors import ErrorMappingInterceptor
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.metrics import MetricsEndpoint, MetricsServerInterceptor
 from hotslot.bootstrap.reflection import enable_reflection
+from hotslot.bootstrap.security import TokenAuthInterceptor, TokenTable, server_credentials
 from hotslot.bootstrap.settings import METRICS_OFF, ServiceSettings, format_address
 from hotslot.bootstrap.telemetry import (
     INSTRUMENTATION_NAME,
@@ -62,10 +63,13 @@ async def create_server(
     with the contracts' comments). With `meter`, every RPC is counted and timed on it. Returns the server, the
     bound port and the health servicer."""
     # Tracing first, so errors are mapped while the server span is current and land on it; metrics outside the
-    # error mapping too, so they count the status code a domain error became.
+    # token check and the error mapping, so they count refusals and the status code a domain error became.
     interceptors: list[grpc.aio.ServerInterceptor] = [TracingServerInterceptor(tracer_provider)]
     if meter is not None:
         interceptors.append(MetricsServerInterceptor(meter))
+    if settings.tokens_file is not None:
+        # Before anything reaches the servicer.
+        interceptors.append(TokenAuthInterceptor(TokenTable(settings.tokens_file)))
     interceptors.append(ErrorMappingInterceptor())
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -81,13 +85,26 @@ async def create_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     enable_reflection([*names, health.SERVICE_NAME], server)
 
+    tls = settings.server_tls()
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
     except RuntimeError as error:
         raise OSError(f"cannot listen on {address}: {error}") from error
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port, health_servicer
+
+
+def create_health_server(address: str, health_servicer: HealthServicer) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server of grpc.health.v1 alone, sharing `health_servicer` with the main server (so it turns
+    NOT_SERVING with it): for probes that cannot speak TLS. It answers nothing else, so it needs no token."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {address} (health port): {error}") from error
+    return server, port
 
 
 async def run_server(
@@ -152,6 +169,13 @@ async def run_server(
         server, port, health_servicer = await create_server(
             settings.address, registrations, settings=settings, tracer_provider=tracer_provider, meter=meter
         )
+        health_server = None
+        if settings.health_port is not None:
+            health_server, health_port = create_health_server(
+                format_address(settings.host, settings.health_port), health_servicer
+            )
+            await health_server.start()
+            log.info("hotslot %s health (plaintext) on %s", service_name, format_address(settings.host, health_port))
         for signum in _SIGNALS:
             try:
                 loop.add_signal_handler(signum, on_signal, signum)
@@ -181,6 +205,8 @@ async def run_server(
             await stop_requested.wait()
         finally:
             await _shut_down(server, health_servicer, list(on_shutdown), settings.shutdown_grace_s, stop_now)
+            if health_server is not None:
+                await health_server.stop(None)
             log.info("hotslot %s stopped", service_name)
     finally:
         for signum in installed:

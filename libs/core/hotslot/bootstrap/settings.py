@@ -2,10 +2,13 @@
 overridden by command-line flags."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hotslot.bootstrap.security import ClientSecurity, ServerTls
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 METRICS_OFF = -1  # metrics_port: no /metrics endpoint (the base default; each service sets a port of its own)
@@ -41,6 +44,67 @@ class ServiceSettings(BaseSettings):
     otel_service_name: str | None = Field(
         None, description="service.name of the traces; defaults to 'hotslot-<service>'."
     )
+    # Security (README "Security"). Server side: TLS with this certificate, mTLS with a client CA, bearer tokens.
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain this server presents; with tls_key_file turns TLS on. Re-read "
+        "when it changes on disk (new connections get the new one)."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that clients' certificates must chain to: set, every client must present "
+        "one (mTLS). Needs tls_cert_file."
+    )
+    tokens_file: Path | None = Field(
+        None, description="File of `TOKEN SCOPE` lines (scope `generate` or `admin`): set, every call but health "
+        "and reflection needs `authorization: Bearer TOKEN` of the method's scope. Re-read when it changes."
+    )
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="Also serve grpc.health.v1 alone, in plaintext without tokens, on this "
+        "port (for probes that cannot speak TLS, like Kubernetes' gRPC probes); unset: none."
+    )
+    # Client side: how this service calls the others (registry, storage-cache, executors).
+    client_tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that the servers this service calls must chain to; set, its outgoing "
+        "channels use TLS. Channels are rebuilt when a client TLS or token file changes."
+    )
+    client_tls_cert_file: Path | None = Field(
+        None, description="PEM certificate this service presents to the services it calls (mTLS)."
+    )
+    client_tls_key_file: Path | None = Field(None, description="PEM private key of client_tls_cert_file.")
+    client_tls_server_name: str = Field(
+        "", description="Name the certificates of the services this one calls are checked against, instead of the "
+        "host of each address (needed when addresses are IPs, e.g. executors found through DNS)."
+    )
+    client_token_file: Path | None = Field(
+        None, description="File holding the bearer token this service sends on its outgoing calls."
+    )
+
+    @model_validator(mode="after")
+    def _check_security(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs TLS: set tls_cert_file and tls_key_file too")
+        if (self.client_tls_cert_file is None) != (self.client_tls_key_file is None):
+            raise ValueError("a client certificate needs both client_tls_cert_file and client_tls_key_file")
+        if self.client_tls_cert_file is not None and self.client_tls_ca_file is None:
+            raise ValueError("client_tls_cert_file needs client_tls_ca_file (the client certificate is sent over TLS)")
+        # The files themselves are read when the server starts (a missing one stops it with its path): settings
+        # are also built where the files do not exist, e.g. to check the Kubernetes manifests.
+        return self
+
+    def server_tls(self) -> ServerTls | None:
+        """The server's TLS files, or None for plaintext."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return ServerTls(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+
+    def client_security(self) -> ClientSecurity:
+        """How this service's outgoing channels authenticate: TLS, client certificate, token."""
+        return ClientSecurity(
+            ca_file=self.client_tls_ca_file, cert_file=self.client_tls_cert_file, key_file=self.client_tls_key_file,
+            token_file=self.client_token_file, server_name=self.client_tls_server_name,
+        )
 
     @property
     def address(self) -> str:

@@ -1,5 +1,6 @@
 """Client commands of the `hotslot` CLI: generate (with progress bars), models list/show/register/upload, status.
-They talk to the router (and, to register or upload, to the registry and storage-cache) over plain gRPC."""
+They talk to the router (and, to register or upload, to the registry and storage-cache) over gRPC: plaintext, or
+TLS (mTLS with a client certificate) and a bearer token with --ca/--cert/--key/--token or HOTSLOT_CLIENT_*."""
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from hotslot.bootstrap.security import ClientSecurity, sync_channel
 from hotslot.common.v1 import common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as epb
 from hotslot.registry.v1 import registry_service_pb2 as rpb
@@ -48,6 +50,15 @@ err_console = make_console(stderr=True)
 RouterOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_ROUTER", help="Router host:port.")]
 RegistryOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_REGISTRY", help="Registry host:port.")]
 StorageOpt = Annotated[str, typer.Option(envvar="HOTSLOT_CLIENT_STORAGE", help="Storage-cache host:port.")]
+CaOpt = Annotated[Path | None, typer.Option(
+    "--ca", envvar="HOTSLOT_CLIENT_CA", help="PEM CA the services' certificates chain to; turns TLS on.")]
+CertOpt = Annotated[Path | None, typer.Option(
+    "--cert", envvar="HOTSLOT_CLIENT_CERT", help="PEM client certificate, for services that require one (mTLS).")]
+KeyOpt = Annotated[Path | None, typer.Option(
+    "--key", envvar="HOTSLOT_CLIENT_KEY", help="PEM private key of --cert.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", envvar="HOTSLOT_CLIENT_TOKEN", show_default=False,
+    help="Bearer token (scope generate, or admin to register, upload, preload).")]
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 TIER_NAMES = {v: k.removeprefix("TIER_").lower() for k, v in common_pb2.Tier.items()}
 PHASE_NAMES = {v: k.removeprefix("LOAD_PHASE_").lower() for k, v in epb.LoadPhase.items()}
@@ -56,8 +67,19 @@ PLACEMENT_NAMES = {v: k.removeprefix("PLACEMENT_REASON_").lower() for k, v in pb
 models_app = typer.Typer(no_args_is_help=True, help="List, show, register and upload models.")
 
 
+def _security(ca: Path | None, cert: Path | None, key: Path | None, token: str | None) -> ClientSecurity:
+    security = ClientSecurity(ca_file=ca, cert_file=cert, key_file=key, token=token or None)
+    try:
+        security.check()
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    return security
+
+
 def _fail(err: grpc.RpcError) -> typer.Exit:
     err_console.print(f"[red]error[/red] {err.code().name}: {err.details()}")
+    if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+        err_console.print("pass a token with --token or HOTSLOT_CLIENT_TOKEN (`hotslot up --tls` prints one)")
     if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (err.details() or ""):
         err_console.print("is the cluster running (`hotslot up`)? pass its address with --router/--registry/--storage "
                           "or HOTSLOT_CLIENT_ROUTER/_REGISTRY/_STORAGE")
@@ -107,13 +129,15 @@ def generate(
         "all on the base given with -m (or the base of the adapter given with -m).")] = None,
     router: RouterOpt = "127.0.0.1:50050",
     timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 600.0,
+    ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result (paths, tier, timings, trace id) as JSON.")] = False,
 ) -> None:
     """Generate images through the router, with progress while the model loads and denoises."""
     # The request starts a W3C trace here, so its id can be looked up in any tracing backend afterwards.
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
-    metadata = [("traceparent", f"00-{trace_id}-{span_id}-01")]
+    security = _security(ca, cert, key, token)
+    metadata = [("traceparent", f"00-{trace_id}-{span_id}-01"), *security.metadata()]
     request = pb.GenerateStreamRequest(
         model=common_pb2.ModelRef(model_id=model, revision=revision),
         params=common_pb2.GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps, guidance_scale=guidance,
@@ -121,7 +145,7 @@ def generate(
         adapters=[_adapter_ref(item) for item in lora or ()],
     )
     result = None
-    with grpc.insecure_channel(router) as channel, Progress(
+    with sync_channel(router, security) as channel, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err_console, disable=quiet or json_out, transient=False,
     ) as progress:
@@ -176,27 +200,30 @@ def models_list(
     kind: Annotated[str, typer.Option(help="pipeline, lora or empty for all.")] = "",
     label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE filter (repeatable).")] = None,
     router: RouterOpt = "127.0.0.1:50050",
+    ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
 ) -> None:
     """List registered models (latest revision of each)."""
     kinds = {"": 0, "pipeline": common_pb2.MODEL_KIND_DIFFUSERS_PIPELINE, "lora": common_pb2.MODEL_KIND_LORA_ADAPTER}
     if kind not in kinds:
         raise typer.BadParameter("use pipeline or lora", param_hint="--kind")
     table = Table("model", "rev", "kind", "class", "files", "MB", "labels")
-    token = ""
-    with grpc.insecure_channel(router) as channel:
+    security = _security(ca, cert, key, token)
+    page_token = ""
+    with sync_channel(router, security) as channel:
         stub = pb_grpc.RouterServiceStub(channel)
         while True:
             try:
                 page = stub.ListModels(pb.ListModelsRequest(request=rpb.ListModelsRequest(
-                    page_size=200, page_token=token, kind=kinds[kind], labels=_labels(label))), timeout=30).response
+                    page_size=200, page_token=page_token, kind=kinds[kind], labels=_labels(label))), timeout=30,
+                    metadata=security.metadata()).response
             except grpc.RpcError as err:
                 raise _fail(err) from None
             for m in page.models:
                 table.add_row(m.model_id, str(m.revision), common_pb2.ModelKind.Name(m.kind).removeprefix("MODEL_KIND_"),
                               m.manifest.pipeline_class, str(len(m.manifest.files)), f"{m.manifest.total_bytes / 1e6:.1f}",
                               ",".join(f"{k}={v}" for k, v in sorted(m.labels.items())))
-            token = page.next_page_token
-            if not token:
+            page_token = page.next_page_token
+            if not page_token:
                 break
     console.print(table)
 
@@ -206,11 +233,14 @@ def models_show(
     model_id: Annotated[str, typer.Argument(help="Model id.")],
     revision: Annotated[int, typer.Option(help="Revision; 0 = latest.")] = 0,
     router: RouterOpt = "127.0.0.1:50050",
+    ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
 ) -> None:
     """Show one model with every file's size and sha256."""
-    with grpc.insecure_channel(router) as channel:
+    security = _security(ca, cert, key, token)
+    with sync_channel(router, security) as channel:
         try:
-            m = pb_grpc.RouterServiceStub(channel).GetModel(pb.GetModelRequest(model_id=model_id, revision=revision), timeout=30).model
+            m = pb_grpc.RouterServiceStub(channel).GetModel(pb.GetModelRequest(model_id=model_id, revision=revision),
+                                                            timeout=30, metadata=security.metadata()).model
         except grpc.RpcError as err:
             raise _fail(err) from None
     console.print(f"[bold]{m.model_id}[/bold] revision {m.revision}  {common_pb2.ModelKind.Name(m.kind)}  "
@@ -228,17 +258,20 @@ def models_register(
     lora_base: Annotated[str, typer.Option(help="Register a LoRA adapter for this base model.")] = "",
     label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE (repeatable).")] = None,
     registry: RegistryOpt = "127.0.0.1:50051",
+    ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
 ) -> None:
     """Register a model already on the share (hashes every file)."""
-    _register(registry, model_id, source, lora_base, _labels(label))
+    _register(registry, model_id, source, lora_base, _labels(label), _security(ca, cert, key, token))
 
 
-def _register(registry: str, model_id: str, source: str, lora_base: str, labels: dict[str, str]) -> None:
+def _register(registry: str, model_id: str, source: str, lora_base: str, labels: dict[str, str],
+              security: ClientSecurity) -> None:
     kind = common_pb2.MODEL_KIND_LORA_ADAPTER if lora_base else common_pb2.MODEL_KIND_DIFFUSERS_PIPELINE
-    with grpc.insecure_channel(registry) as channel, err_console.status(f"registering {model_id} (hashing files)"):
+    with sync_channel(registry, security) as channel, err_console.status(f"registering {model_id} (hashing files)"):
         try:
             reply = rgrpc.RegistryServiceStub(channel).RegisterModel(rpb.RegisterModelRequest(
-                model_id=model_id, kind=kind, base_model_id=lora_base, source=source, labels=labels), timeout=3600)
+                model_id=model_id, kind=kind, base_model_id=lora_base, source=source, labels=labels), timeout=3600,
+                metadata=security.metadata())
         except grpc.RpcError as err:
             raise _fail(err) from None
     m = reply.model
@@ -256,12 +289,18 @@ def models_upload(
     label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE (repeatable).")] = None,
     storage: StorageOpt = "127.0.0.1:50052",
     registry: RegistryOpt = "127.0.0.1:50051",
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace files that already exist under the destination (never files a registered model names: "
+        "upload a new revision to a new --dest instead).")] = False,
+    ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
 ) -> None:
-    """Stream a local model directory to the share through the storage-cache (write-through), then register it."""
+    """Stream a local model directory to the share through the storage-cache (write-through), then register it.
+    Files that exist already are refused unless --overwrite."""
+    security = _security(ca, cert, key, token)
     dest = dest or f"models/{model_id}"
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
-    with grpc.insecure_channel(storage) as channel, Progress(
+    with sync_channel(storage, security) as channel, Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
         console=err_console,
     ) as progress:
@@ -270,12 +309,12 @@ def models_upload(
         for path in files:
             rel = path.relative_to(directory).as_posix()
             progress.update(task, description=rel)
-            parts = _put_parts(path, f"{dest}/{rel}", _sha256(path), lambda n: progress.advance(task, n))
+            parts = _put_parts(path, f"{dest}/{rel}", _sha256(path), lambda n: progress.advance(task, n), overwrite)
             try:
-                stub.PutFile(parts, timeout=3600)
+                stub.PutFile(parts, timeout=3600, metadata=security.metadata())
             except grpc.RpcError as err:
                 raise _fail(err) from None
-    _register(registry, model_id, dest, lora_base, _labels(label))
+    _register(registry, model_id, dest, lora_base, _labels(label), security)
 
 
 def _sha256(path: Path) -> str:
@@ -286,9 +325,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _put_parts(path: Path, dest: str, sha256: str, advance):
+def _put_parts(path: Path, dest: str, sha256: str, advance, overwrite: bool = False):
     """The PutFile stream: a header (with the sha256 the storage-cache must verify), then the bytes in chunks."""
-    yield spb.PutFileRequest(header=spb.PutFileHeader(path=dest, expected_sha256=sha256, size_bytes=path.stat().st_size))
+    yield spb.PutFileRequest(header=spb.PutFileHeader(path=dest, expected_sha256=sha256, size_bytes=path.stat().st_size,
+                                                      overwrite=overwrite))
     with open(path, "rb") as f:
         while block := f.read(UPLOAD_CHUNK_BYTES):
             advance(len(block))
@@ -301,12 +341,14 @@ def preload(
     replicas: Annotated[int, typer.Option(min=1, help="Executors to warm it on (all live ones when fewer).")] = 1,
     router: RouterOpt = "127.0.0.1:50050",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the loads.")] = 600.0,
+    ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
 ) -> None:
     """Load a model into standby on one or more executors ahead of a known burst (router Preload)."""
+    security = _security(ca, cert, key, token)
     request = pb.PreloadRequest(model=common_pb2.ModelRef(model_id=model, revision=revision), replicas=replicas)
-    with grpc.insecure_channel(router) as channel:
+    with sync_channel(router, security) as channel:
         try:
-            reply = pb_grpc.RouterServiceStub(channel).Preload(request, timeout=timeout)
+            reply = pb_grpc.RouterServiceStub(channel).Preload(request, timeout=timeout, metadata=security.metadata())
         except grpc.RpcError as err:
             raise _fail(err) from None
     for replica in reply.replicas:
@@ -317,11 +359,16 @@ def preload(
         console.print(f"[yellow]{len(reply.replicas)} of {replicas} replicas: fewer live executors[/yellow]")
 
 
-def status(router: RouterOpt = "127.0.0.1:50050") -> None:
+def status(
+    router: RouterOpt = "127.0.0.1:50050",
+    ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
+) -> None:
     """Show every executor the router knows: state, what it holds in which tier (LoRA adapters too), queue depth."""
-    with grpc.insecure_channel(router) as channel:
+    security = _security(ca, cert, key, token)
+    with sync_channel(router, security) as channel:
         try:
-            reply = pb_grpc.RouterServiceStub(channel).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+            reply = pb_grpc.RouterServiceStub(channel).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30,
+                                                                        metadata=security.metadata())
         except grpc.RpcError as err:
             raise _fail(err) from None
     table = Table("executor", "address", "state", "device", "queue", "active", "standby", "host", "adapters",

@@ -30,9 +30,11 @@ def _runner(module: str) -> Callable:
     def run(settings) -> None:
         import importlib
 
+        from hotslot.bootstrap.security import SecurityConfigError
+
         try:
             asyncio.run(importlib.import_module(module).serve(settings))
-        except OSError as error:  # the port is taken, a directory cannot be created, ...
+        except (OSError, SecurityConfigError) as error:  # the port is taken, a TLS or token file is unusable, ...
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
 

@@ -25,13 +25,20 @@ def up(
     otel: Annotated[str, typer.Option(help="Where spans go: none, console (into each service's log) or otlp.")] = "none",
     otlp_endpoint: Annotated[str, typer.Option(help="OTLP/gRPC collector for --otel otlp, e.g. http://localhost:4317.")] = "",
     executor_arg: Annotated[list[str] | None, typer.Option(help="Extra flag passed to every executor (repeatable), e.g. --executor-arg=--standby-budget-bytes=8GiB.")] = None,
+    tls: Annotated[bool, typer.Option(help="Encrypt and authenticate everything: a throwaway CA and certificates under <state-dir>/tls, TLS with client certificates (mTLS) on every service, and bearer tokens. Prints the HOTSLOT_CLIENT_* lines the CLI needs.")] = False,
+    token: Annotated[str, typer.Option(help="With --tls: your admin token (at least 16 characters); generated when empty.", show_default=False)] = "",
 ) -> None:
     """Start registry, storage-cache, executors and router as separate processes; stop them all on Ctrl-C."""
     if otel not in ("none", "console", "otlp"):
         raise typer.BadParameter("use none, console or otlp", param_hint="--otel")
+    if token and not tls:
+        raise typer.BadParameter("tokens need --tls", param_hint="--token")
+    if token and (len(token) < 16 or any(c.isspace() or c == "#" for c in token)):
+        raise typer.BadParameter("use at least 16 characters, without spaces or '#'", param_hint="--token")
     spec = ClusterSpec(
         state_dir=state_dir, executors=executors, host=host, auto_ports=auto_ports, device=device,
         cache_capacity=cache_capacity, executor_args=list(executor_arg or []), otel=otel, otlp_endpoint=otlp_endpoint,
+        tls=tls, admin_token=token,
     )
     cluster = LocalCluster(spec, on_progress=lambda msg: console.log(msg))
     stop = threading.Event()
@@ -57,10 +64,22 @@ def up(
             table.add_row(name, svc.address, svc.metrics_url, str(svc.log_path))
         out = make_console()
         out.print(table)
+        if tls and cluster.credentials is not None:
+            c = cluster.credentials
+            out.print(
+                f"TLS with client certificates and tokens. For the CLI, run (or `source {spec.tls_dir / 'client.env'}`):\n"
+                + "".join(f"  export {k}={v}\n" for k, v in cluster.client_env().items())
+                + f"that token is admin; one that may only generate: {c.generate_token}\n"
+                f"try:   hotslot generate -m MODEL \"a prompt\" -o out.png\n"
+                f"       grpcurl -cacert {c.ca} -cert {c.client_cert} -key {c.client_key} "
+                f"-H \"authorization: Bearer $HOTSLOT_CLIENT_TOKEN\" {cluster.address('router')} list",
+                soft_wrap=True,  # lines to copy and paste: never broken
+            )
         out.print(
             f"share: {spec.share}   (put models here, then `hotslot models register ID SOURCE`)\n"
-            f"try:   hotslot generate --router {cluster.address('router')} -m MODEL \"a prompt\" -o out.png\n"
-            f"       grpcurl -plaintext {cluster.address('router')} list\n"
+            + ("" if tls else
+               f"try:   hotslot generate --router {cluster.address('router')} -m MODEL \"a prompt\" -o out.png\n"
+               f"       grpcurl -plaintext {cluster.address('router')} list\n")
             + (f"traces: {'each service log under ' + str(spec.logs) if otel == 'console' else otlp_endpoint or 'OTLP default endpoint'}\n" if otel != "none" else "")
             + "Ctrl-C stops everything."
         )

@@ -1,6 +1,8 @@
 """A whole hotslot cluster on one machine (`hotslot up`): registry, storage-cache, N executors and the router as
 separate processes on embedded defaults — a SQLite file, a local directory standing in for the NFS share and a
-local cache directory, all under one state directory. Started in dependency order, stopped in reverse."""
+local cache directory, all under one state directory. Started in dependency order, stopped in reverse. With
+`tls`, a throwaway CA and certificates under <state>/tls: every service serves TLS, requires client certificates
+(mTLS) and bearer tokens, and calls the others with its own certificate and token."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotslot.bootstrap.security import ClientSecurity
+from hotslot.cluster import certs
 from hotslot.cluster.process import ServiceProcess, spawn_service, wait_ready
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ class ClusterSpec:
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 5.0
     start_timeout_s: float = 180.0
+    tls: bool = False  # TLS + mTLS + bearer tokens, with credentials generated under <state_dir>/tls
+    admin_token: str = ""  # with tls: the user's admin token (generated when empty)
 
     @property
     def share(self) -> Path:
@@ -56,12 +62,17 @@ class ClusterSpec:
     def logs(self) -> Path:
         return self.state_dir / "logs"
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
 
 class LocalCluster:
     def __init__(self, spec: ClusterSpec, on_progress: Callable[[str], None] = lambda msg: None) -> None:
         self.spec = spec
         self.on_progress = on_progress
         self.services: dict[str, ServiceProcess] = {}
+        self.credentials: certs.LocalCredentials | None = None
 
     # -- addresses ---------------------------------------------------------------------------------------
     def address(self, name: str) -> str:
@@ -84,11 +95,46 @@ class LocalCluster:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.spec.otlp_endpoint
         return env
 
+    def _security_args(self) -> list[str]:
+        c = self.credentials
+        if c is None:
+            return []
+        return [
+            "--tls-cert-file", str(c.service_cert), "--tls-key-file", str(c.service_key),
+            "--tls-client-ca-file", str(c.ca), "--tokens-file", str(c.tokens_file),
+            "--client-tls-ca-file", str(c.ca), "--client-tls-cert-file", str(c.service_cert),
+            "--client-tls-key-file", str(c.service_key), "--client-token-file", str(c.service_token_file),
+        ]
+
+    def client_security(self, token: str | None = None) -> ClientSecurity | None:
+        """How a client reaches this cluster (None: plaintext): the CA, the user's certificate, `token`."""
+        c = self.credentials
+        if c is None:
+            return None
+        return ClientSecurity(ca_file=c.ca, cert_file=c.client_cert, key_file=c.client_key, token=token)
+
+    def client_env(self) -> dict[str, str]:
+        """The HOTSLOT_CLIENT_* variables the CLI needs to talk to this cluster."""
+        env = {}
+        if "router" in self.services:
+            env["HOTSLOT_CLIENT_ROUTER"] = self.address("router")
+        if "registry" in self.services:
+            env["HOTSLOT_CLIENT_REGISTRY"] = self.address("registry")
+        if "storage-cache" in self.services:
+            env["HOTSLOT_CLIENT_STORAGE"] = self.address("storage-cache")
+        c = self.credentials
+        if c is not None:
+            env.update({
+                "HOTSLOT_CLIENT_CA": str(c.ca.resolve()), "HOTSLOT_CLIENT_CERT": str(c.client_cert.resolve()),
+                "HOTSLOT_CLIENT_KEY": str(c.client_key.resolve()), "HOTSLOT_CLIENT_TOKEN": c.admin_token,
+            })
+        return env
+
     def _spawn(self, name: str, service: str, args: list[str], index: int = 0) -> ServiceProcess:
         self.on_progress(f"starting {name}")
         svc = spawn_service(
             service,
-            [*args, "--shutdown-grace-s", str(self.spec.shutdown_grace_s)],
+            [*args, "--shutdown-grace-s", str(self.spec.shutdown_grace_s), *self._security_args()],
             log_path=self.spec.logs / f"{name}.log",
             env=self._env(name),
             host=self.spec.host,
@@ -99,13 +145,16 @@ class LocalCluster:
         return svc
 
     def _ready(self, name: str) -> ServiceProcess:
-        svc = wait_ready(self.services[name], self.spec.start_timeout_s)
+        svc = wait_ready(self.services[name], self.spec.start_timeout_s, self.client_security())
         self.on_progress(f"{name} serving on {svc.address}, metrics on {svc.metrics_url} (pid {svc.pid})")
         return svc
 
     def start(self) -> None:
         spec = self.spec
         spec.share.mkdir(parents=True, exist_ok=True)
+        if spec.tls:
+            self.credentials = certs.generate(spec.tls_dir, [spec.host], admin_token=spec.admin_token or None)
+            self.on_progress(f"TLS: throwaway CA, certificates and tokens in {spec.tls_dir}")
         try:
             self._spawn("registry", "registry", [
                 "--models-root", str(spec.share), "--database", str(spec.state_dir / "registry.db")])
@@ -130,6 +179,10 @@ class LocalCluster:
             self.stop()
             raise
         (spec.state_dir / "cluster.json").write_text(json.dumps(self.endpoints(), indent=2) + "\n")
+        if self.credentials is not None:
+            env_file = spec.tls_dir / "client.env"
+            env_file.write_text("".join(f"export {k}={v}\n" for k, v in self.client_env().items()))
+            env_file.chmod(0o600)
 
     def stop(self) -> dict[str, int]:
         """SIGTERM to every service, router first (no new work), then executors, storage-cache and registry; each

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 # Read by `hotslot serve` at start: it asks the kernel for SIGTERM when this launcher dies, so a launcher that
 # crashes or is killed leaves no orphan services.
 from hotslot.bootstrap.parent import PARENT_PID_ENV
+from hotslot.bootstrap.security import ClientSecurity, sync_channel
 
 LISTENING = re.compile(r"hotslot (\S+) listening on (\S+):(\d+)")
 METRICS = re.compile(r"hotslot (\S+) metrics on (http://\S+/metrics)")  # logged before LISTENING
@@ -97,8 +98,9 @@ def spawn_service(
     return ServiceProcess(service, proc, log_path, env=full_env)
 
 
-def wait_ready(svc: ServiceProcess, timeout: float = 60) -> ServiceProcess:
-    """Reads the port the service bound from its log and waits until it is SERVING. Raises RuntimeError (with
+def wait_ready(svc: ServiceProcess, timeout: float = 60, security: ClientSecurity | None = None) -> ServiceProcess:
+    """Reads the port the service bound from its log and waits until it is SERVING (asked over TLS with
+    `security`'s CA and client certificate when given: a server with TLS speaks nothing else). Raises RuntimeError (with
     the end of its log) if it exits, TimeoutError if it takes longer than `timeout`; it is killed then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,7 +117,7 @@ def wait_ready(svc: ServiceProcess, timeout: float = 60) -> ServiceProcess:
         svc.stop(signal.SIGKILL)
         raise TimeoutError(f"{svc.name} did not report its port within {timeout}s:\n{svc.log()[-4000:]}")
     try:
-        wait_serving(svc.address, timeout=max(1.0, deadline - time.monotonic()))
+        wait_serving(svc.address, timeout=max(1.0, deadline - time.monotonic()), security=security)
     except TimeoutError:
         svc.stop(signal.SIGKILL)
         raise
@@ -132,15 +134,16 @@ def start_service(
     host: str = "127.0.0.1",
     port: int = 0,
     metrics_port: int = 0,
+    security: ClientSecurity | None = None,
 ) -> ServiceProcess:
     """spawn_service + wait_ready."""
     svc = spawn_service(service, args, log_path=log_path, env=env, host=host, port=port, metrics_port=metrics_port)
-    return wait_ready(svc, timeout)
+    return wait_ready(svc, timeout, security)
 
 
-def wait_serving(address: str, service: str = "", timeout: float = 30) -> None:
+def wait_serving(address: str, service: str = "", timeout: float = 30, security: ClientSecurity | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -33,6 +33,7 @@ from hotslot.errors import (
     Unavailable,
 )
 from hotslot.manifest import validate_model_id
+from hotslot.request_ids import validate_request_id
 
 from .costs import LOAD_TIERS, CostModel, CostSnapshot, work_units
 from .downstream import ModelResolver, ViewProvider
@@ -450,6 +451,7 @@ class ExecutorCore:
         if self._state != "READY":
             raise Unavailable(f"executor {self.executor_id} is {self._state.lower()}; retry on another executor")
         validate_model_id(model_id, "model.model_id")
+        validate_request_id(request_id)
         if revision < 0:
             raise InvalidArgument.field("model.revision", "must be >= 0 (0 means the latest)")
         _check_adapter_refs(adapters, self.max_adapters)

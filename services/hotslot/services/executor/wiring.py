@@ -8,8 +8,8 @@ import torch
 from opentelemetry import trace
 
 from hotslot.bootstrap.metrics import MetricsEndpoint
+from hotslot.bootstrap.security import service_channel
 from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
-from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.executor.v1 import executor_service_pb2 as pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
 from hotslot.loading.preloader import Preloader
@@ -51,11 +51,23 @@ def check_device(device: str) -> None:
         raise SystemExit(f"device {device!r}: use cpu, cuda or cuda:N")
 
 
+def log_libraries_through_root() -> None:
+    """diffusers and transformers install their own stderr handler; through the root logger instead, their records
+    get the service's format, escaping and the filter that keeps prompts out (bootstrap/logging.PromptFilter)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+
+
 def build_core(
     settings: ExecutorSettings, port: int, tracer_provider: trace.TracerProvider | None = None,
     metrics: ExecutorMetrics | None = None,
 ) -> tuple[ExecutorCore, Preloader, list]:
     check_device(settings.device)
+    log_libraries_through_root()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     dtype = resolve_dtype(settings.dtype, settings.device)
@@ -71,8 +83,11 @@ def build_core(
                          convert_here=settings.convert_in_executor,
                          max_pipeline_adapters=settings.max_pipeline_adapters)
 
+    security = settings.client_security()
+
     def channel(address: str):
-        return insecure_channel(address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes)
+        return service_channel(address, security=security, tracer_provider=tracer_provider,
+                               max_message_bytes=settings.max_message_bytes)
 
     registry = RegistryClient(settings.registry_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
     storage = StorageClient(settings.storage_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)

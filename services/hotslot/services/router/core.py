@@ -24,6 +24,7 @@ from hotslot.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from hotslot.request_ids import validate_request_id
 
 from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, ProgressEvent, ResultEvent
 from .membership import ExecutorLink, ExecutorMembership, Slot
@@ -190,6 +191,7 @@ class RouterCore:
     async def _prepare(self, call: GenerateCall, time_remaining_s: float | None) -> tuple[GenerateCall, float | None]:
         if not call.model_id:
             raise InvalidArgument.field("model.model_id", "is required")
+        validate_request_id(call.request_id)
         if not call.request_id:
             # Made here, not left to the executor, so a retried request keeps one id across executors.
             call = replace(call, request_id=uuid.uuid4().hex)

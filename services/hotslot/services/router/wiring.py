@@ -12,9 +12,9 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.metrics import MetricsEndpoint
+from hotslot.bootstrap.security import service_channel
 from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
 from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
-from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.router.v1 import router_service_pb2 as pb
 from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 
@@ -107,9 +107,12 @@ def build(
 ) -> tuple[RouterCore, ExecutorMembership, GrpcModelCatalog | None]:
     """Must run with the event loop running (the executor channels are made as targets are added)."""
 
+    security = settings.client_security()
+
     def channel(address: str):
         # tracer_provider None: the global one run_server installs, looked up when the first call is made.
-        return insecure_channel(address, tracer_provider=None, max_message_bytes=settings.max_message_bytes)
+        return service_channel(address, security=security, tracer_provider=None,
+                               max_message_bytes=settings.max_message_bytes)
 
     membership = ExecutorMembership(
         GrpcExecutorConnector(channel),

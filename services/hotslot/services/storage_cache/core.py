@@ -67,6 +67,11 @@ class ModelResolver(ABC):
     async def resolve(self, model_id: str, revision: int) -> ResolvedModel:
         """The revision (latest when 0). Raises NotFound for an unknown model, Unavailable when unreachable."""
 
+    async def model_naming(self, path: str) -> str | None:
+        """`model_id@revision` of a registered model whose manifest names `path` (relative to the backing root),
+        or None. Raises Unavailable when the registry cannot be asked. Without a registry nothing is registered."""
+        return None
+
 
 @dataclass(frozen=True)
 class ModelTarget:
@@ -218,7 +223,8 @@ class StorageCacheCore:
         self.max_lease_ttl_s = max_lease_ttl_s
         self.progress_buffer = progress_buffer
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
-        self.uploads = WriteThroughUploader(backing, store, fsync=fsync, tracer_provider=tracer_provider)
+        self.uploads = WriteThroughUploader(backing, store, fsync=fsync, tracer_provider=tracer_provider,
+                                            registered=resolver.model_naming)
         # Copies block on disk and network, so they run on threads; the semaphore bounds how many run at once
         # and the pool is sized to match, so a fetch holding a slot always has a thread.
         self._pool = ThreadPoolExecutor(parallel_fetches, thread_name_prefix="storage-fetch")
@@ -439,11 +445,12 @@ class StorageCacheCore:
                 extra={"path": name, "expected_sha256": digest, "actual_sha256": copied.sha256,
                        "expected_bytes": size, "actual_bytes": copied.size},
             )
-        got = attempts[-1]
+        # What was read (its sha256 and size) goes to the log above, never to the client: with an explicit
+        # manifest anyone could otherwise learn the digest and size of any file on the share.
         raise DataLoss(
-            f"backing file {name} does not match its manifest on two reads: expected sha256 {digest} "
-            f"({size} bytes), read {got.sha256} ({got.size} bytes); the file changed after the model was "
-            "registered or the backing store is corrupt: restore it or register the model again"
+            f"backing file {name} does not match its manifest on two reads; the file changed after the model was "
+            "registered or the backing store is corrupt: restore it or register the model again (the service "
+            "log has the details)"
         )
 
     def _copy(self, src: Path, expected_size: int, report: Callable[[int], None]) -> _Copied:

@@ -10,14 +10,14 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from opentelemetry import trace
 
-from hotslot.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
+from hotslot.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from hotslot.manifest import SHA256_PATTERN, validate_relative_path
 
 from .backing import BackingStore, write_all
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 BACKING_TEMP_FORMAT = ".{name}.{token}.tmp"
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _CONFLICT = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY})
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV})
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class PutHeader:
     path: str
     expected_sha256: str = ""
     size_bytes: int = 0
+    overwrite: bool = False
+    """Replace an existing file (never one a registered manifest names); without it an existing file is refused."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,11 @@ class WriteThroughUploader:
         *,
         fsync: bool = True,
         tracer_provider: trace.TracerProvider | None = None,
+        registered: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        # Which registered model (if any) names a path: its files are immutable, a new revision goes to a new path.
+        self._registered = registered
         self.backing = backing
         self.store = store
         self.fsync = fsync
@@ -120,7 +126,8 @@ class WriteThroughUploader:
     async def put(self, header: PutHeader, chunks: AsyncIterable[bytes]) -> PutResult:
         """Writes `chunks` to header.path on the backing store and into the blob store; returns once both are
         durable. Raises InvalidArgument (bad header, size mismatch), DataLoss (sha256 mismatch),
-        FailedPrecondition (the path collides with a directory or file), ResourceExhausted (backing store full)."""
+        FailedPrecondition (the path collides with a directory or file, or a registered model names it),
+        AlreadyExists (the file exists and header.overwrite is not set), ResourceExhausted (backing store full)."""
         rel = _check_header(header)
         with self._tracer.start_as_current_span("storage.put") as span:
             span.set_attribute("hotslot.path", rel)
@@ -128,6 +135,13 @@ class WriteThroughUploader:
                 dest, created = await asyncio.to_thread(self._prepare, rel)
             except OSError as error:
                 raise _backing_error(error, rel) from error
+            try:
+                # Checked before any byte is received, and again when the file is published (another upload
+                # may create it meanwhile).
+                await self._check_replace(header, rel, dest)
+            except BaseException:
+                _remove_dirs(created)
+                raise
             files = _UploadFiles(
                 self.backing,
                 dest.with_name(BACKING_TEMP_FORMAT.format(name=dest.name, token=uuid.uuid4().hex[:12])),
@@ -152,11 +166,13 @@ class WriteThroughUploader:
                         "nothing was written, send the file again"
                     )
                 await asyncio.to_thread(files.finish, self.fsync)
-                await asyncio.to_thread(self._publish, files.backing_temp, dest)
+                await asyncio.to_thread(self._publish, files.backing_temp, dest, header.overwrite)
             except BaseException as error:
                 # Synchronous on purpose: a cancelled upload must not leave its cleanup to a later await.
                 files.discard()
                 _remove_dirs(created)
+                if isinstance(error, FileExistsError) and not header.overwrite:
+                    raise _exists(rel) from None
                 if isinstance(error, OSError):
                     raise _backing_error(error, rel) from error
                 raise
@@ -198,8 +214,36 @@ class WriteThroughUploader:
             raise
         return dest, created
 
-    def _publish(self, temp: Path, dest: Path) -> None:
-        os.replace(temp, dest)
+    async def _check_replace(self, header: PutHeader, rel: str, dest: Path) -> None:
+        exists = await asyncio.to_thread(os.path.lexists, dest)
+        if not exists:
+            return
+        if not header.overwrite:
+            raise _exists(rel)
+        if self._registered is not None:
+            model = await self._registered(rel)
+            if model is not None:
+                raise FailedPrecondition(
+                    f"{rel!r} is a file of registered model {model}, and registered files are immutable: upload "
+                    "the new version to a new path and register it (a new revision), or delete the model first"
+                )
+
+    def _publish(self, temp: Path, dest: Path, overwrite: bool) -> None:
+        if overwrite:
+            os.replace(temp, dest)
+        else:
+            # link() fails if dest exists, so create-only holds even against an upload racing this one.
+            try:
+                os.link(temp, dest)
+            except OSError as error:
+                if error.errno not in _NO_HARD_LINKS:
+                    raise
+                # A filesystem without hard links: checked, then renamed (a racing upload could slip between).
+                if os.path.lexists(dest):
+                    raise FileExistsError(errno.EEXIST, "File exists", str(dest)) from None
+                os.replace(temp, dest)
+            else:
+                os.unlink(temp)
         if self.fsync:
             # The rename itself must survive a crash before the upload is acknowledged.
             _fsync_dir(dest.parent)
@@ -225,6 +269,11 @@ def _check_header(header: PutHeader) -> str:
     if header.size_bytes < 0:
         raise InvalidArgument.field("header.size_bytes", f"must be >= 0, got {header.size_bytes}")
     return rel
+
+
+def _exists(rel: str) -> AlreadyExists:
+    return AlreadyExists(f"{rel!r} exists on the backing store; uploads create files only: set overwrite "
+                         "(`hotslot models upload --overwrite`) to replace it")
 
 
 def _backing_error(error: OSError, rel: str) -> Exception:

@@ -3,6 +3,7 @@ status codes back into hotslot errors so the core stays free of transport types.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import PurePosixPath
 
 import grpc
 import grpc.aio
@@ -60,6 +61,33 @@ class RegistryResolver(ModelResolver):
             raise Unavailable(f"the registry at {self.address} failed to resolve {model_id!r} ({code.name})") from None
         model = reply.model
         return ResolvedModel(model.model_id, model.revision, model.source, manifest_from_proto(model.manifest))
+
+    async def model_naming(self, path: str) -> str | None:
+        """Pages through the registry's models (latest revision of each) for one whose manifest names `path`.
+        Asked only to overwrite an existing file, which is rare; no registry configured: nothing is registered."""
+        if not self.address:
+            return None
+        stub = self._registry()
+        wanted = PurePosixPath(path)
+        page_token = ""
+        while True:
+            try:
+                reply = await stub.ListModels(
+                    registry_pb.ListModelsRequest(page_size=1000, page_token=page_token), timeout=self.timeout_s
+                )
+            except grpc.aio.AioRpcError as error:
+                # Refuse rather than risk replacing a registered file: the caller may retry.
+                raise Unavailable(
+                    f"cannot check with the registry at {self.address} whether a registered model names {path!r} "
+                    f"({error.code().name}); nothing was written, try again"
+                ) from None
+            for model in reply.models:
+                source = PurePosixPath(model.source)
+                if any(source / f.path == wanted for f in model.manifest.files):
+                    return f"{model.model_id}@{model.revision}"
+            page_token = reply.next_page_token
+            if not page_token:
+                return None
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -101,7 +101,8 @@ async def upload_from_proto(requests: AsyncIterator[pb.PutFileRequest]) -> tuple
     first = await anext(messages, None)
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument.field("header", "the first PutFile message must carry the header")
-    header = PutHeader(first.header.path, first.header.expected_sha256, first.header.size_bytes)
+    header = PutHeader(first.header.path, first.header.expected_sha256, first.header.size_bytes,
+                       first.header.overwrite)
 
     async def chunks() -> AsyncIterator[bytes]:
         async for message in messages:

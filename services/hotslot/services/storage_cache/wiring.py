@@ -10,9 +10,9 @@ from pydantic_settings import SettingsConfigDict
 
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.metrics import MetricsEndpoint
+from hotslot.bootstrap.security import service_channel
 from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
 from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
-from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.storage.v1 import storage_cache_service_pb2 as pb
 from hotslot.storage.v1 import storage_cache_service_pb2_grpc as pb_grpc
 
@@ -103,12 +103,14 @@ def build_core(
     """The core and its registry resolver (close both). Without `tracer_provider`, spans go to the global
     provider, which run_server installs before the first call."""
     settings.backing_root.mkdir(parents=True, exist_ok=True)
+    security = settings.client_security()
     store = BlobStore(settings.cache_dir, int(settings.capacity_bytes), hash_chunk_bytes=int(settings.read_chunk_bytes))
     resolver = RegistryResolver(
         settings.registry_address,
         timeout_s=settings.registry_timeout_s,
-        channel_factory=lambda address: insecure_channel(
-            address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes
+        channel_factory=lambda address: service_channel(
+            address, security=security, tracer_provider=tracer_provider,
+            max_message_bytes=settings.max_message_bytes,
         ),
     )
     core = StorageCacheCore(

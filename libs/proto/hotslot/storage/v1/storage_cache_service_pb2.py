@@ -27,15 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hotslot.common.v1 import common_pb2 as hotslot_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.hotslot/storage/v1/storage_cache_service.proto\x12\x12hotslot.storage.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ehotslot/common/v1/common.proto\"]\n\x0eManifestTarget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12-\n\x08manifest\x18\x03 \x01(\x0b\x32\x1b.hotslot.common.v1.Manifest\"\xb0\x01\n\x12\x45nsureModelRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRefH\x00\x12\x36\n\x08manifest\x18\x02 \x01(\x0b\x32\".hotslot.storage.v1.ManifestTargetH\x00\x12*\n\x07pin_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\n\x06target\"o\n\x0b\x45nsuredFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12.\n\x06source\x18\x04 \x01(\x0e\x32\x1e.hotslot.storage.v1.FileSource\"\xa1\x02\n\x13\x45nsureModelResponse\x12\x11\n\tview_path\x18\x01 \x01(\t\x12\x0f\n\x07view_id\x18\x02 \x01(\t\x12*\n\x05model\x18\x03 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12.\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x1f.hotslot.storage.v1.EnsuredFile\x12\x15\n\rbytes_fetched\x18\x05 \x01(\x03\x12*\n\x07\x65lapsed\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08lease_id\x18\x07 \x01(\t\x12\x35\n\x11lease_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x18\x45nsureModelStreamRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.hotslot.storage.v1.EnsureModelRequest\"\xa3\x01\n\x0e\x45nsureProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x03\x12\x12\n\nfiles_done\x18\x03 \x01(\x05\x12\x13\n\x0b\x66iles_total\x18\x04 \x01(\x05\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x17\n\x0f\x66ile_bytes_done\x18\x06 \x01(\x03\x12\x18\n\x10\x66ile_bytes_total\x18\x07 \x01(\x03\"\x97\x01\n\x19\x45nsureModelStreamResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32\".hotslot.storage.v1.EnsureProgressH\x00\x12\x39\n\x06result\x18\x02 \x01(\x0b\x32\'.hotslot.storage.v1.EnsureModelResponseH\x00\x42\x07\n\x05\x65vent\"J\n\rPutFileHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0f\x65xpected_sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"^\n\x0ePutFileRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.hotslot.storage.v1.PutFileHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"C\n\x0fPutFileResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"E\n\nPinRequest\x12\x0f\n\x07view_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"P\n\x0bPinResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"E\n\x12RenewLeaseResponse\x12/\n\x0b\x65xpire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\x0cUnpinRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x0f\n\rUnpinResponse\"\x0f\n\rVerifyRequest\"W\n\x0eVerifyResponse\x12\x15\n\rblobs_checked\x18\x01 \x01(\x03\x12\x15\n\rbytes_checked\x18\x02 \x01(\x03\x12\x17\n\x0f\x64ropped_digests\x18\x03 \x03(\t\"\x11\n\x0fGetUsageRequest\"\xc0\x01\n\x10GetUsageResponse\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x03\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cpinned_bytes\x18\x03 \x01(\x03\x12\x12\n\nblob_count\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x0e\n\x06misses\x18\x06 \x01(\x03\x12\x15\n\rbytes_fetched\x18\x07 \x01(\x03\x12\x11\n\tevictions\x18\x08 \x01(\x03\x12\x0e\n\x06leases\x18\t \x01(\x03*u\n\nFileSource\x12\x1b\n\x17\x46ILE_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46ILE_SOURCE_LOCAL_HIT\x10\x01\x12\x17\n\x13\x46ILE_SOURCE_FETCHED\x10\x02\x12\x16\n\x12\x46ILE_SOURCE_JOINED\x10\x03\x32\xda\x05\n\x13StorageCacheService\x12^\n\x0b\x45nsureModel\x12&.hotslot.storage.v1.EnsureModelRequest\x1a\'.hotslot.storage.v1.EnsureModelResponse\x12r\n\x11\x45nsureModelStream\x12,.hotslot.storage.v1.EnsureModelStreamRequest\x1a-.hotslot.storage.v1.EnsureModelStreamResponse0\x01\x12T\n\x07PutFile\x12\".hotslot.storage.v1.PutFileRequest\x1a#.hotslot.storage.v1.PutFileResponse(\x01\x12\x46\n\x03Pin\x12\x1e.hotslot.storage.v1.PinRequest\x1a\x1f.hotslot.storage.v1.PinResponse\x12[\n\nRenewLease\x12%.hotslot.storage.v1.RenewLeaseRequest\x1a&.hotslot.storage.v1.RenewLeaseResponse\x12L\n\x05Unpin\x12 .hotslot.storage.v1.UnpinRequest\x1a!.hotslot.storage.v1.UnpinResponse\x12O\n\x06Verify\x12!.hotslot.storage.v1.VerifyRequest\x1a\".hotslot.storage.v1.VerifyResponse\x12U\n\x08GetUsage\x12#.hotslot.storage.v1.GetUsageRequest\x1a$.hotslot.storage.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.hotslot/storage/v1/storage_cache_service.proto\x12\x12hotslot.storage.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ehotslot/common/v1/common.proto\"]\n\x0eManifestTarget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12-\n\x08manifest\x18\x03 \x01(\x0b\x32\x1b.hotslot.common.v1.Manifest\"\xb0\x01\n\x12\x45nsureModelRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRefH\x00\x12\x36\n\x08manifest\x18\x02 \x01(\x0b\x32\".hotslot.storage.v1.ManifestTargetH\x00\x12*\n\x07pin_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\n\x06target\"o\n\x0b\x45nsuredFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12.\n\x06source\x18\x04 \x01(\x0e\x32\x1e.hotslot.storage.v1.FileSource\"\xa1\x02\n\x13\x45nsureModelResponse\x12\x11\n\tview_path\x18\x01 \x01(\t\x12\x0f\n\x07view_id\x18\x02 \x01(\t\x12*\n\x05model\x18\x03 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12.\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x1f.hotslot.storage.v1.EnsuredFile\x12\x15\n\rbytes_fetched\x18\x05 \x01(\x03\x12*\n\x07\x65lapsed\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08lease_id\x18\x07 \x01(\t\x12\x35\n\x11lease_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x18\x45nsureModelStreamRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.hotslot.storage.v1.EnsureModelRequest\"\xa3\x01\n\x0e\x45nsureProgress\x12\x12\n\nbytes_done\x18\x01 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x03\x12\x12\n\nfiles_done\x18\x03 \x01(\x05\x12\x13\n\x0b\x66iles_total\x18\x04 \x01(\x05\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x17\n\x0f\x66ile_bytes_done\x18\x06 \x01(\x03\x12\x18\n\x10\x66ile_bytes_total\x18\x07 \x01(\x03\"\x97\x01\n\x19\x45nsureModelStreamResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32\".hotslot.storage.v1.EnsureProgressH\x00\x12\x39\n\x06result\x18\x02 \x01(\x0b\x32\'.hotslot.storage.v1.EnsureModelResponseH\x00\x42\x07\n\x05\x65vent\"]\n\rPutFileHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0f\x65xpected_sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x11\n\toverwrite\x18\x04 \x01(\x08\"^\n\x0ePutFileRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.hotslot.storage.v1.PutFileHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"C\n\x0fPutFileResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"E\n\nPinRequest\x12\x0f\n\x07view_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"P\n\x0bPinResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"E\n\x12RenewLeaseResponse\x12/\n\x0b\x65xpire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\x0cUnpinRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x0f\n\rUnpinResponse\"\x0f\n\rVerifyRequest\"W\n\x0eVerifyResponse\x12\x15\n\rblobs_checked\x18\x01 \x01(\x03\x12\x15\n\rbytes_checked\x18\x02 \x01(\x03\x12\x17\n\x0f\x64ropped_digests\x18\x03 \x03(\t\"\x11\n\x0fGetUsageRequest\"\xc0\x01\n\x10GetUsageResponse\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x03\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cpinned_bytes\x18\x03 \x01(\x03\x12\x12\n\nblob_count\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x0e\n\x06misses\x18\x06 \x01(\x03\x12\x15\n\rbytes_fetched\x18\x07 \x01(\x03\x12\x11\n\tevictions\x18\x08 \x01(\x03\x12\x0e\n\x06leases\x18\t \x01(\x03*u\n\nFileSource\x12\x1b\n\x17\x46ILE_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46ILE_SOURCE_LOCAL_HIT\x10\x01\x12\x17\n\x13\x46ILE_SOURCE_FETCHED\x10\x02\x12\x16\n\x12\x46ILE_SOURCE_JOINED\x10\x03\x32\xda\x05\n\x13StorageCacheService\x12^\n\x0b\x45nsureModel\x12&.hotslot.storage.v1.EnsureModelRequest\x1a\'.hotslot.storage.v1.EnsureModelResponse\x12r\n\x11\x45nsureModelStream\x12,.hotslot.storage.v1.EnsureModelStreamRequest\x1a-.hotslot.storage.v1.EnsureModelStreamResponse0\x01\x12T\n\x07PutFile\x12\".hotslot.storage.v1.PutFileRequest\x1a#.hotslot.storage.v1.PutFileResponse(\x01\x12\x46\n\x03Pin\x12\x1e.hotslot.storage.v1.PinRequest\x1a\x1f.hotslot.storage.v1.PinResponse\x12[\n\nRenewLease\x12%.hotslot.storage.v1.RenewLeaseRequest\x1a&.hotslot.storage.v1.RenewLeaseResponse\x12L\n\x05Unpin\x12 .hotslot.storage.v1.UnpinRequest\x1a!.hotslot.storage.v1.UnpinResponse\x12O\n\x06Verify\x12!.hotslot.storage.v1.VerifyRequest\x1a\".hotslot.storage.v1.VerifyResponse\x12U\n\x08GetUsage\x12#.hotslot.storage.v1.GetUsageRequest\x1a$.hotslot.storage.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hotslot.storage.v1.storage_cache_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILESOURCE']._serialized_start=2166
-  _globals['_FILESOURCE']._serialized_end=2283
+  _globals['_FILESOURCE']._serialized_start=2185
+  _globals['_FILESOURCE']._serialized_end=2302
   _globals['_MANIFESTTARGET']._serialized_start=167
   _globals['_MANIFESTTARGET']._serialized_end=260
   _globals['_ENSUREMODELREQUEST']._serialized_start=263
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENSUREMODELSTREAMRESPONSE']._serialized_start=1098
   _globals['_ENSUREMODELSTREAMRESPONSE']._serialized_end=1249
   _globals['_PUTFILEHEADER']._serialized_start=1251
-  _globals['_PUTFILEHEADER']._serialized_end=1325
-  _globals['_PUTFILEREQUEST']._serialized_start=1327
-  _globals['_PUTFILEREQUEST']._serialized_end=1421
-  _globals['_PUTFILERESPONSE']._serialized_start=1423
-  _globals['_PUTFILERESPONSE']._serialized_end=1490
-  _globals['_PINREQUEST']._serialized_start=1492
-  _globals['_PINREQUEST']._serialized_end=1561
-  _globals['_PINRESPONSE']._serialized_start=1563
-  _globals['_PINRESPONSE']._serialized_end=1643
-  _globals['_RENEWLEASEREQUEST']._serialized_start=1645
-  _globals['_RENEWLEASEREQUEST']._serialized_end=1722
-  _globals['_RENEWLEASERESPONSE']._serialized_start=1724
-  _globals['_RENEWLEASERESPONSE']._serialized_end=1793
-  _globals['_UNPINREQUEST']._serialized_start=1795
-  _globals['_UNPINREQUEST']._serialized_end=1827
-  _globals['_UNPINRESPONSE']._serialized_start=1829
-  _globals['_UNPINRESPONSE']._serialized_end=1844
-  _globals['_VERIFYREQUEST']._serialized_start=1846
-  _globals['_VERIFYREQUEST']._serialized_end=1861
-  _globals['_VERIFYRESPONSE']._serialized_start=1863
-  _globals['_VERIFYRESPONSE']._serialized_end=1950
-  _globals['_GETUSAGEREQUEST']._serialized_start=1952
-  _globals['_GETUSAGEREQUEST']._serialized_end=1969
-  _globals['_GETUSAGERESPONSE']._serialized_start=1972
-  _globals['_GETUSAGERESPONSE']._serialized_end=2164
-  _globals['_STORAGECACHESERVICE']._serialized_start=2286
-  _globals['_STORAGECACHESERVICE']._serialized_end=3016
+  _globals['_PUTFILEHEADER']._serialized_end=1344
+  _globals['_PUTFILEREQUEST']._serialized_start=1346
+  _globals['_PUTFILEREQUEST']._serialized_end=1440
+  _globals['_PUTFILERESPONSE']._serialized_start=1442
+  _globals['_PUTFILERESPONSE']._serialized_end=1509
+  _globals['_PINREQUEST']._serialized_start=1511
+  _globals['_PINREQUEST']._serialized_end=1580
+  _globals['_PINRESPONSE']._serialized_start=1582
+  _globals['_PINRESPONSE']._serialized_end=1662
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1664
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1741
+  _globals['_RENEWLEASERESPONSE']._serialized_start=1743
+  _globals['_RENEWLEASERESPONSE']._serialized_end=1812
+  _globals['_UNPINREQUEST']._serialized_start=1814
+  _globals['_UNPINREQUEST']._serialized_end=1846
+  _globals['_UNPINRESPONSE']._serialized_start=1848
+  _globals['_UNPINRESPONSE']._serialized_end=1863
+  _globals['_VERIFYREQUEST']._serialized_start=1865
+  _globals['_VERIFYREQUEST']._serialized_end=1880
+  _globals['_VERIFYRESPONSE']._serialized_start=1882
+  _globals['_VERIFYRESPONSE']._serialized_end=1969
+  _globals['_GETUSAGEREQUEST']._serialized_start=1971
+  _globals['_GETUSAGEREQUEST']._serialized_end=1988
+  _globals['_GETUSAGERESPONSE']._serialized_start=1991
+  _globals['_GETUSAGERESPONSE']._serialized_end=2183
+  _globals['_STORAGECACHESERVICE']._serialized_start=2305
+  _globals['_STORAGECACHESERVICE']._serialized_end=3035
 # @@protoc_insertion_point(module_scope)

@@ -108,14 +108,16 @@ class EnsureModelStreamResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[EnsureProgress, _Mapping]] = ..., result: _Optional[_Union[EnsureModelResponse, _Mapping]] = ...) -> None: ...
 
 class PutFileHeader(_message.Message):
-    __slots__ = ("path", "expected_sha256", "size_bytes")
+    __slots__ = ("path", "expected_sha256", "size_bytes", "overwrite")
     PATH_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     path: str
     expected_sha256: str
     size_bytes: int
-    def __init__(self, path: _Optional[str] = ..., expected_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    overwrite: bool
+    def __init__(self, path: _Optional[str] = ..., expected_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class PutFileRequest(_message.Message):
     __slots__ = ("header", "chunk")

@@ -108,10 +108,14 @@ class StorageCacheServiceServicer:
     def PutFile(self, request_iterator, context):
         """Writes one file through to the backing store and into the local blob store. The first message carries the
         header, the rest carry chunks. Nothing is visible in either place until the whole file is written, fsynced and
-        renamed; a cancelled or failed upload leaves nothing behind.
+        renamed; a cancelled or failed upload leaves nothing behind. Create-only unless header.overwrite is set, and a
+        file that a registered model's manifest names is never replaced (a new revision goes to a new path). Needs a
+        token of scope admin when the service has tokens.
         Returns INVALID_ARGUMENT for a missing header, a path that is absolute, contains `..` or escapes the root, or a
-        size that disagrees with the bytes sent; DATA_LOSS if the bytes do not match expected_sha256; CANCELLED if the
-        client cancels; FAILED_PRECONDITION if the path is an existing directory or lies under an existing file;
+        size that disagrees with the bytes sent; ALREADY_EXISTS if the file exists and overwrite is not set;
+        FAILED_PRECONDITION if overwrite is set but a registered model names the file, if the path is an existing
+        directory or lies under an existing file; UNAVAILABLE if overwrite is set and the registry cannot be asked;
+        DATA_LOSS if the bytes do not match expected_sha256; CANCELLED if the client cancels;
         RESOURCE_EXHAUSTED if the backing store is full; INTERNAL if the backing store cannot be written otherwise.
         The local copy is skipped (the upload still succeeds) when pinned blobs leave the cache no room for it.
         """
