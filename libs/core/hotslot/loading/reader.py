@@ -18,6 +18,12 @@ handle (CPU) or one CUDA IPC handle per file when the preloader hands the weight
   there are reads in flight.
 
 Nothing is unpickled: the header is JSON and the data section is raw little-endian numbers.
+
+Verified reads (`verify`, on by default): a file that carries the CRC-32C the storage-cache recorded when it cached
+it (`hotslot.checksum`) is checked while it is read: each thread checksums the range it just read (the staging
+chunk before conversion, the pinned chunk before its device copy, or the shared pages `sendfile` filled, populated
+first), and the ranges' values are combined into the file's. A mismatch raises `CorruptRead` naming the file.
+Mapped files are not read by us: `verify_mapped` checksums their pages, which faults them in as `populate` would.
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ from typing import NamedTuple
 import torch
 from torch.multiprocessing import get_sharing_strategy
 
-from hotslot.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from hotslot import checksum
+from hotslot.errors import CorruptRead, DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from hotslot.manifest import PICKLE_SUFFIXES
 
 __all__ = [
@@ -52,6 +59,7 @@ __all__ = [
     "TensorEntry",
     "TensorSpec",
     "keeps_dtypes",
+    "verify_mapped",
     "load_file",
     "map_safetensors",
     "module_predicate",
@@ -176,6 +184,7 @@ class LoadedFile:
     specs: tuple[TensorSpec, ...] = field(repr=False)
     metadata: dict[str, str] = field(default_factory=dict)
     stats: ReadStats = field(default_factory=ReadStats)
+    data_start: int = 0  # where the buffer's bytes start in the file (mapped files: their data section)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return tensor_views(self.buffer, self.specs)
@@ -560,6 +569,28 @@ class _Job:
     shift: int = 0  # direct reads: where the data section starts in the buffer
     pieces: list[_Piece] = field(default_factory=list)
     out_fd: int | None = None  # direct reads into shared memory: the memory file's descriptor (sendfile target)
+    expected_crc: int | None = None  # the checksum recorded on the file: its ranges are checked as they are read
+    crcs: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, crc32c) of the file's bytes read
+
+    def checksum(self, lo: int, hi: int, data) -> None:
+        """Records the checksum of data-section bytes [lo, hi) just read (`data`), when the file is verified."""
+        if self.expected_crc is not None:
+            start = self.header.data_start
+            self.crcs.append((start + lo, start + hi, checksum.crc32c(data)))  # list.append is atomic
+
+    def check(self) -> None:
+        """Raises CorruptRead when the checksums of the ranges read do not join into the recorded one."""
+        if self.expected_crc is None:
+            return
+        size = self.header.data_start + self.header.data_bytes
+        try:
+            crc, end = checksum.join(self.crcs)
+        except ValueError:
+            end = -1
+        if end != size:
+            raise AssertionError(f"{self.path}: the ranges checksummed do not cover the file")
+        if crc != self.expected_crc:
+            raise CorruptRead.of(self.path)
 
 
 class _Task(NamedTuple):
@@ -581,6 +612,7 @@ def read_files(
     read_bytes_per_s: float | None = None,
     buffers: ReadBuffers | None = None,
     shm: str = "memfd",
+    verify: bool = True,
 ) -> list[LoadedFile]:
     """Reads several safetensors files, `concurrency` reads at a time, each into a single buffer on `device`;
     returns them in order. On CPU a file is cut into `chunk_bytes` ranges that different threads read (and
@@ -589,6 +621,8 @@ def read_files(
     conversion runs on several cores. On CUDA each thread reads whole files through its own pinned buffers and
     copy stream. The result is bit-identical whatever the concurrency. `shm`: "memfd" (default; see
     `_allocate_memfd`) or "torch" (`UntypedStorage._new_shared`: /dev/shm, pages reserved and zero-filled).
+    `verify`: check the files that carry a recorded checksum while reading them (module docstring); a mismatch
+    raises CorruptRead (a DataLoss) naming the file.
 
     The other arguments and the errors are those of `read_safetensors`; `keep_fp32` applies to files given as
     plain paths."""
@@ -609,9 +643,11 @@ def read_files(
     try:
         for request in requests:
             jobs.append(_open_job(Path(request.path), request.keep_fp32, device, dtype, chunk_bytes, shared, cap,
-                                  shm))
+                                  shm, verify))
         tasks = _interleave([_tasks(job, device, chunk_bytes) for job in jobs])
         _run(tasks, min(concurrency, max(len(tasks), 1)), buffers, device, chunk_bytes)
+        for job in jobs:
+            job.check()
     finally:
         for job in jobs:
             job.source.f.close()
@@ -634,35 +670,47 @@ def _open_job(
     shared: bool,
     cap: _RateCap,
     shm: str,
+    verify: bool = False,
 ) -> _Job:
     stats = ReadStats(files=1)
     f = _open(path)
     try:
         header = _parse_header(path, f)
-        if hasattr(os, "posix_fadvise"):  # tell the kernel to read ahead aggressively: each stream reads forward
-            os.posix_fadvise(f.fileno(), header.data_start, header.data_bytes, os.POSIX_FADV_SEQUENTIAL)
-        source = _Source(path, f, stats, cap)
-        targets = [_target_dtype(e, dtype, keep_fp32) for e in header.tensors]
-        direct = device.type == "cpu" and all(
-            t == e.dtype and (header.data_start + e.begin) % e.dtype.itemsize == 0
-            for t, e in zip(targets, header.tensors, strict=True)
-        )
-        if direct:
-            # The data section is already the buffer we want: read it in place, at the file's page offset (see
-            # PAGE_BYTES); the views use the file's offsets.
-            size = header.data_bytes + PAGE_BYTES - 1 if header.data_bytes else 0
-            buffer = _allocate(size, device, shared, stats, shm)
-            shift = (header.data_start - buffer.data_ptr()) % PAGE_BYTES if size else 0
-            specs = tuple(TensorSpec(e.name, e.dtype, e.shape, shift + e.begin, e.nbytes) for e in header.tensors)
-            return _Job(path, source, header, buffer, specs, stats, False, shift=shift, out_fd=_shm_fd(buffer))
-        specs, total = _layout(header.tensors, targets)
-        buffer = _allocate(total, device, shared, stats, shm)
-        # staging chunks need not exceed the file: a 100 kB text encoder should not allocate 16 MiB to read it
-        stage = max(min(chunk, header.data_bytes), 1)
-        return _Job(path, source, header, buffer, specs, stats, True, pieces=_pieces(header.tensors, specs, stage))
+        job = _open_source(path, f, header, keep_fp32, device, dtype, chunk, shared, cap, shm, stats)
+        if verify and checksum.available():
+            job.expected_crc = checksum.read_recorded(f.fileno())
+            if job.expected_crc is not None:
+                job.crcs.append((0, header.data_start, checksum.crc32c(os.pread(f.fileno(), header.data_start, 0))))
+        return job
     except BaseException:
         f.close()
         raise
+
+
+def _open_source(path: Path, f, header: SafetensorsHeader, keep_fp32: Callable[[str], bool] | None,
+                 device: torch.device, dtype: torch.dtype | None, chunk: int, shared: bool, cap: _RateCap,
+                 shm: str, stats: ReadStats) -> _Job:
+    if hasattr(os, "posix_fadvise"):  # tell the kernel to read ahead aggressively: each stream reads forward
+        os.posix_fadvise(f.fileno(), header.data_start, header.data_bytes, os.POSIX_FADV_SEQUENTIAL)
+    source = _Source(path, f, stats, cap)
+    targets = [_target_dtype(e, dtype, keep_fp32) for e in header.tensors]
+    direct = device.type == "cpu" and all(
+        t == e.dtype and (header.data_start + e.begin) % e.dtype.itemsize == 0
+        for t, e in zip(targets, header.tensors, strict=True)
+    )
+    if direct:
+        # The data section is already the buffer we want: read it in place, at the file's page offset (see
+        # PAGE_BYTES); the views use the file's offsets.
+        size = header.data_bytes + PAGE_BYTES - 1 if header.data_bytes else 0
+        buffer = _allocate(size, device, shared, stats, shm)
+        shift = (header.data_start - buffer.data_ptr()) % PAGE_BYTES if size else 0
+        specs = tuple(TensorSpec(e.name, e.dtype, e.shape, shift + e.begin, e.nbytes) for e in header.tensors)
+        return _Job(path, source, header, buffer, specs, stats, False, shift=shift, out_fd=_shm_fd(buffer))
+    specs, total = _layout(header.tensors, targets)
+    buffer = _allocate(total, device, shared, stats, shm)
+    # staging chunks need not exceed the file: a 100 kB text encoder should not allocate 16 MiB to read it
+    stage = max(min(chunk, header.data_bytes), 1)
+    return _Job(path, source, header, buffer, specs, stats, True, pieces=_pieces(header.tensors, specs, stage))
 
 
 def _tasks(job: _Job, device: torch.device, chunk: int) -> list[_Task]:
@@ -749,18 +797,26 @@ def _run_task(task: _Task, buffers: ReadBuffers, device: torch.device, chunk: in
                 try:
                     os.lseek(fd, job.shift + task.lo, os.SEEK_SET)
                     job.source.sendfile(fd, data_start + task.lo, task.hi - task.lo)
-                    return
                 except OSError:
                     job.out_fd = None  # a file system without sendfile support: read into the mapping below
-        view = memoryview(job.buffer[job.shift + task.lo : job.shift + task.hi].numpy())
-        job.source.pread_into(view, data_start + task.lo)
+                else:
+                    if job.expected_crc is not None:
+                        # the kernel filled these shared pages; map them here in one call, then checksum them
+                        part = job.buffer[job.shift + task.lo : job.shift + task.hi]
+                        _madvise_populate(part)
+                        job.checksum(task.lo, task.hi, part)
+                    return
+        part = job.buffer[job.shift + task.lo : job.shift + task.hi]
+        job.source.pread_into(memoryview(part.numpy()), data_start + task.lo)
+        job.checksum(task.lo, task.hi, part)
         return
     if device.type == "cuda":
         stage = max(min(chunk, job.header.data_bytes), 1)
-        _read_staged_cuda(job.source, data_start, job.buffer, job.pieces, stage, buffers, device)
+        _read_staged_cuda(job, data_start, job.buffer, job.pieces, stage, buffers, device)
         return
     stage = buffers.cpu(max(min(chunk, job.header.data_bytes), 1))
     job.source.pread_into(memoryview(stage.numpy())[: task.hi - task.lo], data_start + task.lo)
+    job.checksum(task.lo, task.hi, stage[: task.hi - task.lo])
     for p in task.batch:
         _convert_piece(job.buffer, stage, task.lo, p)
 
@@ -848,7 +904,7 @@ def _convert_piece(out: torch.Tensor, stage: torch.Tensor, start: int, p: _Piece
 
 
 def _read_staged_cuda(
-    source: _Source,
+    job: _Job,
     data_start: int,
     out: torch.Tensor,
     pieces: list[_Piece],
@@ -866,7 +922,8 @@ def _read_staged_cuda(
                 events[slot].synchronize()  # the copy out of this pinned buffer two batches ago must be done
             pinned = buffers.pinned(slot, chunk)
             staging = buffers.device(device, slot, chunk)
-            source.pread_into(memoryview(pinned.numpy())[: end - start], data_start + start)
+            job.source.pread_into(memoryview(pinned.numpy())[: end - start], data_start + start)
+            job.checksum(start, end, pinned[: end - start])
             staging[: end - start].copy_(pinned[: end - start], non_blocking=True)
             for p in batch:
                 _convert_piece(out, staging, start, p)
@@ -922,7 +979,7 @@ def map_safetensors(path: str | Path) -> LoadedFile:
             buffer = torch.frombuffer(mapped, dtype=torch.uint8)[header.data_start :]
     specs = tuple(TensorSpec(e.name, e.dtype, e.shape, e.begin, e.nbytes) for e in header.tensors)
     stats.bytes_out = header.data_bytes
-    return LoadedFile(str(path), buffer, specs, header.metadata, stats)
+    return LoadedFile(str(path), buffer, specs, header.metadata, stats, data_start=header.data_start)
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in (reading it from disk if needed) in one call
@@ -963,6 +1020,51 @@ def populate(buffers: Sequence[torch.Tensor], concurrency: int = DEFAULT_READ_CO
     for t in threads:
         t.join()
     return sum(r.numel() for r in ranges)
+
+
+def verify_mapped(files: Sequence[LoadedFile], concurrency: int = DEFAULT_READ_CONCURRENCY) -> int:
+    """Checks mapped files (`map_safetensors`) that carry a recorded checksum against it, `concurrency` ranges at
+    a time: checksumming the mapped pages reads them in, so it also does what `populate` does for them. Raises
+    CorruptRead naming the first file that does not match. Returns the bytes checked."""
+    checked = [(f, expected) for f in files
+               if checksum.available() and (expected := checksum.read_recorded(f.path)) is not None]
+    jobs = []  # (file index, start, end, bytes)
+    for i, (f, _) in enumerate(checked):
+        data_start = f.data_start
+        with open(f.path, "rb", buffering=0) as raw:
+            jobs.append((i, 0, data_start, raw.read(data_start)))
+        n = f.buffer.numel()
+        jobs += [(i, data_start + lo, data_start + min(lo + _POPULATE_RANGE_BYTES, n),
+                  f.buffer[lo : lo + _POPULATE_RANGE_BYTES]) for lo in range(0, n, _POPULATE_RANGE_BYTES)]
+    if not jobs:
+        return 0
+    ranges: list[list[tuple[int, int, int]]] = [[] for _ in checked]
+    queue = iter(jobs)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                job = next(queue, None)
+            if job is None:
+                return
+            i, start, end, data = job
+            if isinstance(data, torch.Tensor):
+                _madvise_populate(data)
+            ranges[i].append((start, end, checksum.crc32c(data)))
+
+    threads = [threading.Thread(target=work, name=f"hotslot-verify-{i}", daemon=True)
+               for i in range(1, min(concurrency, len(jobs)))]
+    for t in threads:
+        t.start()
+    work()
+    for t in threads:
+        t.join()
+    for (f, expected), parts in zip(checked, ranges, strict=True):
+        crc, _end = checksum.join(parts)
+        if crc != expected:
+            raise CorruptRead.of(f.path)
+    return sum(end - start for _, start, end, _ in jobs)
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from hotslot.loading.reader import (
     module_predicate,
     populate,
     read_header,
+    verify_mapped,
 )
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, resolve_class
 
@@ -87,6 +88,7 @@ class ModelLoader:
         convert_here: bool = False,
         skeletons: SkeletonCache | None = None,
         max_pipeline_adapters: int = 8,
+        verify_reads: bool = True,
     ) -> None:
         self.preloader = preloader
         self.device = device
@@ -98,6 +100,7 @@ class ModelLoader:
         self.skeletons = skeletons or SkeletonCache()
         self.is_cuda = torch.device(device).type == "cuda"
         self.max_pipeline_adapters = max_pipeline_adapters
+        self.verify_reads = verify_reads
 
     def warmup(self) -> float:
         """Imports diffusers/transformers and the classes of a Stable Diffusion pipeline once, at start, so the
@@ -127,7 +130,7 @@ class ModelLoader:
         weights = read_weights(self.preloader, layout, key, self.device, self.dtype, chunk_bytes=self.chunk_bytes,
                                read_concurrency=self.read_concurrency, map_files=self.map_files,
                                convert_here=self.convert_here, timeout_s=timeout_s,
-                               meanwhile=lambda: self.prefetch(layout))
+                               meanwhile=lambda: self.prefetch(layout), verify=self.verify_reads)
         if self.is_cuda:
             # IPC memory belongs to the child and dies with it: own a copy so a preloader crash cannot take the
             # weights of held models with it. This runs beside inference, never on the request path.
@@ -160,6 +163,8 @@ class ModelLoader:
         path = Path(view_path) / name
         if self.map_files and keeps_dtypes(read_header(path), self.dtype, module_predicate(())):
             mapped = map_safetensors(path)
+            if self.verify_reads:
+                verify_mapped([mapped], 1)
             weights = LoadedWeights(f"here-{uuid.uuid4().hex}", key, self.device, self.dtype, {}, [],
                                     LoadTimings(files=1, reader="executor")).with_files(
                 [(ADAPTER_COMPONENT, str(path), mapped.buffer, mapped.specs)])

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotslot import checksum
 from hotslot.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from hotslot.manifest import DEFAULT_HASH_CHUNK_BYTES, SHA256_PATTERN, sha256_file
 
@@ -442,20 +443,51 @@ class BlobStore:
         checked = checked_bytes = 0
         dropped: list[str] = []
         for digest, size in snapshot:
-            try:
-                actual, actual_size = sha256_file(self.blob_path(digest), self.hash_chunk_bytes)
-            except FileNotFoundError:
-                actual, actual_size = "", 0
+            good, actual_size = self._check_one(digest, size)
             checked += 1
             checked_bytes += actual_size
-            if actual == digest and actual_size == size:
-                continue
-            with self._lock:
-                if digest in self._blobs:
-                    self._drop_locked(digest)
-                    dropped.append(digest)
-                    log.warning("dropped corrupt blob", extra={"digest": digest, "actual_sha256": actual})
+            if not good:
+                dropped.append(digest)
         return VerifyReport(checked, checked_bytes, tuple(dropped))
+
+    def check_blob(self, digest: str) -> bool:
+        """Re-hashes one blob that a reader found changed (its read checksum did not match) and drops it, with
+        the views linking it, when its sha256 no longer matches; a blob that still matches gets its read checksum
+        recorded anew (then the recorded value was what was wrong). Returns whether it was dropped. Raises
+        NotFound for a blob the store does not hold (dropped or evicted already)."""
+        with self._lock:
+            size = self._blobs.get(digest)
+        if size is None:
+            raise NotFound(f"blob {digest} is not in the cache (dropped or evicted already)")
+        good, _ = self._check_one(digest, size)
+        if good:
+            path = self.blob_path(digest)
+            with open(path, "rb") as f:
+                value = 0
+                while chunk := f.read(self.hash_chunk_bytes):
+                    value = checksum.crc32c(chunk, value)
+            try:  # a read-only file takes no user xattr from its non-root owner: allow it for the moment
+                os.chmod(path, BLOB_MODE | 0o200)
+                checksum.record(path, value)
+            finally:
+                os.chmod(path, BLOB_MODE)
+            log.warning("a reader reported a blob corrupt, but its sha256 matches: recorded its checksum anew",
+                        extra={"digest": digest})
+        return not good
+
+    def _check_one(self, digest: str, size: int) -> tuple[bool, int]:
+        """(whether the blob matches its name and size, its size on disk); drops it when it does not."""
+        try:
+            actual, actual_size = sha256_file(self.blob_path(digest), self.hash_chunk_bytes)
+        except FileNotFoundError:
+            actual, actual_size = "", 0
+        if actual == digest and actual_size == size:
+            return True, actual_size
+        with self._lock:
+            if digest in self._blobs:
+                self._drop_locked(digest)
+                log.warning("dropped corrupt blob", extra={"digest": digest, "actual_sha256": actual})
+        return False, actual_size
 
 
 def _remove_path(path: Path) -> None:

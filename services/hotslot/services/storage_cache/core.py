@@ -17,6 +17,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
+from hotslot import checksum
 from hotslot.errors import (
     DataLoss,
     FailedPrecondition,
@@ -454,6 +455,8 @@ class StorageCacheCore:
                     # never reached the disk. It runs while the last chunks are still being hashed.
                     os.fsync(out.fileno())
                 sha256 = copier.hexdigest()
+                if not checksum.record(out.fileno(), copier.crc32c()):
+                    _warn_no_checksums(self.store.root)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -506,6 +509,16 @@ class StorageCacheCore:
         )
         return report
 
+    async def report_corrupt(self, sha256: str, path: str = "") -> bool:
+        """A reader found blob `sha256` changed (blobstore.check_blob). Returns whether it was dropped."""
+        if not SHA256_PATTERN.fullmatch(sha256):
+            raise InvalidArgument.field("sha256", f"{sha256!r} is not 64 lower-case hex characters")
+        if len(path) > 4096:
+            raise InvalidArgument.field("path", f"is {len(path)} characters long; at most 4096")
+        dropped = await asyncio.get_running_loop().run_in_executor(self._pool, self.store.check_blob, sha256)
+        log.warning("a reader reported a corrupt blob", extra={"digest": sha256, "path": path, "dropped": dropped})
+        return dropped
+
     def usage(self) -> Usage:
         return Usage(self.store.usage(), self.hits, self.misses, self.bytes_fetched)
 
@@ -515,6 +528,13 @@ class StorageCacheCore:
             task.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@functools.cache
+def _warn_no_checksums(root: Path) -> None:
+    """Once per store: its filesystem keeps no user xattrs, so executors read its blobs unchecked."""
+    log.warning("the cache directory %s keeps no extended attributes: blobs get no read checksum, and executors "
+                "read them unverified (use ext4, xfs or a tmpfs on Linux 6.6+)", root)
 
 
 def _validate_files(entries: Sequence[FileEntry]) -> tuple[FileEntry, ...]:

@@ -76,6 +76,11 @@ class StorageCacheServiceStub:
                 request_serializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ReportCorrupt = channel.unary_unary(
+                '/hotslot.storage.v1.StorageCacheService/ReportCorrupt',
+                request_serializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptRequest.SerializeToString,
+                response_deserializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptResponse.FromString,
+                _registered_method=True)
 
 
 class StorageCacheServiceServicer:
@@ -161,6 +166,18 @@ class StorageCacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportCorrupt(self, request, context):
+        """Tells the cache that a reader found a blob changed on disk: the bytes it read did not match the CRC-32C
+        recorded on the blob when it was cached (the `user.hotslot.crc32c` extended attribute). The blob is re-hashed
+        and, when its sha256 no longer matches, dropped with every view linking it, so the next EnsureModel fetches
+        it again from the backing store. A blob that still matches stays, with its read checksum recorded anew.
+        Returns INVALID_ARGUMENT for a malformed sha256; NOT_FOUND if the cache does not hold the blob (dropped or
+        evicted already).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageCacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +220,11 @@ def add_StorageCacheServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageRequest.FromString,
                     response_serializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ReportCorrupt': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCorrupt,
+                    request_deserializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptRequest.FromString,
+                    response_serializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -423,6 +445,33 @@ class StorageCacheService:
             '/hotslot.storage.v1.StorageCacheService/GetUsage',
             hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageRequest.SerializeToString,
             hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCorrupt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotslot.storage.v1.StorageCacheService/ReportCorrupt',
+            hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptRequest.SerializeToString,
+            hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptResponse.FromString,
             options,
             channel_credentials,
             insecure,
