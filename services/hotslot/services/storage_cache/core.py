@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import functools
 import logging
 import os
@@ -258,9 +259,12 @@ class StorageCacheCore:
                     await asyncio.to_thread(self.backing.resolve_dir, plan.source, f"{plan.field_prefix}.source")
                     self._check_fits(plan)
                     sources, fetched = await self._ensure_blobs(plan, tracker)
-                    view_path = await asyncio.to_thread(
-                        self.store.build_view, plan.view_id, [(f.path, f.sha256) for f in plan.files]
-                    )
+                    try:
+                        view_path = await asyncio.to_thread(
+                            self.store.build_view, plan.view_id, [(f.path, f.sha256) for f in plan.files]
+                        )
+                    except OSError as error:
+                        raise self._disk_error(error, 0, f"the view of {plan.view_id[:12]}") from error
                 lease = self.store.pin(plan.view_id, ttl) if ttl is not None else None
             files = tuple(EnsuredFile(f.path, f.sha256, f.size_bytes, sources[f.sha256]) for f in plan.files)
             hits = sum(1 for f in files if f.source is FileSource.LOCAL_HIT)
@@ -457,10 +461,29 @@ class StorageCacheCore:
                 sha256 = copier.hexdigest()
                 if not checksum.record(out.fileno(), copier.crc32c()):
                     _warn_no_checksums(self.store.root)
-        except BaseException:
+        except BaseException as error:
             temp.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise self._disk_error(error, expected_size, str(src)) from error
             raise
         return _Copied(temp, sha256, total, copier.method)
+
+    def _disk_error(self, error: OSError, needed: int, what: str) -> Exception:
+        """ENOSPC / EDQUOT on the cache disk as RESOURCE_EXHAUSTED saying which disk and how much was needed (the
+        temp file is gone already; reads of cached models go on); any other OSError as it is."""
+        if error.errno not in _DISK_FULL:
+            return error
+        try:
+            st = os.statvfs(self.store.root)
+            free = format_bytes(st.f_bavail * st.f_frsize)
+        except OSError:
+            free = "unknown"
+        need = f"{format_bytes(needed)} needed" if needed else "room for a few links needed"
+        log.warning("cache disk full", extra={"path": str(self.store.root), "needed_bytes": needed, "for": what})
+        return ResourceExhausted(
+            f"the cache disk holding {self.store.root} is full ({error.strerror}) while caching {what}: {need}, "
+            f"{free} free; free space there or set capacity_bytes below the disk's free space so eviction makes room"
+        )
 
     # -- uploads -----------------------------------------------------------------------------------------
     async def put(self, header: PutHeader, chunks: AsyncIterable[bytes]) -> PutResult:
@@ -528,6 +551,9 @@ class StorageCacheCore:
             task.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 @functools.cache
