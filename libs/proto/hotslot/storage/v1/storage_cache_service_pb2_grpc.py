@@ -94,7 +94,8 @@ class StorageCacheServiceServicer:
         Returns INVALID_ARGUMENT for an empty target, a manifest path that escapes the view, or a bad sha256;
         NOT_FOUND if the model is unknown to the registry or a file is missing from the backing store;
         DATA_LOSS if a backing file does not match its sha256 twice in a row (the message names the file);
-        RESOURCE_EXHAUSTED if the model does not fit in the cache capacity next to pinned blobs;
+        RESOURCE_EXHAUSTED if the model does not fit in the cache capacity next to pinned blobs, or the cache disk
+        fills up (the message names the disk and the bytes needed; nothing half-written is left);
         UNAVAILABLE if the registry cannot be reached; FAILED_PRECONDITION for a model reference when no registry is
         configured.
         """
