@@ -1,123 +1,131 @@
 """The fast checksum that lets a reader notice a corrupted cached file while it reads it (no second pass).
 
-The storage-cache computes a CRC-32C (Castagnoli) of every blob beside its sha256 when it fills it, and records it
-on the blob's inode as the extended attribute `user.hotslot.crc32c` (8 lower-case hex digits). A view's files are
-hard links to the blobs (or symlinks where hard links are impossible), so whoever opens a view file finds the
-checksum on it, with no index to consult and nothing to pass along. A file without the attribute (a filesystem
-without user xattrs, a blob cached before checksums existed) is read unchecked.
+The storage-cache computes it for every blob beside the sha256 when it fills it, and records it on the blob's
+inode as the extended attribute `user.hotslot.xxh3` (`<block bytes>:<16 hex digits>`). A view's files are hard
+links to the blobs (or symlinks where hard links are impossible), so whoever opens a view file finds the checksum
+on it, with no index to consult and nothing to pass along. A file without the attribute (a filesystem without
+user xattrs, a blob cached before checksums existed) is read unchecked.
 
-Why CRC-32C: hardware instructions (SSE 4.2, ARMv8 CRC) make it several GB/s per core (bench/bench_verify.py
-measures it beside xxh3 and zlib's crc32), and CRCs combine: the reader checksums each range it reads, on
-whichever thread reads it and in whatever order, and `combine` joins the ranges' values into the file's.
-A sha256 would cost ~0.6 s of CPU per GB, as much as the read.
+The checksum: the file is cut into BLOCK_BYTES blocks at offsets 0, B, 2B, ...; each block gets its XXH3-64, and
+the checksum is the XXH3-64 of those digests (8 bytes little-endian each, in order). Blocks let the reader's
+threads hash whichever ranges they read, in any order, and a block split between two reads is simply read
+again. Why XXH3: bench/bench_verify.py measured it at ~6x hardware CRC-32C (google-crc32c) and ~30x zlib's
+crc32 per core; a sha256 would cost ~0.6 s of CPU per GB, as much as the read. xxhash releases the GIL.
 """
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import numpy as np
 
 try:
-    import google_crc32c
-
-    _FAST = google_crc32c.implementation == "c"
+    import xxhash
 except ImportError:  # pragma: no cover - a declared dependency
-    google_crc32c = None
-    _FAST = False
+    xxhash = None
 
-__all__ = ["XATTR", "available", "combine", "crc32c", "read_recorded", "record"]
+__all__ = ["BLOCK_BYTES", "XATTR", "BlockHasher", "available", "block_digest", "blocks", "read_recorded", "record",
+           "root"]
 
-XATTR = "user.hotslot.crc32c"
-# CRC-32C's polynomial 0x1EDC6F41 in the reflected (bit-reversed) form the computation uses
-_POLY = 0x82F63B78
+XATTR = "user.hotslot.xxh3"
+BLOCK_BYTES = 1024 * 1024
 
 
 def available() -> bool:
-    """Whether the hardware-backed implementation is installed (the pure-Python fallback is far too slow)."""
-    return _FAST
+    return xxhash is not None
 
 
-def crc32c(data, value: int = 0) -> int:
-    """The CRC-32C of `data` (bytes, a memoryview, a numpy array or a CPU torch tensor), continuing `value`.
-    Releases the GIL for inputs of 1 MB or more, so reading threads checksum in parallel."""
-    if hasattr(data, "numpy"):  # a torch tensor: its bytes, without a copy
-        data = data.numpy()
-    # The C extension takes buffers that need no release (bytes, numpy arrays), not memoryviews or bytearrays.
-    arr = data if isinstance(data, (bytes, np.ndarray)) else np.frombuffer(data, dtype=np.uint8)
-    if isinstance(arr, np.ndarray) and arr.dtype != np.uint8:
-        arr = arr.view(np.uint8)
-    return google_crc32c.extend(value, arr)
+def _bytes(data):
+    """A buffer xxhash takes without a copy (torch tensors through numpy)."""
+    return data.numpy() if hasattr(data, "numpy") else data
 
 
-def _multiply(a: int, b: int) -> int:
-    """a * b modulo the polynomial, both in the reflected representation (bit 31 is x^0)."""
-    product = 0
-    mask = 1 << 31
-    while a:
-        if a & mask:
-            product ^= b
-            a ^= mask
-        mask >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-    return product
+def block_digest(*parts) -> int:
+    """XXH3-64 of the parts' bytes, one after the other (one block, possibly split across buffers)."""
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(_bytes(part))
+    return h.intdigest()
 
 
-@functools.cache
-def _power_of_two_shift(k: int) -> int:
-    """x^(2^k) modulo the polynomial: x^1 for k=0, then squared."""
-    if k == 0:
-        return 1 << 30  # x^1
-    half = _power_of_two_shift(k - 1)
-    return _multiply(half, half)
+def blocks(size: int) -> int:
+    """How many blocks a file of `size` bytes has (an empty file has one, empty block)."""
+    return max(-(-size // BLOCK_BYTES), 1)
 
 
-def _shift(nbytes: int) -> int:
-    """x^(8 * nbytes) modulo the polynomial."""
-    result = 1 << 31  # x^0
-    bits = nbytes * 8
-    k = 0
-    while bits:
-        if bits & 1:
-            result = _multiply(_power_of_two_shift(k), result)
-        bits >>= 1
-        k += 1
-    return result
+def root(digests: Mapping[int, int] | list[int], size: int) -> int | None:
+    """The file's checksum from its block digests; None when a block of the `size`-byte file is missing."""
+    n = blocks(size)
+    if isinstance(digests, Mapping):
+        if len(digests) != n or any(k not in digests for k in range(n)):
+            return None
+        digests = [digests[k] for k in range(n)]
+    elif len(digests) != n:
+        return None
+    return xxhash.xxh3_64_intdigest(np.asarray(digests, dtype="<u8").tobytes())
 
 
-def combine(first: int, second: int, second_bytes: int) -> int:
-    """The CRC-32C of A + B from crc32c(A), crc32c(B) and len(B)."""
-    return _multiply(_shift(second_bytes), first) ^ second
+class BlockHasher:
+    """The checksum of bytes fed in order (a fill, an upload, one reading thread): `update`, then `value()`."""
 
+    def __init__(self) -> None:
+        self.digests: list[int] = []
+        self.size = 0
+        self._block = xxhash.xxh3_64() if xxhash is not None else None
+        self._filled = 0
 
-def join(ranges: Iterable[tuple[int, int, int]]) -> tuple[int, int]:
-    """(crc, end) of the ranges (start, end, crc) joined in order; ValueError if they leave a gap or overlap."""
-    crc, position = 0, 0
-    for start, end, value in sorted(ranges):
-        if start != position:
-            raise ValueError(f"ranges leave a gap or overlap at byte {position}")
-        crc = combine(crc, value, end - start)
-        position = end
-    return crc, position
+    def update(self, data) -> None:
+        view = memoryview(_bytes(data)).cast("B")
+        pos = 0
+        while pos < len(view):
+            take = min(BLOCK_BYTES - self._filled, len(view) - pos)
+            self._block.update(view[pos : pos + take])
+            self._filled += take
+            pos += take
+            if self._filled == BLOCK_BYTES:
+                self.digests.append(self._block.intdigest())
+                self._block.reset()
+                self._filled = 0
+        self.size += len(view)
+
+    def value(self) -> int:
+        digests = list(self.digests)
+        if self._filled or not digests:
+            digests.append(self._block.intdigest())
+        return root(digests, self.size)
 
 
 def record(fd_or_path: int | str | os.PathLike, value: int) -> bool:
     """Records `value` on the file as its checksum; False where the filesystem keeps no user xattrs."""
     try:
-        os.setxattr(fd_or_path, XATTR, f"{value:08x}".encode())
+        os.setxattr(fd_or_path, XATTR, f"{BLOCK_BYTES}:{value:016x}".encode())
     except OSError:
         return False
     return True
 
 
 def read_recorded(fd_or_path: int | str | os.PathLike) -> int | None:
-    """The checksum recorded on the file, or None when it has none (or an unreadable one)."""
+    """The checksum recorded on the file, or None when it has none (or one of another block size)."""
     try:
         raw = os.getxattr(fd_or_path, XATTR)
     except OSError:
         return None
     try:
-        return int(raw.decode("ascii"), 16)
+        block, value = raw.decode("ascii").split(":")
+        return int(value, 16) if int(block) == BLOCK_BYTES else None
     except (UnicodeDecodeError, ValueError):
         return None
+
+
+def of_file(fd: int, size: int | None = None, chunk_bytes: int = 16 * BLOCK_BYTES) -> int:
+    """The checksum of an open file, read from the start (storage-cache re-records, tests, benchmarks)."""
+    hasher = BlockHasher()
+    size = os.fstat(fd).st_size if size is None else size
+    pos = 0
+    while pos < size:
+        data = os.pread(fd, min(chunk_bytes, size - pos), pos)
+        if not data:
+            break
+        hasher.update(data)
+        pos += len(data)
+    return hasher.value()

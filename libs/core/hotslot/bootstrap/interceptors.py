@@ -155,6 +155,45 @@ def refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcM
     return handler._replace(request_deserializer=deserialize, **{kind: checked_stream})
 
 
+class _SerializingContext:
+    """The servicer context as a reader/writer-style handler sees it: `write` serializes here, so a response that
+    cannot be serialized fails inside the handler (INTERNAL with a request id), not in gRPC (UNKNOWN)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, serializer: Callable[[Any], bytes]) -> None:
+        self._context = context
+        self._serializer = serializer
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(self._serializer(message))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def serializing_inside(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with its responses serialized inside it (gRPC then sends the bytes as they are): a response
+    gRPC cannot serialize (a servicer returning the wrong type) would otherwise end the call UNKNOWN with an
+    ERROR traceback, outside any interceptor."""
+    serializer = handler.response_serializer
+    if serializer is None:
+        return handler
+    if handler.unary_unary is not None or handler.stream_unary is not None:
+        kind = "unary_unary" if handler.unary_unary is not None else "stream_unary"
+        behavior = getattr(handler, kind)
+
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+            return serializer(await _call_unary_response(behavior, request, context))
+
+        return handler._replace(response_serializer=None, **{kind: unary_response})
+    kind = "unary_stream" if handler.unary_stream is not None else "stream_stream"
+    behavior = getattr(handler, kind)
+
+    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await _call_stream_response(behavior, request, _SerializingContext(context, serializer))
+
+    return handler._replace(response_serializer=None, **{kind: stream_response})
+
+
 _STATUS_BY_ERROR: dict[type[errors.HotslotError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -278,7 +317,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 span.set_attribute("hotslot.request_id", request_id)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
-        return wrap_handler(refusing_malformed(handler, method), mapping_errors)
+        return wrap_handler(serializing_inside(refusing_malformed(handler, method)), mapping_errors)
 
 
 def _chosen_status(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:

@@ -122,7 +122,7 @@ class ExecutorSettings(ServiceSettings):
     )
     verify_reads: bool = Field(
         True,
-        description="Check each cached weight file against the CRC-32C the storage-cache recorded when it cached it, "
+        description="Check each cached weight file against the checksum (XXH3) the storage-cache recorded when it cached it, "
         "while reading it. A mismatch is reported to the storage-cache (which drops the blob) and the load is "
         "retried once from the backing store, then fails with DATA_LOSS naming the file. Turn off only on a node "
         "that trusts its disk.",

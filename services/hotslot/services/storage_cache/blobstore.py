@@ -462,10 +462,8 @@ class BlobStore:
         good, _ = self._check_one(digest, size)
         if good:
             path = self.blob_path(digest)
-            with open(path, "rb") as f:
-                value = 0
-                while chunk := f.read(self.hash_chunk_bytes):
-                    value = checksum.crc32c(chunk, value)
+            with open(path, "rb", buffering=0) as f:
+                value = checksum.of_file(f.fileno(), chunk_bytes=self.hash_chunk_bytes)
             try:  # a read-only file takes no user xattr from its non-root owner: allow it for the moment
                 os.chmod(path, BLOB_MODE | 0o200)
                 checksum.record(path, value)

@@ -459,7 +459,7 @@ class StorageCacheCore:
                     # never reached the disk. It runs while the last chunks are still being hashed.
                     os.fsync(out.fileno())
                 sha256 = copier.hexdigest()
-                if not checksum.record(out.fileno(), copier.crc32c()):
+                if not checksum.record(out.fileno(), copier.read_checksum()):
                     _warn_no_checksums(self.store.root)
         except BaseException as error:
             temp.unlink(missing_ok=True)

@@ -90,7 +90,7 @@ class HashingCopy:
         self.start_writeback = start_writeback and _SYNC_FILE_RANGE is not None
         self.method = CopyMethod.READ_WRITE
         self._digest = hashlib.sha256()
-        self._crc32c = 0  # beside the sha256, for readers to check while they read (hotslot.checksum)
+        self._blocks = checksum.BlockHasher()  # beside the sha256: what readers check while they read
         self._buffers = [bytearray(chunk_bytes) for _ in range(COPY_BUFFERS)]
         self._pending: list[Future[None] | None] = [None] * COPY_BUFFERS
         self._slot = 0
@@ -145,14 +145,14 @@ class HashingCopy:
                 future.result()
         return self._digest.hexdigest()
 
-    def crc32c(self) -> int:
-        """The CRC-32C of every byte copied, once the hashing thread has caught up."""
+    def read_checksum(self) -> int:
+        """The read checksum (hotslot.checksum) of every byte copied, once the hashing thread has caught up."""
         self.hexdigest()
-        return self._crc32c
+        return self._blocks.value()
 
     def _update(self, data: memoryview) -> None:
         self._digest.update(data)
-        self._crc32c = checksum.crc32c(data, self._crc32c)
+        self._blocks.update(data)
 
     def _free_buffer(self) -> memoryview:
         """The next buffer of the ring, once the hashing thread is done with what it held."""

@@ -61,7 +61,7 @@ class _UploadFiles:
         self.backing_file: BinaryIO | None = None
         self.blob_file: BinaryIO | None = None
         self.digest = hashlib.sha256()
-        self.crc32c = 0  # recorded on the local copy: readers check it while they read (hotslot.checksum)
+        self.blocks = checksum.BlockHasher()  # recorded on the local copy: readers check it while they read
         self.size = 0
         self.discarded = False
 
@@ -77,7 +77,7 @@ class _UploadFiles:
             if self.discarded or self.backing_file is None or self.blob_file is None:
                 return
             self.digest.update(chunk)
-            self.crc32c = checksum.crc32c(chunk, self.crc32c)
+            self.blocks.update(chunk)
             write_all(self.backing_file, chunk)
             write_all(self.blob_file, chunk)
             self.size += len(chunk)
@@ -85,7 +85,7 @@ class _UploadFiles:
     def finish(self, fsync: bool) -> None:
         with self.lock:
             assert self.blob_file is not None
-            checksum.record(self.blob_file.fileno(), self.crc32c)
+            checksum.record(self.blob_file.fileno(), self.blocks.value())
             for f in (self.backing_file, self.blob_file):
                 assert f is not None
                 if fsync:

@@ -168,8 +168,9 @@ class StorageCacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportCorrupt(self, request, context):
-        """Tells the cache that a reader found a blob changed on disk: the bytes it read did not match the CRC-32C
-        recorded on the blob when it was cached (the `user.hotslot.crc32c` extended attribute). The blob is re-hashed
+        """Tells the cache that a reader found a blob changed on disk: the bytes it read did not match the read checksum
+        recorded on the blob when it was cached (the `user.hotslot.xxh3` extended attribute: XXH3-64 over the XXH3-64
+        digests of the blob's 1 MiB blocks, written `<block bytes>:<16 hex digits>`). The blob is re-hashed
         and, when its sha256 no longer matches, dropped with every view linking it, so the next EnsureModel fetches
         it again from the backing store. A blob that still matches stays, with its read checksum recorded anew.
         Returns INVALID_ARGUMENT for a malformed sha256; NOT_FOUND if the cache does not hold the blob (dropped or
