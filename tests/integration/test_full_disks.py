@@ -121,3 +121,49 @@ def test_a_full_registry_disk_answers_resource_exhausted_and_keeps_answering_rea
         finally:
             svc.stop()
         assert "Traceback" not in svc.log()
+
+
+def _put(stub, path: str, data: bytes):
+    def parts():
+        yield spb.PutFileRequest(header=spb.PutFileHeader(path=path, size_bytes=len(data)))
+        for lo in range(0, len(data), 256 * 1024):
+            yield spb.PutFileRequest(chunk=data[lo : lo + 256 * 1024])
+
+    return stub.PutFile(parts(), timeout=60)
+
+
+def test_put_file_to_a_full_cache_disk_writes_through_without_a_local_copy(tmp_path: Path, share: Path) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB
+    with tmpfs(tmp_path / "cache", 512 * 1024) as cache:
+        svc = start_service("storage-cache", ["--backing-root", str(share), "--cache-dir", str(cache)],
+                            log_path=tmp_path / "storage-cache.log")
+        try:
+            with grpc.insecure_channel(svc.address) as channel:
+                stub = sgrpc.StorageCacheServiceStub(channel)
+                reply = _put(stub, "uploads/big.bin", data)
+                assert reply.size_bytes == len(data)
+                assert (share / "uploads" / "big.bin").read_bytes() == data
+                assert stub.GetUsage(spb.GetUsageRequest(), timeout=30).blob_count == 0
+                assert not any((cache / "tmp").iterdir())
+        finally:
+            svc.stop()
+        assert "cache disk full" in svc.log() and "Traceback" not in svc.log()
+
+
+def test_put_file_to_a_full_backing_disk_answers_resource_exhausted_naming_it(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB
+    with tmpfs(tmp_path / "backing", 1024 * 1024) as backing:
+        svc = start_service("storage-cache", ["--backing-root", str(backing), "--cache-dir", str(tmp_path / "cache")],
+                            log_path=tmp_path / "storage-cache.log")
+        try:
+            with grpc.insecure_channel(svc.address) as channel:
+                stub = sgrpc.StorageCacheServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as caught:
+                    _put(stub, "uploads/big.bin", data)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+                assert str(backing) in caught.value.details() and f"{len(data)} bytes needed" in caught.value.details()
+                assert not [p for p in backing.rglob("*") if p.is_file()]  # no partial file left
+                assert not any((tmp_path / "cache" / "tmp").iterdir())
+                assert _put(stub, "uploads/small.bin", b"fits").size_bytes == 4  # still serving
+        finally:
+            svc.stop()

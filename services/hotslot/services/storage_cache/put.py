@@ -74,20 +74,41 @@ class _UploadFiles:
 
     def write(self, chunk: bytes) -> None:
         with self.lock:
-            if self.discarded or self.backing_file is None or self.blob_file is None:
+            if self.discarded or self.backing_file is None:
                 return
             self.digest.update(chunk)
             self.blocks.update(chunk)
             write_all(self.backing_file, chunk)
-            write_all(self.blob_file, chunk)
+            if self.blob_file is not None:
+                try:
+                    write_all(self.blob_file, chunk)
+                except OSError as error:
+                    if error.errno not in _FULL:
+                        raise
+                    self._drop_local_copy(error)
             self.size += len(chunk)
+
+    def _drop_local_copy(self, error: OSError) -> None:
+        """The cache disk is full: the upload goes on to the backing store without a local copy (as when pinned
+        blobs leave the cache no room), and no partial blob stays behind."""
+        assert self.blob_file is not None
+        self.blob_file.close()
+        self.blob_file = None
+        self.blob_temp.unlink(missing_ok=True)
+        log.warning("cache disk full (%s): the uploaded file is written through without a local copy",
+                    error.strerror, extra={"path": str(self.blob_temp.parent)})
+
+    @property
+    def cached_locally(self) -> bool:
+        return self.blob_file is not None or self.blob_temp.exists()
 
     def finish(self, fsync: bool) -> None:
         with self.lock:
-            assert self.blob_file is not None
-            checksum.record(self.blob_file.fileno(), self.blocks.value())
+            if self.blob_file is not None:
+                checksum.record(self.blob_file.fileno(), self.blocks.value())
             for f in (self.backing_file, self.blob_file):
-                assert f is not None
+                if f is None:
+                    continue
                 if fsync:
                     os.fsync(f.fileno())
                 f.close()
@@ -132,7 +153,7 @@ class WriteThroughUploader:
             try:
                 dest, created = await asyncio.to_thread(self._prepare, rel)
             except OSError as error:
-                raise _backing_error(error, rel) from error
+                raise _backing_error(error, rel, self.backing.root) from error
             files = _UploadFiles(
                 self.backing,
                 dest.with_name(BACKING_TEMP_FORMAT.format(name=dest.name, token=uuid.uuid4().hex[:12])),
@@ -163,9 +184,9 @@ class WriteThroughUploader:
                 files.discard()
                 _remove_dirs(created)
                 if isinstance(error, OSError):
-                    raise _backing_error(error, rel) from error
+                    raise _backing_error(error, rel, self.backing.root, header.size_bytes or files.size) from error
                 raise
-            cached = await asyncio.to_thread(self._cache, files.blob_temp, digest, size)
+            cached = files.cached_locally and await asyncio.to_thread(self._cache, files.blob_temp, digest, size)
             span.set_attribute("hotslot.size_bytes", size)
         log.info("wrote file through", extra={"path": rel, "sha256": digest, "bytes": size, "cached": cached})
         return PutResult(rel, digest, size, cached)
@@ -232,9 +253,18 @@ def _check_header(header: PutHeader) -> str:
     return rel
 
 
-def _backing_error(error: OSError, rel: str) -> Exception:
+def _backing_error(error: OSError, rel: str, root: Path, needed: int = 0) -> Exception:
     if error.errno in _FULL:
-        return ResourceExhausted(f"no space left writing {rel!r} ({error.strerror}); free space and upload again")
+        try:
+            st = os.statvfs(root)
+            free = f"{st.f_bavail * st.f_frsize} bytes free"
+        except OSError:
+            free = "free space unknown"
+        need = f"{needed} bytes needed" if needed else "more room needed"
+        return ResourceExhausted(
+            f"the backing store disk holding {root} is full writing {rel!r} ({error.strerror}): {need}, {free}; "
+            "nothing was written: free space there and upload again"
+        )
     if error.errno in _CONFLICT:
         return FailedPrecondition(f"cannot write {rel!r}: {error.strerror} on the backing store")
     return error
