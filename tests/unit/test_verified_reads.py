@@ -130,3 +130,20 @@ def test_cuda_reads_are_checked_too(model_file: Path) -> None:
     _flip(model_file, 1)
     with pytest.raises(CorruptRead):
         read_files([model_file], device="cuda", dtype=torch.float16, chunk_bytes=8192)
+
+
+@needs_xxhash
+@pytest.mark.parametrize("mode", list(MODES))
+def test_reads_end_on_checksum_blocks_so_no_block_is_read_twice(model_file: Path, mode: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    reread = []
+    real = os.pread
+
+    def counting(fd, n, offset):
+        if offset:  # the header is read once at offset 0; any other pread is a block read again
+            reread.append((offset, n))
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", counting)
+    read_files([model_file], chunk_bytes=2 * 1024 * 1024, concurrency=3, **MODES[mode])
+    assert reread == []

@@ -520,14 +520,20 @@ class _Piece(NamedTuple):
     hi: int
 
 
-def _batches(pieces: list[_Piece], chunk: int) -> Iterator[tuple[int, int, list[_Piece]]]:
-    """Groups consecutive pieces into file ranges of at most `chunk` bytes (the file is contiguous)."""
+def _batches(pieces: list[_Piece], chunk: int, cut: Callable[[int], bool] | None = None
+             ) -> Iterator[tuple[int, int, list[_Piece]]]:
+    """Groups consecutive pieces into file ranges of at most `chunk` bytes (the file is contiguous). With `cut`,
+    a full batch ends after its last piece whose end `cut` accepts (a checksum block boundary), where it has one,
+    and the pieces after it start the next batch."""
     batch: list[_Piece] = []
     start = 0
     for p in pieces:
-        if batch and p.hi - start > chunk:
-            yield start, batch[-1].hi, batch
-            batch = []
+        while batch and p.hi - start > chunk:
+            ends = [i for i, q in enumerate(batch) if cut(q.hi)] if cut is not None else []
+            keep = ends[-1] + 1 if ends else len(batch)
+            yield start, batch[keep - 1].hi, batch[:keep]
+            batch = batch[keep:]
+            start = batch[0].lo if batch else p.lo
         if not batch:
             start = p.lo
         batch.append(p)
@@ -535,14 +541,21 @@ def _batches(pieces: list[_Piece], chunk: int) -> Iterator[tuple[int, int, list[
         yield start, batch[-1].hi, batch
 
 
-def _pieces(entries: Sequence[TensorEntry], specs: Sequence[TensorSpec], chunk: int) -> list[_Piece]:
-    """Splits tensors larger than a chunk at element boundaries, so every piece fits one staging chunk."""
+def _pieces(entries: Sequence[TensorEntry], specs: Sequence[TensorSpec], chunk: int, block: int = 0,
+            data_start: int = 0) -> list[_Piece]:
+    """Splits tensors larger than a chunk at element boundaries, so every piece fits one staging chunk; with
+    `block`, also where a checksum block starts (file offset a multiple of it) on an element boundary."""
     out = []
     for e, s in zip(entries, specs, strict=True):
-        step = max(chunk // e.dtype.itemsize, 1) * e.dtype.itemsize
+        item = e.dtype.itemsize
+        step = max(chunk // item, 1) * item
         lo = e.begin
         while True:
             hi = min(lo + step, e.end)
+            if block:
+                boundary = ((data_start + lo) // block + 1) * block - data_start  # next block start after lo
+                if boundary < hi and (boundary - e.begin) % item == 0:
+                    hi = boundary
             out.append(_Piece(e, s, lo, hi))
             lo = hi
             if lo >= e.end:
@@ -731,11 +744,11 @@ def _open_job(
     f = _open(path)
     try:
         header = _parse_header(path, f)
-        job = _open_source(path, f, header, keep_fp32, device, dtype, chunk, shared, cap, shm, stats)
-        if verify and checksum.available():
-            expected = checksum.read_recorded(f.fileno())
-            if expected is not None:
-                job.expect(expected, os.pread(f.fileno(), header.data_start, 0))
+        expected = checksum.read_recorded(f.fileno()) if verify and checksum.available() else None
+        job = _open_source(path, f, header, keep_fp32, device, dtype, chunk, shared, cap, shm, stats,
+                           checksum.BLOCK_BYTES if expected is not None else 0)
+        if expected is not None:
+            job.expect(expected, os.pread(f.fileno(), header.data_start, 0))
         return job
     except BaseException:
         f.close()
@@ -744,7 +757,7 @@ def _open_job(
 
 def _open_source(path: Path, f, header: SafetensorsHeader, keep_fp32: Callable[[str], bool] | None,
                  device: torch.device, dtype: torch.dtype | None, chunk: int, shared: bool, cap: _RateCap,
-                 shm: str, stats: ReadStats) -> _Job:
+                 shm: str, stats: ReadStats, block: int = 0) -> _Job:
     if hasattr(os, "posix_fadvise"):  # tell the kernel to read ahead aggressively: each stream reads forward
         os.posix_fadvise(f.fileno(), header.data_start, header.data_bytes, os.POSIX_FADV_SEQUENTIAL)
     source = _Source(path, f, stats, cap)
@@ -765,7 +778,8 @@ def _open_source(path: Path, f, header: SafetensorsHeader, keep_fp32: Callable[[
     buffer = _allocate(total, device, shared, stats, shm)
     # staging chunks need not exceed the file: a 100 kB text encoder should not allocate 16 MiB to read it
     stage = max(min(chunk, header.data_bytes), 1)
-    return _Job(path, source, header, buffer, specs, stats, True, pieces=_pieces(header.tensors, specs, stage))
+    return _Job(path, source, header, buffer, specs, stats, True,
+                pieces=_pieces(header.tensors, specs, stage, block, header.data_start))
 
 
 def _tasks(job: _Job, device: torch.device, chunk: int) -> list[_Task]:
@@ -779,7 +793,10 @@ def _tasks(job: _Job, device: torch.device, chunk: int) -> list[_Task]:
     if device.type == "cuda":
         return [_Task(job, 0, job.header.data_bytes, None)]
     stage = max(min(chunk, job.header.data_bytes), 1)
-    return [_Task(job, lo, hi, batch) for lo, hi, batch in _batches(job.pieces, stage)]
+    # a verified file's batches end on checksum block boundaries where they can, so no block is read twice
+    start = job.header.data_start
+    cut = (lambda hi: (start + hi) % checksum.BLOCK_BYTES == 0) if job.expected is not None else None
+    return [_Task(job, lo, hi, batch) for lo, hi, batch in _batches(job.pieces, stage, cut)]
 
 
 def _interleave(per_file: list[list[_Task]]) -> list[_Task]:
