@@ -127,7 +127,8 @@ class SQLiteModelStore:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite ends the transaction itself on some errors (SQLITE_FULL)
+                    conn.execute("ROLLBACK")
                 raise
             else:
                 conn.execute("COMMIT")
