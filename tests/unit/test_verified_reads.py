@@ -147,3 +147,19 @@ def test_reads_end_on_checksum_blocks_so_no_block_is_read_twice(model_file: Path
     monkeypatch.setattr(os, "pread", counting)
     read_files([model_file], chunk_bytes=2 * 1024 * 1024, concurrency=3, **MODES[mode])
     assert reread == []
+
+
+@needs_xxhash
+@pytest.mark.parametrize("verify_reads", [True, False])
+def test_the_preloader_child_checks_what_it_reads_unless_told_not_to(model_file: Path, verify_reads: bool) -> None:
+    from hotslot.loading.preloader import Preloader
+
+    _flip(model_file, 1)
+    with Preloader(verify_reads=verify_reads) as preloader:
+        future = preloader.load("r1", "m", model_file.parent, files=[("unet", model_file.name)])
+        if not verify_reads:
+            assert future.result(120).nbytes > 0
+            return
+        with pytest.raises(CorruptRead) as caught:
+            future.result(120)
+    assert caught.value.path == str(model_file)  # rebuilt in the parent with the file it names
