@@ -746,3 +746,17 @@ async def test_a_full_cache_disk_is_resource_exhausted_naming_it_and_leaves_no_t
     monkeypatch.setattr(fill.HashingCopy, "copy", real_copy)
     again = await core.ensure(ManifestTarget("models/a", first))  # what is cached still serves
     assert set(sources(again).values()) == {FileSource.LOCAL_HIT}
+
+
+async def test_verify_gives_a_blob_cached_without_a_read_checksum_one(core, share) -> None:
+    from hotslot import checksum
+
+    manifest = write_model(share, "models/a", family_files(0))
+    await core.ensure(ManifestTarget("models/a", manifest))
+    blob = core.store.blob_path(manifest.files[0].sha256)
+    recorded = checksum.read_recorded(blob)
+    if recorded is None:
+        pytest.skip("the filesystem keeps no user xattrs")
+    os.removexattr(blob, checksum.XATTR)  # as an older version left it
+    await core.verify()
+    assert checksum.read_recorded(blob) == recorded

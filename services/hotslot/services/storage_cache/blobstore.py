@@ -442,12 +442,16 @@ class BlobStore:
             snapshot = list(self._blobs.items())
         checked = checked_bytes = 0
         dropped: list[str] = []
+        backfill = checksum.available()
         for digest, size in snapshot:
             good, actual_size = self._check_one(digest, size)
             checked += 1
             checked_bytes += actual_size
             if not good:
                 dropped.append(digest)
+            elif backfill and checksum.read_recorded(self.blob_path(digest)) is None:
+                # a blob cached before read checksums existed gets one (stop where the filesystem keeps none)
+                backfill = self._record_checksum(digest)
         return VerifyReport(checked, checked_bytes, tuple(dropped))
 
     def check_blob(self, digest: str) -> bool:
@@ -461,17 +465,25 @@ class BlobStore:
             raise NotFound(f"blob {digest} is not in the cache (dropped or evicted already)")
         good, _ = self._check_one(digest, size)
         if good:
-            path = self.blob_path(digest)
-            with open(path, "rb", buffering=0) as f:
-                value = checksum.of_file(f.fileno(), chunk_bytes=self.hash_chunk_bytes)
-            try:  # a read-only file takes no user xattr from its non-root owner: allow it for the moment
-                os.chmod(path, BLOB_MODE | 0o200)
-                checksum.record(path, value)
-            finally:
-                os.chmod(path, BLOB_MODE)
+            self._record_checksum(digest)
             log.warning("a reader reported a blob corrupt, but its sha256 matches: recorded its checksum anew",
                         extra={"digest": digest})
         return not good
+
+    def _record_checksum(self, digest: str) -> bool:
+        """(Re)computes and records a blob's read checksum (hotslot.checksum); False when it cannot."""
+        path = self.blob_path(digest)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                value = checksum.of_file(f.fileno(), chunk_bytes=self.hash_chunk_bytes)
+            os.chmod(path, BLOB_MODE | 0o200)  # a read-only file takes no user xattr from its non-root owner
+            try:
+                return checksum.record(path, value)
+            finally:
+                os.chmod(path, BLOB_MODE)
+        except OSError as error:
+            log.warning("could not record the read checksum of blob %s: %s", digest, error.strerror)
+            return False
 
     def _check_one(self, digest: str, size: int) -> tuple[bool, int]:
         """(whether the blob matches its name and size, its size on disk); drops it when it does not."""

@@ -152,7 +152,8 @@ class StorageCacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
-        """Re-hashes every local blob and drops those whose content does not match their digest.
+        """Re-hashes every local blob and drops those whose content does not match their digest; a blob without a read
+        checksum (cached by an older version) gets one.
         Returns FAILED_PRECONDITION if a verification is already running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
