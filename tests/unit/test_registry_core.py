@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hotslot.errors import FailedPrecondition, InvalidArgument, NotFound
-from hotslot.services.registry.core import RegistryCore
+from hotslot.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from hotslot.services.registry.core import MAX_LABELS, RegistryCore
 from hotslot.services.registry.store import MIGRATIONS, SQLiteModelStore
 
 
@@ -294,3 +294,28 @@ def test_concurrent_writers_from_many_threads_and_stores(tmp_path: Path, root: P
     assert [stores[0].get("shared", r).revision for r in range(1, latest + 1)] == list(range(1, latest + 1))
     for s in stores:
         s.close()
+
+
+async def test_a_full_database_is_resource_exhausted_naming_it_and_reads_go_on(
+    core: RegistryCore, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite's max_page_count makes the database "full" the way a full disk does (SQLITE_FULL), without root;
+    # it is per connection, and the store has one per thread.
+    write_pipeline_dir(root, "models/a")
+    write_pipeline_dir(root, "models/b", unet_bytes=b"other")
+    await core.register("sd-a", "", "", "models/a", {})
+    real_conn, limit = core.store._conn, {"pages": 1073741823}
+
+    def limited():
+        conn = real_conn()
+        conn.execute(f"PRAGMA max_page_count = {limit['pages']}")
+        return conn
+
+    monkeypatch.setattr(core.store, "_conn", limited)
+    limit["pages"] = real_conn().execute("PRAGMA page_count").fetchone()[0]
+    with pytest.raises(ResourceExhausted, match="registry database .*registry.db is full"):
+        await core.register("sd-b", "", "", "models/b", {f"k{i}": "x" * 256 for i in range(MAX_LABELS)})
+    assert (await core.get("sd-a")).model_id == "sd-a"
+    limit["pages"] = 1073741823
+    record, created = await core.register("sd-b", "", "", "models/b", {})  # nothing half-written was left
+    assert created and record.revision == 1

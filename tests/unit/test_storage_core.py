@@ -681,7 +681,7 @@ async def test_a_put_whose_backing_write_fails_leaves_nothing_anywhere(tmp_path,
     core = make_core(tmp_path, FullBackingStore(share, fail_after=2500), resolver)
     (share / "models").mkdir()
     try:
-        with pytest.raises(ResourceExhausted, match="no space left writing 'models/new/w'"):
+        with pytest.raises(ResourceExhausted, match="backing store disk holding .* is full writing 'models/new/w'"):
             await core.put(PutHeader("models/new/w"), chunks_of(os.urandom(10_000)))
         assert visible_files(share) == ["models"]  # the directory it created is gone too
         nothing_partial(core)
@@ -724,3 +724,40 @@ async def test_put_checks_size_and_sha256_before_anything_is_visible(core, share
         await core.put(PutHeader("m/w", "", 10), chunks_of(data))
     assert visible_files(share) == []
     nothing_partial(core)
+
+
+async def test_a_full_cache_disk_is_resource_exhausted_naming_it_and_leaves_no_temp_file(
+    core, share, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while a fill writes (the tmpfs integration test does it for real, as root)."""
+    first = write_model(share, "models/a", family_files(0))
+    await core.ensure(ManifestTarget("models/a", first))
+    second = write_model(share, "models/b", family_files(1))
+    real_copy = fill.HashingCopy.copy
+
+    def full_disk(self, reader, out, limit, report):
+        out.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fill.HashingCopy, "copy", full_disk)
+    with pytest.raises(ResourceExhausted) as raised:
+        await core.ensure(ManifestTarget("models/b", second))
+    assert str(core.store.root) in raised.value.message and "needed" in raised.value.message
+    nothing_partial(core)
+    monkeypatch.setattr(fill.HashingCopy, "copy", real_copy)
+    again = await core.ensure(ManifestTarget("models/a", first))  # what is cached still serves
+    assert set(sources(again).values()) == {FileSource.LOCAL_HIT}
+
+
+async def test_verify_gives_a_blob_cached_without_a_read_checksum_one(core, share) -> None:
+    from hotslot import checksum
+
+    manifest = write_model(share, "models/a", family_files(0))
+    await core.ensure(ManifestTarget("models/a", manifest))
+    blob = core.store.blob_path(manifest.files[0].sha256)
+    recorded = checksum.read_recorded(blob)
+    if recorded is None:
+        pytest.skip("the filesystem keeps no user xattrs")
+    os.removexattr(blob, checksum.XATTR)  # as an older version left it
+    await core.verify()
+    assert checksum.read_recorded(blob) == recorded

@@ -61,6 +61,22 @@ class DataLoss(HotslotError):
     """Stored bytes do not match their checksum (DATA_LOSS)."""
 
 
+class CorruptRead(DataLoss):
+    """A cached file read back does not match the checksum recorded when it was cached (DATA_LOSS): the node's
+    disk changed it. `path` is the file (the message starts with it, so the class survives a process boundary
+    that carries only the class name and the message)."""
+
+    SUFFIX = ": its bytes do not match the checksum recorded when the storage-cache cached it"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.path = message[: -len(self.SUFFIX)] if message.endswith(self.SUFFIX) else ""
+
+    @classmethod
+    def of(cls, path: object) -> CorruptRead:
+        return cls(f"{path}{cls.SUFFIX}")
+
+
 class Cancelled(HotslotError):
     """The caller cancelled the operation (CANCELLED)."""
 

@@ -73,13 +73,19 @@ class Manifest:
         )
 
 
+def _quoted(text: str, limit: int = 200) -> str:
+    """repr of user text for a message, cut to `limit` characters with "…" (a 10 kB id need not come back whole)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
+
+
 def validate_model_id(model_id: str, field_name: str = "model_id") -> str:
     if not model_id:
         raise InvalidArgument.field(field_name, "is required")
     if not MODEL_ID_PATTERN.fullmatch(model_id):
         raise InvalidArgument.field(
             field_name,
-            f"{model_id!r} is not a valid model id: use 1-128 characters of [a-z0-9._-], starting with a letter or digit",
+            f"{_quoted(model_id)} is not a valid model id: use 1-128 characters of [a-z0-9._-], starting with a letter "
+            "or digit",
         )
     return model_id
 

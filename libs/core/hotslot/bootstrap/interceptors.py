@@ -97,6 +97,103 @@ def wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMeth
     raise TypeError(f"method handler has no behaviour: {handler!r}")
 
 
+class _Malformed:
+    """What a request that could not be parsed deserializes to: the handler refuses it with INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _check(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise errors.InvalidArgument(
+            f"the request is not a valid protobuf message for this method ({request.reason}): check that the "
+            "client uses this service's .proto and sends UTF-8 strings"
+        )
+    return request
+
+
+async def _checked_stream(requests: Any) -> Any:
+    async for request in requests:
+        yield _check(request)
+
+
+def refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """The handler with a deserializer that does not raise on bad bytes (invalid UTF-8 in a string field, a
+    truncated or garbled message): gRPC would log an ERROR with a traceback and answer UNKNOWN "Unexpected
+    DecodeError". It logs one WARNING line instead and hands the handler a marker that it refuses with
+    INVALID_ARGUMENT (raised inside the handler, so the error interceptor maps it like any domain error)."""
+    deserializer = handler.request_deserializer
+    if deserializer is None:
+        return handler
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as error:  # noqa: BLE001 - any parse failure is the client's bytes
+            reason = bounded(f"{type(error).__name__}: {error}", 300)
+            log.warning("malformed request to %s (%d bytes): %s", method, len(raw), reason,
+                        extra={"rpc_method": method})
+            return _Malformed(reason)
+
+    if handler.unary_unary is not None or handler.unary_stream is not None:
+        kind = "unary_unary" if handler.unary_unary is not None else "unary_stream"
+        behavior = getattr(handler, kind)
+
+        def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return behavior(_check(request), context)
+
+        return handler._replace(request_deserializer=deserialize, **{kind: checked_unary})
+    kind = "stream_unary" if handler.stream_unary is not None else "stream_stream"
+    behavior = getattr(handler, kind)
+
+    def checked_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return behavior(_checked_stream(requests), context)
+
+    return handler._replace(request_deserializer=deserialize, **{kind: checked_stream})
+
+
+class _SerializingContext:
+    """The servicer context as a reader/writer-style handler sees it: `write` serializes here, so a response that
+    cannot be serialized fails inside the handler (INTERNAL with a request id), not in gRPC (UNKNOWN)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, serializer: Callable[[Any], bytes]) -> None:
+        self._context = context
+        self._serializer = serializer
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(self._serializer(message))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def serializing_inside(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with its responses serialized inside it (gRPC then sends the bytes as they are): a response
+    gRPC cannot serialize (a servicer returning the wrong type) would otherwise end the call UNKNOWN with an
+    ERROR traceback, outside any interceptor."""
+    serializer = handler.response_serializer
+    if serializer is None:
+        return handler
+    if handler.unary_unary is not None or handler.stream_unary is not None:
+        kind = "unary_unary" if handler.unary_unary is not None else "stream_unary"
+        behavior = getattr(handler, kind)
+
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+            return serializer(await _call_unary_response(behavior, request, context))
+
+        return handler._replace(response_serializer=None, **{kind: unary_response})
+    kind = "unary_stream" if handler.unary_stream is not None else "stream_stream"
+    behavior = getattr(handler, kind)
+
+    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await _call_stream_response(behavior, request, _SerializingContext(context, serializer))
+
+    return handler._replace(response_serializer=None, **{kind: stream_response})
+
+
 _STATUS_BY_ERROR: dict[type[errors.HotslotError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -126,7 +223,8 @@ def _error_details(error: errors.HotslotError) -> list[Any]:
         return [
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    error_details_pb2.BadRequest.FieldViolation(field=bounded(v.field, 200),
+                                                                description=bounded(v.description))
                     for v in error.violations
                 ]
             )
@@ -138,14 +236,30 @@ def _error_details(error: errors.HotslotError) -> list[Any]:
     return []
 
 
+# Longest message (and field description) an error sends: messages quote what the client sent, and a 10 kB model id
+# echoed in the status message and again in grpc-status-details-bin overflowed the caller's 8 KiB metadata limit
+# (the router answered RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of the registry's
+# INVALID_ARGUMENT). Cut in the middle, so both the start (what failed) and the end (the advice) remain.
+MAX_ECHO_CHARS = 1000
+
+
+def bounded(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text`, or its first and last parts around "…" when it is longer than `limit` characters."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    return f"{text[:head]}…{text[len(text) - (limit - 1 - head):]}"
+
+
 def to_grpc_status(error: errors.HotslotError) -> grpc.Status:
     """code, message and (when the error carries any) a `grpc-status-details-bin` trailer with a google.rpc.Status
-    holding BadRequest or RetryInfo."""
+    holding BadRequest or RetryInfo. Messages and field descriptions are `bounded`."""
     code = status_code_of(error)
     details = _error_details(error)
+    message = bounded(error.message)
     if not details:
-        return _Status(code, error.message, ())
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message)
+        return _Status(code, message, ())
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     for detail in details:
         status.details.add().Pack(detail)
     return rpc_status.to_status(status)
@@ -203,7 +317,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 span.set_attribute("hotslot.request_id", request_id)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
-        return wrap_handler(handler, mapping_errors)
+        return wrap_handler(serializing_inside(refusing_malformed(handler, method)), mapping_errors)
 
 
 def _chosen_status(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:

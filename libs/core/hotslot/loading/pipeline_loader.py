@@ -29,6 +29,7 @@ from hotslot.loading.reader import (
     read_files,
     read_header,
     tensor_views,
+    verify_mapped,
 )
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, keep_fp32_modules, resolve_class
 
@@ -84,6 +85,7 @@ def _read_components(
     dtype: torch.dtype | None,
     chunk_bytes: int,
     concurrency: int,
+    verify: bool = True,
 ) -> tuple[list[tuple[str, str, torch.Tensor, tuple]], ReadStats]:
     """Every weight file of `names` read in this process, `concurrency` reads at a time, into private memory
     (nothing crosses a process here, and /dev/shm is often small: 64 MB in Docker). Returns (component, path,
@@ -92,7 +94,7 @@ def _read_components(
                 for p in layout.components[c].weight_files]
     owners = [c for c in names for _ in layout.components[c].weight_files]
     loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
-                        shared=False) if requests else []
+                        shared=False, verify=verify) if requests else []
     stats = ReadStats()
     for f in loaded:
         stats.add(f.stats)
@@ -131,6 +133,7 @@ def read_weights(
     variant: str | None = None,
     meanwhile: Callable[[], None] | None = None,
     skip: frozenset[str] = frozenset(),
+    verify: bool = True,
 ) -> LoadedWeights:
     """Has the preloader read the weight components of `layout` (but those named in `skip`, which the caller
     holds already) (converted to `dtype`, keeping the modules that
@@ -144,7 +147,10 @@ def read_weights(
     `convert_here` (CPU only): the components that need a conversion are read and converted in this process
     instead of the preloader, `read_concurrency` threads at once, into private memory (`meanwhile` runs in
     another thread beside them): a private page costs ~30 % less to fill than a shared one (measured on an SD 1.5 fp16 -> fp32 load),
-    and nothing has to cross a process. With both, the preloader is not used at all on CPU."""
+    and nothing has to cross a process. With both, the preloader is not used at all on CPU.
+
+    `verify`: files that carry a recorded checksum are checked (the preloader's by its own `verify_reads`; mapped
+    and converted-here files here); a mismatch raises CorruptRead naming the file."""
     names, keep = plan_weights(layout, dtype)
     names = [n for n in names if n not in skip]
     on_cpu = torch.device(device).type == "cpu"
@@ -167,10 +173,13 @@ def read_weights(
             variant=variant,
         )
     try:
-        files = [(c, str(p), *_mapped(p)) for c in mapped for p in layout.components[c].weight_files]
+        mapped_files = [(c, map_safetensors(p)) for c in mapped for p in layout.components[c].weight_files]
+        if verify:
+            verify_mapped([f for _, f in mapped_files], read_concurrency or DEFAULT_READ_CONCURRENCY)
+        files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
         if here:
             converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
-                                      read_concurrency or DEFAULT_READ_CONCURRENCY, meanwhile)
+                                      read_concurrency or DEFAULT_READ_CONCURRENCY, meanwhile, verify)
             files += converted.files
         elif meanwhile is not None:
             meanwhile()
@@ -196,24 +205,20 @@ def _convert_here(
     chunk_bytes: int,
     concurrency: int,
     meanwhile: Callable[[], None] | None,
+    verify: bool = True,
 ) -> LoadedWeights:
     beside = threading.Thread(target=meanwhile, name="hotslot-prefetch", daemon=True) if meanwhile else None
     if beside is not None:
         beside.start()
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
-        files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency)
+        files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency, verify)
     finally:
         if beside is not None:
             beside.join()
     timings = LoadTimings(read_s=time.perf_counter() - t0, bytes_read=stats.bytes_read, bytes=stats.bytes_out,
                           files=stats.files, cpu_s=time.process_time() - cpu0, reader="executor")
     return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(files)
-
-
-def _mapped(path: Path) -> tuple[torch.Tensor, tuple]:
-    loaded = map_safetensors(path)
-    return loaded.buffer, loaded.specs
 
 
 def load_pipeline(

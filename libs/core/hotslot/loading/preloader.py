@@ -233,6 +233,7 @@ class _Child:
             shared=True,
             read_bytes_per_s=options.get("read_bytes_per_s"),
             buffers=self.buffers,
+            verify=self.settings.get("verify_reads", True),
         )
         read_wall = time.perf_counter() - t_read
         stats = ReadStats()
@@ -376,12 +377,15 @@ class Preloader:
         num_threads: int | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+        verify_reads: bool = True,
     ) -> None:
         """`auto_restart`: how many times a dead child is replaced automatically (0: call `restart()`).
         `chunk_bytes`: read size. `read_concurrency`: reads in flight at once per load (files and ranges of
         large files). `read_bytes_per_s`: default read-rate cap per load (None: unbounded).
         `num_threads`: torch threads in the child for dtype conversion (None: 1 when read_concurrency > 1, since
-        the reading threads convert in parallel, else torch's default)."""
+        the reading threads convert in parallel, else torch's default). `verify_reads`: check files that carry a
+        recorded checksum while reading them (reader module docstring); a mismatch fails the load with
+        CorruptRead."""
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
         if auto_restart < 0:
@@ -396,6 +400,7 @@ class Preloader:
         self.read_concurrency = read_concurrency
         self.read_bytes_per_s = read_bytes_per_s
         self.num_threads = num_threads
+        self.verify_reads = verify_reads
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self._ctx = torch_mp.get_context(start_method)
@@ -430,6 +435,7 @@ class Preloader:
             "chunk_bytes": self.chunk_bytes,
             "read_concurrency": self.read_concurrency,
             "num_threads": self.num_threads,
+            "verify_reads": self.verify_reads,
         }
         requests, responses = self._ctx.SimpleQueue(), self._ctx.SimpleQueue()
         process = self._ctx.Process(

@@ -88,8 +88,17 @@ class StorageClient(_Peer):
             lease_id=reply.lease_id,
             bytes_fetched=reply.bytes_fetched,
             all_local=all(f.source == storage_pb.FILE_SOURCE_LOCAL_HIT for f in reply.files),
-            digests={f.path: f.sha256 for f in reply.files},
+            sha256_by_path={f.path: f.sha256 for f in reply.files},
         )
+
+    async def report_corrupt(self, sha256: str, path: str) -> bool:
+        stub = storage_grpc.StorageCacheServiceStub(self.channel())
+        try:
+            reply = await stub.ReportCorrupt(storage_pb.ReportCorruptRequest(sha256=sha256, path=path),
+                                             timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise self.error(error) from None
+        return reply.dropped
 
     async def renew(self, lease_id: str, lease_ttl_s: float) -> None:
         ttl = Duration()

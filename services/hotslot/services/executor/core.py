@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -26,7 +27,9 @@ from opentelemetry import trace
 
 from hotslot.errors import (
     Cancelled,
+    CorruptRead,
     FieldViolation,
+    HotslotError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -36,7 +39,7 @@ from hotslot.manifest import validate_model_id
 from hotslot.request_ids import validate_request_id
 
 from .costs import LOAD_TIERS, CostModel, CostSnapshot, work_units
-from .downstream import ModelResolver, ViewProvider
+from .downstream import EnsuredView, ModelResolver, ViewProvider
 from .generation import GenerationLimits, GenerationParams, run_batch, validate
 from .lora import adapter_name, loaded_adapters, loaded_weights
 from .metrics import ExecutorMetrics
@@ -832,23 +835,31 @@ class ExecutorCore:
         try:
             entry = self.slots.get(key)
             if entry is None:
-                prep.phase = "ensure"
-                t0_ns, t0 = time.time_ns(), time.perf_counter()
-                view = await self.views.ensure(key.model_id, key.revision, self.lease_ttl_s)
-                prep.spans["ensure"] = (t0, time.perf_counter())
-                prep.from_tier = Tier.LOCAL_DISK if view.all_local else Tier.BACKING_STORE
-                self.metrics.load_phase("ensure", prep.spans["ensure"][1] - t0, prep.from_tier)
-                self._record_span("ensure", t0_ns, time.time_ns(), ctx,
-                                  {"hotslot.model": str(key), "hotslot.bytes_fetched": view.bytes_fetched})
-                prep.phase = "read"
-                t0_ns, t0 = time.time_ns(), time.perf_counter()
-                read_fn = (functools.partial(self.loader.read, digests=view.digests) if prep.base is None
-                           else self.loader.read_adapter)
-                try:
-                    read = await self._read_with_retry(key, view.view_path, read_fn)
-                except BaseException:
-                    await self._unpin(view.lease_id)
-                    raise
+                read_fn = self.loader.read_adapter
+                for attempt in (1, 2):
+                    prep.phase = "ensure"
+                    t0_ns, t0 = time.time_ns(), time.perf_counter()
+                    view = await self.views.ensure(key.model_id, key.revision, self.lease_ttl_s)
+                    prep.spans["ensure"] = (t0, time.perf_counter())
+                    prep.from_tier = Tier.LOCAL_DISK if view.all_local else Tier.BACKING_STORE
+                    self.metrics.load_phase("ensure", prep.spans["ensure"][1] - t0, prep.from_tier)
+                    self._record_span("ensure", t0_ns, time.time_ns(), ctx,
+                                      {"hotslot.model": str(key), "hotslot.bytes_fetched": view.bytes_fetched})
+                    prep.phase = "read"
+                    t0_ns, t0 = time.time_ns(), time.perf_counter()
+                    if prep.base is None:  # components other held models have byte for byte are shared, not read
+                        read_fn = functools.partial(self.loader.read, digests=view.sha256_by_path)
+                    try:
+                        read = await self._read_with_retry(key, view.view_path, read_fn)
+                        break
+                    except CorruptRead as err:
+                        await self._unpin(view.lease_id)
+                        await self._report_corrupt(key, view, err, retrying=attempt == 1)
+                        if attempt == 2:
+                            raise
+                    except BaseException:
+                        await self._unpin(view.lease_id)
+                        raise
                 prep.spans["read"] = (t0, time.perf_counter())
                 self.metrics.load_phase("read", prep.spans["read"][1] - t0, prep.from_tier)
                 self._record_span("read", t0_ns, time.time_ns(), ctx,
@@ -891,6 +902,23 @@ class ExecutorCore:
                     raise
                 log.warning("load of %s failed (%s); retrying once after the preloader restarts", key, err.message)
                 await asyncio.to_thread(self._ensure_preloader)
+
+    async def _report_corrupt(self, key: ModelKey, view: EnsuredView, err: CorruptRead, retrying: bool) -> None:
+        """A cached file failed its read checksum: the storage-cache re-hashes and drops the blob, so the next
+        Ensure fetches it again from the backing store."""
+        try:
+            rel = PurePath(err.path).relative_to(view.view_path).as_posix() if err.path else ""
+        except ValueError:
+            rel = ""
+        sha256 = view.sha256_by_path.get(rel, "")
+        log.warning("a cached weight file failed its read checksum%s", "; fetching it again" if retrying else "",
+                    extra={"model": str(key), "path": err.path, "sha256": sha256})
+        if not sha256:
+            return
+        try:
+            await self.views.report_corrupt(sha256, err.path)
+        except HotslotError as report_error:  # the retry's Ensure or the DATA_LOSS tell the rest
+            log.warning("could not report the corrupt blob to the storage-cache: %s", report_error.message)
 
     def _ensure_preloader(self) -> None:
         deadline = time.monotonic() + 60

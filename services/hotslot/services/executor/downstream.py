@@ -22,7 +22,7 @@ class EnsuredView:
     lease_id: str
     bytes_fetched: int
     all_local: bool  # every file was already in the node-local cache
-    digests: dict[str, str] = field(default_factory=dict)  # path in the view -> sha256, from the manifest
+    sha256_by_path: dict[str, str] = field(default_factory=dict)  # path relative to the view -> its blob's sha256
 
 
 class ModelResolver(Protocol):
@@ -39,3 +39,8 @@ class ViewProvider(Protocol):
     async def renew(self, lease_id: str, lease_ttl_s: float) -> None: ...
 
     async def unpin(self, lease_id: str) -> None: ...
+
+    async def report_corrupt(self, sha256: str, path: str) -> bool:
+        """Tells the storage-cache that the blob's bytes no longer match its read checksum; it re-hashes the blob
+        and drops it (with its views) when it is corrupt. Returns whether it was dropped."""
+        ...

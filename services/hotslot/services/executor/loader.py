@@ -26,6 +26,7 @@ from hotslot.loading.reader import (
     populate,
     read_header,
     tensor_views,
+    verify_mapped,
 )
 from hotslot.loading.skeleton import SkeletonCache, is_model_class, resolve_class
 
@@ -121,6 +122,7 @@ class ModelLoader:
         skeletons: SkeletonCache | None = None,
         max_pipeline_adapters: int = 8,
         components: ComponentPool | None = None,
+        verify_reads: bool = True,
     ) -> None:
         self.preloader = preloader
         self.device = device
@@ -133,6 +135,7 @@ class ModelLoader:
         self.is_cuda = torch.device(device).type == "cuda"
         self.max_pipeline_adapters = max_pipeline_adapters
         self.components = ComponentPool() if components is None else components
+        self.verify_reads = verify_reads
 
     def warmup(self) -> float:
         """Imports diffusers/transformers and the classes of a Stable Diffusion pipeline once, at start, so the
@@ -172,7 +175,8 @@ class ModelLoader:
             weights = read_weights(self.preloader, layout, key, self.device, self.dtype, chunk_bytes=self.chunk_bytes,
                                    read_concurrency=self.read_concurrency, map_files=self.map_files,
                                    convert_here=self.convert_here, timeout_s=timeout_s,
-                                   meanwhile=lambda: self.prefetch(layout), skip=frozenset(parts))
+                                   meanwhile=lambda: self.prefetch(layout), skip=frozenset(parts),
+                                   verify=self.verify_reads)
         except BaseException:
             for part in parts.values():
                 self.components.release(part, key)
@@ -222,6 +226,8 @@ class ModelLoader:
         path = Path(view_path) / name
         if self.map_files and keeps_dtypes(read_header(path), self.dtype, module_predicate(())):
             mapped = map_safetensors(path)
+            if self.verify_reads:
+                verify_mapped([mapped], 1)
             weights = LoadedWeights(f"here-{uuid.uuid4().hex}", key, self.device, self.dtype, {}, [],
                                     LoadTimings(files=1, reader="executor")).with_files(
                 [(ADAPTER_COMPONENT, str(path), mapped.buffer, mapped.specs)])

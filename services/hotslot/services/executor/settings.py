@@ -122,6 +122,13 @@ class ExecutorSettings(ServiceSettings):
         "threads (read_concurrency of them, GIL released) into private memory instead of in the preloader child's "
         "shared memory: private pages cost ~30% less to fill. Off: the preloader child does it, isolated.",
     )
+    verify_reads: bool = Field(
+        True,
+        description="Check each cached weight file against the checksum (XXH3) the storage-cache recorded when it cached it, "
+        "while reading it. A mismatch is reported to the storage-cache (which drops the blob) and the load is "
+        "retried once from the backing store, then fails with DATA_LOSS naming the file. Turn off only on a node "
+        "that trusts its disk.",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads for CPU inference; 0 = torch default.")
     max_width: int = Field(1024, gt=0, description="Largest image width in pixels.")
     max_height: int = Field(1024, gt=0, description="Largest image height in pixels.")

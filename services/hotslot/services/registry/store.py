@@ -3,17 +3,21 @@ implementation. A PostgreSQL store implements the same interface."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from hotslot.errors import FailedPrecondition, NotFound
+from hotslot.errors import FailedPrecondition, NotFound, ResourceExhausted
 from hotslot.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 KIND_PIPELINE = "DIFFUSERS_PIPELINE"
 KIND_LORA = "LORA_ADAPTER"
@@ -118,14 +122,40 @@ class SQLiteModelStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # SQLite ends the transaction itself on some errors (SQLITE_FULL)
+                    conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            full = self._full_disk(error)
+            if full is None:
+                raise
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise full from error
+
+    def _full_disk(self, error: sqlite3.Error) -> ResourceExhausted | None:
+        """SQLITE_FULL ("database or disk is full") as RESOURCE_EXHAUSTED naming the disk; the transaction is
+        rolled back, and reads go on."""
+        if getattr(error, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL and "disk is full" not in str(error):
+            return None
+        try:
+            st = os.statvfs(Path(self.path).parent)
+            free = f"{st.f_bavail * st.f_frsize} bytes free"
+        except (OSError, TypeError):
+            free = "free space unknown"
+        log.warning("registry database disk full", extra={"path": str(self.path)})
+        return ResourceExhausted(
+            f"the disk holding the registry database {self.path} is full ({free}; a write needs at least a few "
+            "pages of 4 KiB for the database and its write-ahead log): free space there and retry"
+        )
 
     def _migrate(self) -> None:
         with self._write() as conn:

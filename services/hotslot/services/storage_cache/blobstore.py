@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotslot import checksum
 from hotslot.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from hotslot.manifest import DEFAULT_HASH_CHUNK_BYTES, SHA256_PATTERN, sha256_file
 
@@ -441,21 +442,62 @@ class BlobStore:
             snapshot = list(self._blobs.items())
         checked = checked_bytes = 0
         dropped: list[str] = []
+        backfill = checksum.available()
         for digest, size in snapshot:
-            try:
-                actual, actual_size = sha256_file(self.blob_path(digest), self.hash_chunk_bytes)
-            except FileNotFoundError:
-                actual, actual_size = "", 0
+            good, actual_size = self._check_one(digest, size)
             checked += 1
             checked_bytes += actual_size
-            if actual == digest and actual_size == size:
-                continue
-            with self._lock:
-                if digest in self._blobs:
-                    self._drop_locked(digest)
-                    dropped.append(digest)
-                    log.warning("dropped corrupt blob", extra={"digest": digest, "actual_sha256": actual})
+            if not good:
+                dropped.append(digest)
+            elif backfill and checksum.read_recorded(self.blob_path(digest)) is None:
+                # a blob cached before read checksums existed gets one (stop where the filesystem keeps none)
+                backfill = self._record_checksum(digest)
         return VerifyReport(checked, checked_bytes, tuple(dropped))
+
+    def check_blob(self, digest: str) -> bool:
+        """Re-hashes one blob that a reader found changed (its read checksum did not match) and drops it, with
+        the views linking it, when its sha256 no longer matches; a blob that still matches gets its read checksum
+        recorded anew (then the recorded value was what was wrong). Returns whether it was dropped. Raises
+        NotFound for a blob the store does not hold (dropped or evicted already)."""
+        with self._lock:
+            size = self._blobs.get(digest)
+        if size is None:
+            raise NotFound(f"blob {digest} is not in the cache (dropped or evicted already)")
+        good, _ = self._check_one(digest, size)
+        if good:
+            self._record_checksum(digest)
+            log.warning("a reader reported a blob corrupt, but its sha256 matches: recorded its checksum anew",
+                        extra={"digest": digest})
+        return not good
+
+    def _record_checksum(self, digest: str) -> bool:
+        """(Re)computes and records a blob's read checksum (hotslot.checksum); False when it cannot."""
+        path = self.blob_path(digest)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                value = checksum.of_file(f.fileno(), chunk_bytes=self.hash_chunk_bytes)
+            os.chmod(path, BLOB_MODE | 0o200)  # a read-only file takes no user xattr from its non-root owner
+            try:
+                return checksum.record(path, value)
+            finally:
+                os.chmod(path, BLOB_MODE)
+        except OSError as error:
+            log.warning("could not record the read checksum of blob %s: %s", digest, error.strerror)
+            return False
+
+    def _check_one(self, digest: str, size: int) -> tuple[bool, int]:
+        """(whether the blob matches its name and size, its size on disk); drops it when it does not."""
+        try:
+            actual, actual_size = sha256_file(self.blob_path(digest), self.hash_chunk_bytes)
+        except FileNotFoundError:
+            actual, actual_size = "", 0
+        if actual == digest and actual_size == size:
+            return True, actual_size
+        with self._lock:
+            if digest in self._blobs:
+                self._drop_locked(digest)
+                log.warning("dropped corrupt blob", extra={"digest": digest, "actual_sha256": actual})
+        return False, actual_size
 
 
 def _remove_path(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import functools
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
+from hotslot import checksum
 from hotslot.errors import (
     DataLoss,
     FailedPrecondition,
@@ -267,9 +269,12 @@ class StorageCacheCore:
                     await asyncio.to_thread(self.backing.resolve_dir, plan.source, f"{plan.field_prefix}.source")
                     self._check_fits(plan)
                     sources, fetched = await self._ensure_blobs(plan, tracker)
-                    view_path = await asyncio.to_thread(
-                        self.store.build_view, plan.view_id, [(f.path, f.sha256) for f in plan.files]
-                    )
+                    try:
+                        view_path = await asyncio.to_thread(
+                            self.store.build_view, plan.view_id, [(f.path, f.sha256) for f in plan.files]
+                        )
+                    except OSError as error:
+                        raise self._disk_error(error, 0, f"the view of {plan.view_id[:12]}") from error
                 lease = self.store.pin(plan.view_id, ttl) if ttl is not None else None
             files = tuple(EnsuredFile(f.path, f.sha256, f.size_bytes, sources[f.sha256]) for f in plan.files)
             hits = sum(1 for f in files if f.source is FileSource.LOCAL_HIT)
@@ -468,10 +473,31 @@ class StorageCacheCore:
                     # never reached the disk. It runs while the last chunks are still being hashed.
                     os.fsync(out.fileno())
                 sha256 = copier.hexdigest()
-        except BaseException:
+                if not checksum.record(out.fileno(), copier.read_checksum()):
+                    _warn_no_checksums(self.store.root)
+        except BaseException as error:
             temp.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise self._disk_error(error, expected_size, str(src)) from error
             raise
         return _Copied(temp, sha256, total, copier.method)
+
+    def _disk_error(self, error: OSError, needed: int, what: str) -> Exception:
+        """ENOSPC / EDQUOT on the cache disk as RESOURCE_EXHAUSTED saying which disk and how much was needed (the
+        temp file is gone already; reads of cached models go on); any other OSError as it is."""
+        if error.errno not in _DISK_FULL:
+            return error
+        try:
+            st = os.statvfs(self.store.root)
+            free = format_bytes(st.f_bavail * st.f_frsize)
+        except OSError:
+            free = "unknown"
+        need = f"{format_bytes(needed)} needed" if needed else "room for a few links needed"
+        log.warning("cache disk full", extra={"path": str(self.store.root), "needed_bytes": needed, "for": what})
+        return ResourceExhausted(
+            f"the cache disk holding {self.store.root} is full ({error.strerror}) while caching {what}: {need}, "
+            f"{free} free; free space there or set capacity_bytes below the disk's free space so eviction makes room"
+        )
 
     # -- uploads -----------------------------------------------------------------------------------------
     async def put(self, header: PutHeader, chunks: AsyncIterable[bytes]) -> PutResult:
@@ -520,6 +546,16 @@ class StorageCacheCore:
         )
         return report
 
+    async def report_corrupt(self, sha256: str, path: str = "") -> bool:
+        """A reader found blob `sha256` changed (blobstore.check_blob). Returns whether it was dropped."""
+        if not SHA256_PATTERN.fullmatch(sha256):
+            raise InvalidArgument.field("sha256", f"{sha256!r} is not 64 lower-case hex characters")
+        if len(path) > 4096:
+            raise InvalidArgument.field("path", f"is {len(path)} characters long; at most 4096")
+        dropped = await asyncio.get_running_loop().run_in_executor(self._pool, self.store.check_blob, sha256)
+        log.warning("a reader reported a corrupt blob", extra={"digest": sha256, "path": path, "dropped": dropped})
+        return dropped
+
     def usage(self) -> Usage:
         return Usage(self.store.usage(), self.hits, self.misses, self.bytes_fetched)
 
@@ -529,6 +565,16 @@ class StorageCacheCore:
             task.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@functools.cache
+def _warn_no_checksums(root: Path) -> None:
+    """Once per store: its filesystem keeps no user xattrs, so executors read its blobs unchecked."""
+    log.warning("the cache directory %s keeps no extended attributes: blobs get no read checksum, and executors "
+                "read them unverified (use ext4, xfs or a tmpfs on Linux 6.6+)", root)
 
 
 def _validate_files(entries: Sequence[FileEntry]) -> tuple[FileEntry, ...]:

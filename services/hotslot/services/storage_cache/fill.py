@@ -25,6 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import BinaryIO
 
+from hotslot import checksum
+
 from .backing import write_all
 
 # Page tables of a chunk's mapping filled at once instead of a fault per 64 KiB (Linux only).
@@ -88,6 +90,7 @@ class HashingCopy:
         self.start_writeback = start_writeback and _SYNC_FILE_RANGE is not None
         self.method = CopyMethod.READ_WRITE
         self._digest = hashlib.sha256()
+        self._blocks = checksum.BlockHasher()  # beside the sha256: what readers check while they read
         self._buffers = [bytearray(chunk_bytes) for _ in range(COPY_BUFFERS)]
         self._pending: list[Future[None] | None] = [None] * COPY_BUFFERS
         self._slot = 0
@@ -142,6 +145,15 @@ class HashingCopy:
                 future.result()
         return self._digest.hexdigest()
 
+    def read_checksum(self) -> int:
+        """The read checksum (hotslot.checksum) of every byte copied, once the hashing thread has caught up."""
+        self.hexdigest()
+        return self._blocks.value()
+
+    def _update(self, data: memoryview) -> None:
+        self._digest.update(data)
+        self._blocks.update(data)
+
     def _free_buffer(self) -> memoryview:
         """The next buffer of the ring, once the hashing thread is done with what it held."""
         future = self._pending[self._slot]
@@ -171,7 +183,7 @@ class HashingCopy:
         else:
             try:
                 with memoryview(mapping) as mapped:
-                    self._digest.update(mapped[offset - start:])
+                    self._update(mapped[offset - start:])
             finally:
                 mapping.close()
         self._start_writeback(fd, offset, n)
@@ -183,11 +195,11 @@ class HashingCopy:
             if not n:
                 raise OSError(errno.EIO, f"the local copy ended at {offset + done} bytes, before the bytes copied")
             done += n
-        self._digest.update(view)
+        self._update(view)
 
     def _hash_buffer(self, fd: int, offset: int, chunk: memoryview) -> None:
         """Hashes a chunk read into user space, from the buffer it was written from."""
-        self._digest.update(chunk)
+        self._update(chunk)
         self._start_writeback(fd, offset, len(chunk))
 
     def _start_writeback(self, fd: int, offset: int, n: int) -> None:

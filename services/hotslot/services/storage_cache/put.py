@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from opentelemetry import trace
 
+from hotslot import checksum
 from hotslot.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from hotslot.manifest import SHA256_PATTERN, validate_relative_path
 
@@ -63,6 +64,7 @@ class _UploadFiles:
         self.backing_file: BinaryIO | None = None
         self.blob_file: BinaryIO | None = None
         self.digest = hashlib.sha256()
+        self.blocks = checksum.BlockHasher()  # recorded on the local copy: readers check it while they read
         self.size = 0
         self.discarded = False
 
@@ -75,17 +77,41 @@ class _UploadFiles:
 
     def write(self, chunk: bytes) -> None:
         with self.lock:
-            if self.discarded or self.backing_file is None or self.blob_file is None:
+            if self.discarded or self.backing_file is None:
                 return
             self.digest.update(chunk)
+            self.blocks.update(chunk)
             write_all(self.backing_file, chunk)
-            write_all(self.blob_file, chunk)
+            if self.blob_file is not None:
+                try:
+                    write_all(self.blob_file, chunk)
+                except OSError as error:
+                    if error.errno not in _FULL:
+                        raise
+                    self._drop_local_copy(error)
             self.size += len(chunk)
+
+    def _drop_local_copy(self, error: OSError) -> None:
+        """The cache disk is full: the upload goes on to the backing store without a local copy (as when pinned
+        blobs leave the cache no room), and no partial blob stays behind."""
+        assert self.blob_file is not None
+        self.blob_file.close()
+        self.blob_file = None
+        self.blob_temp.unlink(missing_ok=True)
+        log.warning("cache disk full (%s): the uploaded file is written through without a local copy",
+                    error.strerror, extra={"path": str(self.blob_temp.parent)})
+
+    @property
+    def cached_locally(self) -> bool:
+        return self.blob_file is not None or self.blob_temp.exists()
 
     def finish(self, fsync: bool) -> None:
         with self.lock:
+            if self.blob_file is not None:
+                checksum.record(self.blob_file.fileno(), self.blocks.value())
             for f in (self.backing_file, self.blob_file):
-                assert f is not None
+                if f is None:
+                    continue
                 if fsync:
                     os.fsync(f.fileno())
                 f.close()
@@ -134,7 +160,7 @@ class WriteThroughUploader:
             try:
                 dest, created = await asyncio.to_thread(self._prepare, rel)
             except OSError as error:
-                raise _backing_error(error, rel) from error
+                raise _backing_error(error, rel, self.backing.root) from error
             try:
                 # Checked before any byte is received, and again when the file is published (another upload
                 # may create it meanwhile).
@@ -174,9 +200,9 @@ class WriteThroughUploader:
                 if isinstance(error, FileExistsError) and not header.overwrite:
                     raise _exists(rel) from None
                 if isinstance(error, OSError):
-                    raise _backing_error(error, rel) from error
+                    raise _backing_error(error, rel, self.backing.root, header.size_bytes or files.size) from error
                 raise
-            cached = await asyncio.to_thread(self._cache, files.blob_temp, digest, size)
+            cached = files.cached_locally and await asyncio.to_thread(self._cache, files.blob_temp, digest, size)
             span.set_attribute("hotslot.size_bytes", size)
         log.info("wrote file through", extra={"path": rel, "sha256": digest, "bytes": size, "cached": cached})
         return PutResult(rel, digest, size, cached)
@@ -276,9 +302,18 @@ def _exists(rel: str) -> AlreadyExists:
                          "(`hotslot models upload --overwrite`) to replace it")
 
 
-def _backing_error(error: OSError, rel: str) -> Exception:
+def _backing_error(error: OSError, rel: str, root: Path, needed: int = 0) -> Exception:
     if error.errno in _FULL:
-        return ResourceExhausted(f"no space left writing {rel!r} ({error.strerror}); free space and upload again")
+        try:
+            st = os.statvfs(root)
+            free = f"{st.f_bavail * st.f_frsize} bytes free"
+        except OSError:
+            free = "free space unknown"
+        need = f"{needed} bytes needed" if needed else "more room needed"
+        return ResourceExhausted(
+            f"the backing store disk holding {root} is full writing {rel!r} ({error.strerror}): {need}, {free}; "
+            "nothing was written: free space there and upload again"
+        )
     if error.errno in _CONFLICT:
         return FailedPrecondition(f"cannot write {rel!r}: {error.strerror} on the backing store")
     return error

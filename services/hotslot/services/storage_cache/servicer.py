@@ -160,5 +160,8 @@ class StorageCacheServicer(pb_grpc.StorageCacheServiceServicer):
             dropped_digests=list(report.dropped_digests),
         )
 
+    async def ReportCorrupt(self, request: pb.ReportCorruptRequest, context) -> pb.ReportCorruptResponse:
+        return pb.ReportCorruptResponse(dropped=await self.core.report_corrupt(request.sha256, request.path))
+
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
         return usage_to_proto(self.core.usage())

@@ -72,7 +72,8 @@ class RegistryServiceServicer:
         Returns INVALID_ARGUMENT for a bad model id, a source that is absolute, contains `..` or escapes the root
         through a symlink, a pickle-format weight file, or a missing or malformed model_index.json (the message names
         the file or field); NOT_FOUND if the source directory or the base model of a LoRA adapter does not exist;
-        FAILED_PRECONDITION if the id is already registered with another kind.
+        FAILED_PRECONDITION if the id is already registered with another kind; RESOURCE_EXHAUSTED if the disk of
+        the registry database is full (the message names it; nothing is written).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -191,6 +191,20 @@ class VerifyResponse(_message.Message):
     dropped_digests: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, blobs_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., dropped_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ReportCorruptRequest(_message.Message):
+    __slots__ = ("sha256", "path")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    path: str
+    def __init__(self, sha256: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ReportCorruptResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: bool
+    def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
+
 class GetUsageRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

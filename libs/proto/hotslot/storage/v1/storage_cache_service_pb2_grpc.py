@@ -76,6 +76,11 @@ class StorageCacheServiceStub:
                 request_serializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ReportCorrupt = channel.unary_unary(
+                '/hotslot.storage.v1.StorageCacheService/ReportCorrupt',
+                request_serializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptRequest.SerializeToString,
+                response_deserializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptResponse.FromString,
+                _registered_method=True)
 
 
 class StorageCacheServiceServicer:
@@ -89,7 +94,8 @@ class StorageCacheServiceServicer:
         Returns INVALID_ARGUMENT for an empty target, a manifest path that escapes the view, or a bad sha256;
         NOT_FOUND if the model is unknown to the registry or a file is missing from the backing store;
         DATA_LOSS if a backing file does not match its sha256 twice in a row (the message names the file);
-        RESOURCE_EXHAUSTED if the model does not fit in the cache capacity next to pinned blobs;
+        RESOURCE_EXHAUSTED if the model does not fit in the cache capacity next to pinned blobs, or the cache disk
+        fills up (the message names the disk and the bytes needed; nothing half-written is left);
         UNAVAILABLE if the registry cannot be reached; FAILED_PRECONDITION for a model reference when no registry is
         configured.
         """
@@ -150,7 +156,8 @@ class StorageCacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
-        """Re-hashes every local blob and drops those whose content does not match their digest.
+        """Re-hashes every local blob and drops those whose content does not match their digest; a blob without a read
+        checksum (cached by an older version) gets one.
         Returns FAILED_PRECONDITION if a verification is already running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -160,6 +167,19 @@ class StorageCacheServiceServicer:
     def GetUsage(self, request, context):
         """Reports capacity, usage and counters of the cache.
         Returns OK always.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportCorrupt(self, request, context):
+        """Tells the cache that a reader found a blob changed on disk: the bytes it read did not match the read checksum
+        recorded on the blob when it was cached (the `user.hotslot.xxh3` extended attribute: XXH3-64 over the XXH3-64
+        digests of the blob's 1 MiB blocks, written `<block bytes>:<16 hex digits>`). The blob is re-hashed
+        and, when its sha256 no longer matches, dropped with every view linking it, so the next EnsureModel fetches
+        it again from the backing store. A blob that still matches stays, with its read checksum recorded anew.
+        Returns INVALID_ARGUMENT for a malformed sha256; NOT_FOUND if the cache does not hold the blob (dropped or
+        evicted already).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,6 +227,11 @@ def add_StorageCacheServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageRequest.FromString,
                     response_serializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ReportCorrupt': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCorrupt,
+                    request_deserializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptRequest.FromString,
+                    response_serializer=hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -427,6 +452,33 @@ class StorageCacheService:
             '/hotslot.storage.v1.StorageCacheService/GetUsage',
             hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageRequest.SerializeToString,
             hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCorrupt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotslot.storage.v1.StorageCacheService/ReportCorrupt',
+            hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptRequest.SerializeToString,
+            hotslot_dot_storage_dot_v1_dot_storage__cache__service__pb2.ReportCorruptResponse.FromString,
             options,
             channel_credentials,
             insecure,

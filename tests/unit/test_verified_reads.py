@@ -1,0 +1,165 @@
+"""Verified reads: a file carrying the CRC-32C recorded when it was cached is checked while the reader reads it, on
+every read path (shared memory by sendfile, private memory, converted through staging chunks, mapped, CUDA), and
+a flipped byte fails the read with CorruptRead naming the file; a file without a checksum, or verify=False, reads
+as before."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hotslot import checksum
+from hotslot.errors import CorruptRead, DataLoss
+from hotslot.loading.reader import map_safetensors, read_files, verify_mapped
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_xxhash = pytest.mark.skipif(not checksum.available(), reason="xxhash is not installed")
+
+MODES = {
+    "shared, unconverted (sendfile)": {"shared": True},
+    "private, unconverted (pread)": {"shared": False},
+    "converted through staging chunks": {"shared": True, "dtype": torch.float16},
+}
+
+
+def _record(path: Path) -> None:
+    with open(path, "rb") as f:
+        value = checksum.of_file(f.fileno())
+    if not checksum.record(path, value):
+        pytest.skip(f"the filesystem of {path} keeps no user xattrs")
+
+
+def _flip(path: Path, offset_from_end: int) -> None:
+    """Flips one byte of the data section in place, keeping the recorded checksum (what a bad disk does)."""
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-offset_from_end, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "unet.safetensors"
+    # ~6 MB: several 1 MiB checksum blocks, tensors that straddle them, an odd size at the end
+    save_file({f"layer{i}.weight": torch.randn(256, 511, generator=g) for i in range(12)}, str(path))
+    _record(path)
+    return path
+
+
+@needs_xxhash
+def test_blocks_hashed_apart_in_any_order_give_the_checksum_of_bytes_fed_in_order() -> None:
+    block = checksum.BLOCK_BYTES
+    data = os.urandom(3 * block + 12_345)
+    fed = checksum.BlockHasher()
+    for lo in range(0, len(data), 77_777):  # pieces that do not line up with blocks
+        fed.update(data[lo : lo + 77_777])
+    apart = {k: checksum.block_digest(data[k * block : (k + 1) * block]) for k in reversed(range(4))}
+    assert checksum.root(apart, len(data)) == fed.value()
+    assert checksum.root({k: v for k, v in apart.items() if k != 2}, len(data)) is None  # a block missing
+    changed = bytearray(data)
+    changed[block + 5] ^= 1
+    again = checksum.BlockHasher()
+    again.update(bytes(changed))
+    assert again.value() != fed.value()
+
+
+@needs_xxhash
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_intact_file_with_a_recorded_checksum_reads_as_before(model_file: Path, mode: str, concurrency: int) -> None:
+    kwargs = MODES[mode]
+    checked = read_files([model_file], chunk_bytes=8192, concurrency=concurrency, **kwargs)[0]
+    plain = read_files([model_file], chunk_bytes=8192, concurrency=concurrency, verify=False, **kwargs)[0]
+    assert all(torch.equal(checked.tensors()[k], v) for k, v in plain.tensors().items())
+
+
+@needs_xxhash
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("where", [1, 30_000, 3_000_000])
+def test_a_flipped_byte_fails_the_read_with_corrupt_read_naming_the_file(model_file: Path, mode: str,
+                                                                          where: int) -> None:
+    _flip(model_file, where)
+    with pytest.raises(CorruptRead) as caught:
+        read_files([model_file], chunk_bytes=8192, concurrency=4, **MODES[mode])
+    assert caught.value.path == str(model_file)
+    assert isinstance(caught.value, DataLoss)
+    assert str(model_file) in caught.value.message
+
+
+@needs_xxhash
+def test_verify_off_reads_a_corrupted_file_without_noticing(model_file: Path) -> None:
+    _flip(model_file, 1)
+    read_files([model_file], verify=False)
+
+
+@needs_xxhash
+def test_a_file_without_a_recorded_checksum_is_read_unchecked(model_file: Path) -> None:
+    os.removexattr(model_file, checksum.XATTR)
+    _flip(model_file, 1)
+    read_files([model_file])
+
+
+@needs_xxhash
+def test_a_corrupted_mapped_file_is_caught_when_its_pages_are_checksummed(model_file: Path, tmp_path: Path) -> None:
+    good = tmp_path / "vae.safetensors"
+    save_file({"w": torch.ones(1000)}, str(good))
+    _record(good)
+    mapped = [map_safetensors(good), map_safetensors(model_file)]
+    assert verify_mapped(mapped, 2) == good.stat().st_size + model_file.stat().st_size
+    _flip(model_file, 5)
+    with pytest.raises(CorruptRead) as caught:
+        verify_mapped([map_safetensors(good), map_safetensors(model_file)], 2)
+    assert caught.value.path == str(model_file)
+
+
+def test_corrupt_read_keeps_its_path_across_a_process_boundary() -> None:
+    sent = CorruptRead.of("/cache/views/abc/unet/diffusion_pytorch_model.safetensors")
+    rebuilt = CorruptRead(sent.message)  # what the preloader's parent rebuilds from class name and message
+    assert rebuilt.path == "/cache/views/abc/unet/diffusion_pytorch_model.safetensors"
+
+
+@cuda
+@needs_xxhash
+def test_cuda_reads_are_checked_too(model_file: Path) -> None:
+    read_files([model_file], device="cuda", dtype=torch.float16)
+    _flip(model_file, 1)
+    with pytest.raises(CorruptRead):
+        read_files([model_file], device="cuda", dtype=torch.float16, chunk_bytes=8192)
+
+
+@needs_xxhash
+@pytest.mark.parametrize("mode", list(MODES))
+def test_reads_end_on_checksum_blocks_so_no_block_is_read_twice(model_file: Path, mode: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    reread = []
+    real = os.pread
+
+    def counting(fd, n, offset):
+        if offset:  # the header is read once at offset 0; any other pread is a block read again
+            reread.append((offset, n))
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", counting)
+    read_files([model_file], chunk_bytes=2 * 1024 * 1024, concurrency=3, **MODES[mode])
+    assert reread == []
+
+
+@needs_xxhash
+@pytest.mark.parametrize("verify_reads", [True, False])
+def test_the_preloader_child_checks_what_it_reads_unless_told_not_to(model_file: Path, verify_reads: bool) -> None:
+    from hotslot.loading.preloader import Preloader
+
+    _flip(model_file, 1)
+    with Preloader(verify_reads=verify_reads) as preloader:
+        future = preloader.load("r1", "m", model_file.parent, files=[("unet", model_file.name)])
+        if not verify_reads:
+            assert future.result(120).nbytes > 0
+            return
+        with pytest.raises(CorruptRead) as caught:
+            future.result(120)
+    assert caught.value.path == str(model_file)  # rebuilt in the parent with the file it names
