@@ -17,6 +17,7 @@ from hotslot.registry.v1 import registry_service_pb2 as registry_pb
 from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 from .downstream import (
+    Evicted,
     ExecutorClient,
     ExecutorConnector,
     ExecutorUnavailable,
@@ -44,7 +45,7 @@ def snapshot_from_proto(status: executor_pb.ExecutorStatus, address: str) -> Exe
     return ExecutorSnapshot(
         executor_id=status.executor_id or address,
         address=status.address,
-        ready=status.state == executor_pb.EXECUTOR_STATE_READY,
+        ready=status.state == common_pb2.EXECUTOR_STATE_READY,
         models=tuple(
             HeldModel(held.model.model_id, held.model.revision, _tier(held.tier), held.size_bytes)
             for held in status.models
@@ -142,6 +143,14 @@ class GrpcExecutorClient(ExecutorClient):
             return await self._stub.Preload(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, f"executor at {self.address}") from None
+
+    async def evict(self, model_id: str, revision: int, timeout_s: float | None) -> Evicted:
+        request = executor_pb.EvictRequest(model=common_pb2.ModelRef(model_id=model_id, revision=revision))
+        try:
+            response = await self._stub.Evict(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"executor at {self.address}") from None
+        return Evicted(response.freed_bytes, response.pending_bytes)
 
     async def close(self) -> None:
         await self._channel.close()

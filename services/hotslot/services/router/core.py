@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import uuid
 from collections import deque
@@ -15,7 +16,16 @@ from typing import Any
 from opentelemetry import trace
 
 from hotslot.convert import kind_from_proto
-from hotslot.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from hotslot.errors import (
+    DeadlineExceeded,
+    HotslotError,
+    InvalidArgument,
+    NotFound,
+    Reason,
+    ResourceExhausted,
+    Unavailable,
+)
+from hotslot.manifest import validate_model_id
 
 from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, ProgressEvent, ResultEvent
 from .membership import ExecutorLink, ExecutorMembership, Slot
@@ -57,6 +67,26 @@ class Preloaded:
     @property
     def result(self) -> Any:
         return self.replicas[0].result
+
+
+class EvictOutcome(enum.Enum):
+    """What Evict did on one executor (hotslot.router.v1.EvictOutcome)."""
+
+    EVICTED = 1
+    MARKED = 2
+    NOT_HELD = 3
+    FAILED = 4
+
+
+@dataclass(frozen=True)
+class EvictAnswer:
+    """One executor's answer to an Evict."""
+
+    executor_id: str
+    outcome: EvictOutcome
+    freed_bytes: int = 0
+    pending_bytes: int = 0
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -255,6 +285,49 @@ class RouterCore:
         ranked.sort(key=lambda choice: choice.tier if choice.reason in _HELD_REASONS else len(Tier))
         return ranked[0] if ranked else None
 
+    # -- evict -------------------------------------------------------------------------------------------------
+    async def evict(
+        self, model_id: str, revision: int, executor_id: str, time_remaining_s: float | None
+    ) -> list[EvictAnswer]:
+        """Evicts the model on `executor_id`, whose errors are the answer (NotFound when it does not hold the model);
+        or, with no executor named, on every connected executor whose latest status lists it (revision 0: any
+        revision), in parallel, each failure listed as that executor's outcome. Ordered by executor id."""
+        validate_model_id(model_id, "model.model_id")
+        links = self.membership.placeable()
+        timeout = time_remaining_s
+        if executor_id:
+            link = next((link for link in links if link.executor_id == executor_id and link.client), None)
+            if link is None:
+                raise NotFound(f"no connected executor has id {executor_id!r}", reason=Reason.EXECUTOR_NOT_FOUND)
+            return [self._evict_answer(executor_id, await link.client.evict(model_id, revision, timeout))]  # type: ignore[union-attr]
+        holders = [
+            link for link in links
+            if link.client is not None and link.snapshot is not None and any(
+                held.model_id == model_id and (revision == 0 or held.revision == revision)
+                for held in (*link.snapshot.models, *link.snapshot.adapters)
+            )
+        ]
+        outcomes = await asyncio.gather(
+            *(link.client.evict(model_id, revision, timeout) for link in holders),  # type: ignore[union-attr]
+            return_exceptions=True,
+        )
+        answers = []
+        for link, outcome in zip(holders, outcomes, strict=True):
+            if isinstance(outcome, NotFound):
+                answers.append(EvictAnswer(link.executor_id, EvictOutcome.NOT_HELD, message=outcome.message))
+            elif isinstance(outcome, HotslotError):
+                answers.append(EvictAnswer(link.executor_id, EvictOutcome.FAILED, message=outcome.message))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                answers.append(self._evict_answer(link.executor_id, outcome))
+        return answers
+
+    @staticmethod
+    def _evict_answer(executor_id: str, evicted: Any) -> EvictAnswer:
+        outcome = EvictOutcome.MARKED if evicted.pending_bytes else EvictOutcome.EVICTED
+        return EvictAnswer(executor_id, outcome, evicted.freed_bytes, evicted.pending_bytes)
+
     # -- registry passthrough ----------------------------------------------------------------------------
     async def list_models(self, request: Any) -> Any:
         return await self._catalog().list_models(request)
@@ -350,6 +423,7 @@ class RouterCore:
                 f"every executor is busy and the router queue is full ({self.max_queue} waiting); "
                 f"retry in {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s,
+                reason=Reason.QUEUE_FULL,
             )
         loop = asyncio.get_running_loop()
         limit = self.queue_timeout_s
@@ -365,6 +439,7 @@ class RouterCore:
             raise ResourceExhausted(
                 f"no executor had room within {self.queue_timeout_s:g} s; retry in {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s,
+                reason=Reason.QUEUE_FULL,
             ) from None
         except BaseException:
             # Cancelled (client gone) after _admit_waiters reserved a slot for us but before we resumed: give the
@@ -401,10 +476,11 @@ class RouterCore:
         known = len(self.membership.targets())
         if exclude:
             return ExecutorUnavailable(
-                f"no other executor is ready (tried {', '.join(exclude)}; {known} known)"
+                f"no other executor is ready (tried {', '.join(exclude)}; {known} known)",
+                reason=Reason.NO_EXECUTOR_READY,
             )
         return Unavailable(f"no executor is ready ({known} known, {len(self.membership.unreachable_addresses())} "
-                           "unreachable)")
+                           "unreachable)", reason=Reason.NO_EXECUTOR_READY)
 
     @staticmethod
     def _timeout(deadline: float | None) -> float | None:

@@ -55,6 +55,16 @@ class ResultEvent:
 StreamEvent = ProgressEvent | ResultEvent
 
 
+@dataclass(frozen=True)
+class Evicted:
+    """An executor's answer to Evict."""
+
+    freed_bytes: int
+    """Released now."""
+    pending_bytes: int
+    """Of models in use: marked, released when their last request ends."""
+
+
 class ExecutorClient(ABC):
     """Calls to one executor. Every method raises hotslot.errors classes carrying the executor's status code and
     message; a broken connection or an UNAVAILABLE answer raises ExecutorUnavailable. `timeout_s` None means no
@@ -77,6 +87,11 @@ class ExecutorClient(ABC):
     @abstractmethod
     async def preload(self, model_id: str, revision: int, timeout_s: float | None) -> Any:
         """Loads a model into standby; returns the executor's PreloadResponse."""
+
+    @abstractmethod
+    async def evict(self, model_id: str, revision: int, timeout_s: float | None) -> Evicted:
+        """Drops the model (revision 0: every revision held), or marks it where a request uses it. Raises NotFound
+        when the executor does not hold it."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook: fakes have nothing to release
         """Releases the connection."""

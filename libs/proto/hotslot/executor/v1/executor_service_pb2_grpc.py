@@ -120,8 +120,11 @@ class ExecutorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Evict(self, request, context):
-        """Drops a model from every tier of this executor once no request uses it.
-        Returns NOT_FOUND if the executor does not hold the model.
+        """Drops a model (every revision held when revision is 0) from every tier of this executor. A model no request
+        uses is dropped now (`freed_bytes`); one in use is marked (HeldModel.evicting) and dropped when the last request
+        using it ends (`pending_bytes`); requests already queued for it still run on it.
+        Returns INVALID_ARGUMENT for a malformed model id; NOT_FOUND (reason MODEL_NOT_HELD) if the executor does not
+        hold the model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
