@@ -12,7 +12,11 @@ GENERATED = ROOT / "libs" / "proto"
 
 
 def main() -> int:
-    protos = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto"))
+    # protos/google/ is upstream google.rpc for other languages' clients; Python has it from googleapis-common-protos.
+    protos = sorted(
+        str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto")
+        if p.relative_to(ROOT / "protos").parts[0] != "google"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"),
