@@ -163,7 +163,16 @@ def test_cli_generate_and_status(stack: Stack, router: pb_grpc.RouterServiceStub
     assert {line.split(" on ")[1].split(":")[0] for line in lines} == {e.executor_id for e in executors}
     done = subprocess.run([*HOTSLOT, "preload", "no-such-model", "--router", stack.router.address],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "NOT_FOUND" in done.stderr, done.stderr
+    assert done.returncode == 1 and "NOT_FOUND (MODEL_NOT_FOUND)" in done.stderr, done.stderr
+
+    wait_for(lambda: sum(m.model.model_id == "tiny-sd-2" for e in cluster_status(router).executors for m in e.models)
+             == 2, "the router to see both replicas")
+    done = subprocess.run([*HOTSLOT, "evict", "tiny-sd-2", "--router", stack.router.address],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == sorted(e.executor_id for e in executors), done.stdout
+    assert all(": evicted" in line and "MB freed" in line for line in lines), done.stdout
 
 
 def test_full_queues_answer_resource_exhausted(stack: Stack) -> None:

@@ -12,6 +12,8 @@ from typing import Annotated
 
 import grpc
 import typer
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -57,11 +59,26 @@ models_app = typer.Typer(no_args_is_help=True, help="List, show, register and up
 
 
 def _fail(err: grpc.RpcError) -> typer.Exit:
-    err_console.print(f"[red]error[/red] {err.code().name}: {err.details()}")
+    reason = _reason(err)
+    err_console.print(f"[red]error[/red] {err.code().name}{f' ({reason})' if reason else ''}: {err.details()}",
+                      markup=True, highlight=False)
     if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (err.details() or ""):
         err_console.print("is the cluster running (`hotslot up`)? pass its address with --router/--registry/--storage "
                           "or HOTSLOT_CLIENT_ROUTER/_REGISTRY/_STORAGE")
     return typer.Exit(1)
+
+
+def _reason(err: grpc.RpcError) -> str:
+    """The google.rpc.ErrorInfo reason every hotslot error carries (README, Clients); empty when there is none."""
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError:
+        return ""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
 
 
 def ms(duration) -> float:
