@@ -5,9 +5,13 @@ BIN := $(VENV)/bin
 # Overridable: `make install TORCH_SPEC='torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124'`
 TORCH_SPEC ?= torch==2.13.0
 PROTO_OUT := libs/proto
-PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+# protos/google/ holds upstream google.rpc protos for other languages' clients; Python has them from
+# googleapis-common-protos, so they are not generated here.
+PROTO_FILES := $(shell find protos -name '*.proto' -not -path 'protos/google/*' | sort)
+# The contracts as last released: `buf breaking` in `make lint` checks the current ones against it.
+RELEASED_CONTRACTS := protos/released/hotslot-v1.binpb
 
-.PHONY: install protos protos-check lint docs test demo clean
+.PHONY: install protos protos-check lint docs test demo clean contracts-release
 
 $(BIN)/.installed: pyproject.toml package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,9 +42,15 @@ protos-check: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	npx --no-install buf lint
+	npx --no-install buf breaking --against $(RELEASED_CONTRACTS)
 	$(BIN)/ruff check .
 	$(BIN)/python tools/check_protos.py
 	$(BIN)/python tools/settings_reference.py --check
+
+# Run when a release is cut (README, "Contracts and compatibility"): the current contracts become the baseline
+# that `buf breaking` checks against from then on.
+contracts-release:
+	npx --no-install buf build --exclude-source-info -o $(RELEASED_CONTRACTS)
 
 # Regenerates the configuration reference in README.md from the services' settings classes.
 docs: $(BIN)/.installed

@@ -478,7 +478,7 @@ class Hotslot:
             params=common_pb2.GenerationParams(prompt=PROMPT, steps=a.steps, guidance_scale=a.guidance, width=a.size,
                                                height=a.size, seed=seed, num_images=1)), timeout=600)
         latency = time.perf_counter() - t0
-        r = resp.result
+        r = resp
         tier = common_pb2.Tier.Name(r.tier).removeprefix("TIER_")
         load = sum(getattr(r.timings, p).ToNanoseconds() for p in ("ensure", "read", "materialize")) / 1e9
         placement = router_pb.PlacementReason.Name(resp.placement_reason).removeprefix("PLACEMENT_REASON_")

@@ -52,7 +52,7 @@ class EchoExecutor(executor_grpc.ExecutorServiceServicer):
         return executor_pb.ExecutorStatus(
             executor_id=ECHO_ID,
             address=self.address,
-            state=executor_pb.EXECUTOR_STATE_READY,
+            state=common_pb2.EXECUTOR_STATE_READY,
             device="cpu",
             models=[executor_pb.HeldModel(model=common_pb2.ModelRef(model_id=self.model_id, revision=1),
                                           tier=common_pb2.TIER_ACTIVE, size_bytes=1)],

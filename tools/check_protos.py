@@ -13,7 +13,11 @@ DESCRIPTOR_SET = "hotslot/descriptor_set.binpb"  # with source info, for server 
 
 
 def main() -> int:
-    protos = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto"))
+    # protos/google/ is upstream google.rpc for other languages' clients; Python has it from googleapis-common-protos.
+    protos = sorted(
+        str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto")
+        if p.relative_to(ROOT / "protos").parts[0] != "google"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / DESCRIPTOR_SET).parent.mkdir(parents=True)
         subprocess.run(

@@ -143,6 +143,9 @@ def main(argv: list[str]) -> int:
                               f"{t['total']:.1f}", Path(row["paths"][0]).name)
         console.print(table)
         console.print(hotslot("status", "--router", router))
+        evicted = lanes[0][0]["model"]
+        console.print(f"[bold]evict[/bold] {evicted} from every executor holding it (router Evict):")
+        console.print(hotslot("evict", evicted, "--router", router))
         # Spans are exported in batches; give the last ones a moment to arrive.
         wanted = {row["trace_id"] for rows in lanes for row in rows}
         deadline = time.monotonic() + 10

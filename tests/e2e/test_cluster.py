@@ -78,7 +78,7 @@ def executor_process(stack: Stack, status) -> ServiceProcess:
 
 def test_generate_through_the_router(router: pb_grpc.RouterServiceStub, stack: Stack) -> None:
     first = router.Generate(request("tiny-sd-0", num_images=2), timeout=300)
-    r = first.result
+    r = first
     assert len(r.images) == 2 and [i.seed for i in r.images] == [7, 8]
     assert all(png(i.data).size == (64, 64) for i in r.images)
     assert r.model.model_id == "tiny-sd-0" and r.model.revision == 1
@@ -87,9 +87,9 @@ def test_generate_through_the_router(router: pb_grpc.RouterServiceStub, stack: S
     assert ms(r.timings.ensure) > 0 and ms(r.timings.read) > 0 and ms(r.timings.denoise) > 0
 
     again = router.Generate(request("tiny-sd-0"), timeout=300)
-    assert again.placement_reason == pb.PLACEMENT_REASON_ACTIVE and again.result.tier == common_pb2.TIER_ACTIVE
+    assert again.placement_reason == pb.PLACEMENT_REASON_ACTIVE and again.tier == common_pb2.TIER_ACTIVE
     assert list(again.attempted_executor_ids) == [r.executor_id]  # stays where the model is
-    assert ms(again.result.timings.read) == 0 and ms(again.result.timings.ensure) == 0
+    assert ms(again.timings.read) == 0 and ms(again.timings.ensure) == 0
 
     status = cluster_status(router)
     assert {e.address for e in status.executors} == {svc.address for svc in stack.executors}
@@ -124,10 +124,10 @@ def test_grpcurl_lists_the_router_and_generates_from_json(stack: Stack) -> None:
     reply = json.loads(grpcurl("-max-time", "300", "-d", json.dumps(body), address,
                                "hotslot.router.v1.RouterService/Generate"))
     # grpcurl prints the proto field names (snake_case); bytes are base64.
-    image = reply["result"]["images"][0]
+    image = reply["images"][0]
     assert image["mime_type"] == "image/png", reply
     assert png(base64.b64decode(image["data"])).size == (64, 64)
-    assert reply["attempted_executor_ids"] == [reply["result"]["executor_id"]]
+    assert reply["attempted_executor_ids"] == [reply["executor_id"]]
     assert reply["placement_reason"] == "PLACEMENT_REASON_ACTIVE"
 
 
@@ -163,7 +163,16 @@ def test_cli_generate_and_status(stack: Stack, router: pb_grpc.RouterServiceStub
     assert {line.split(" on ")[1].split(":")[0] for line in lines} == {e.executor_id for e in executors}
     done = subprocess.run([*HOTSLOT, "preload", "no-such-model", "--router", stack.router.address],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "NOT_FOUND" in done.stderr, done.stderr
+    assert done.returncode == 1 and "NOT_FOUND (MODEL_NOT_FOUND)" in done.stderr, done.stderr
+
+    wait_for(lambda: sum(m.model.model_id == "tiny-sd-2" for e in cluster_status(router).executors for m in e.models)
+             == 2, "the router to see both replicas")
+    done = subprocess.run([*HOTSLOT, "evict", "tiny-sd-2", "--router", stack.router.address],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == sorted(e.executor_id for e in executors), done.stdout
+    assert all(": evicted" in line and "MB freed" in line for line in lines), done.stdout
 
 
 def test_full_queues_answer_resource_exhausted(stack: Stack) -> None:
@@ -196,7 +205,7 @@ def test_full_queues_answer_resource_exhausted(stack: Stack) -> None:
             running.cancel()  # the executor stops denoising between steps
         assert queued is not None
         reply = queued.result(timeout=120)  # the waiting request got the room
-        assert reply.result.images and list(reply.attempted_executor_ids) == [reply.result.executor_id]
+        assert reply.images and list(reply.attempted_executor_ids) == [reply.executor_id]
         assert cluster_status(stub).router_queue_depth == 0
     small.stop()
 
@@ -234,8 +243,8 @@ def test_executor_killed_mid_request_is_retried_elsewhere(stack: Stack, router: 
     assert result is not None
     survivor = next(e.executor_id for e in status.executors if e.executor_id != victim_id)
     assert list(result.attempted_executor_ids) == [victim_id, survivor]
-    assert result.result.executor_id == survivor and len(result.result.images) == 1
-    assert png(result.result.images[0].data).size == (64, 64)
+    assert result.executor_id == survivor and len(result.images) == 1
+    assert png(result.images[0].data).size == (64, 64)
     assert steps_after and steps_after[-1] == 60  # progress started over on the survivor and ran to the end
     assert proc.wait(10) == -signal.SIGKILL
 

@@ -117,8 +117,8 @@ def test_up_serves_a_model_and_sigterm_leaves_nothing(up, tiny_family: list[Path
             model=common_pb2.ModelRef(model_id=model.name),
             params=common_pb2.GenerationParams(prompt="a lighthouse", steps=2, width=64, height=64, seed=1)),
             timeout=300)
-    assert reply.result.executor_id == "executor-0" and list(reply.attempted_executor_ids) == ["executor-0"]
-    assert Image.open(io.BytesIO(reply.result.images[0].data)).size == (64, 64)
+    assert reply.executor_id == "executor-0" and list(reply.attempted_executor_ids) == ["executor-0"]
+    assert Image.open(io.BytesIO(reply.images[0].data)).size == (64, 64)
 
     tree = cluster.tree()  # again: generating may have started helpers (resource tracker, preloader restart)
     cluster.proc.send_signal(signal.SIGTERM)

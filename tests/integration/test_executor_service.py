@@ -254,7 +254,7 @@ def test_watch_status_reports_changes(executor) -> None:
     _, stub = executor
     watch = stub.WatchStatus(epb.WatchStatusRequest(), timeout=120)
     first = next(watch).status
-    assert first.state == epb.EXECUTOR_STATE_READY and first.queue_capacity == 2
+    assert first.state == common_pb2.EXECUTOR_STATE_READY and first.queue_capacity == 2
     stub.Generate(generate_request("tiny-sd-2"), timeout=120)
     seen = [next(watch).status for _ in range(2)]
     assert all(s.version > first.version for s in seen)

@@ -207,12 +207,12 @@ def test_the_router_forwards_adapters_and_lists_them(executor, stack: Stack) -> 
                                              params=common_pb2.GenerationParams(prompt="a lighthouse at dusk", seed=7))
         request.adapters.extend([adapter_ref("lora-a"), adapter_ref("lora-c", 0.5)])
         routed = front.Generate(request, timeout=120)
-        assert routed.result.images[0].data == png(direct)
-        assert [a.model.model_id for a in routed.result.adapters] == ["lora-a", "lora-c"]
+        assert routed.images[0].data == png(direct)
+        assert [a.model.model_id for a in routed.adapters] == ["lora-a", "lora-c"]
         as_model = front.Generate(rpb_router.GenerateRequest(
             model=common_pb2.ModelRef(model_id="lora-a"),
             params=common_pb2.GenerationParams(prompt="a lighthouse at dusk", seed=7)), timeout=120)
-        assert as_model.result.images[0].data == png(run(stub, "lora-a"))
+        assert as_model.images[0].data == png(run(stub, "lora-a"))
         cluster = front.GetClusterStatus(rpb_router.GetClusterStatusRequest())
         listed = {a.model.model_id: a for e in cluster.executors for a in e.adapters}
         assert {"lora-a", "lora-c"} <= set(listed) and listed["lora-a"].size_bytes > 0

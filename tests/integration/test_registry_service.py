@@ -131,10 +131,15 @@ def test_refusals_have_clear_codes_and_store_nothing(
         stub.RegisterModel(pb.RegisterModelRequest(**request_kwargs), timeout=30)
     assert err.value.code() == getattr(grpc.StatusCode, code)
     assert needle in err.value.details()
+    status = rpc_status.from_call(err.value)
+    assert status is not None
+    [info] = [i for d in status.details if d.Unpack(i := error_details_pb2.ErrorInfo())]
+    assert info.domain == "hotslot.dev"
+    expected = {"unet/model.ckpt": "UNSAFE_FILE_FORMAT", "does not exist": "NOT_FOUND",
+                "base model 'nope'": "MODEL_NOT_FOUND"}.get(needle, "INVALID_PARAMETER")
+    assert info.reason == expected
     if field is not None:
-        status = rpc_status.from_call(err.value)
-        bad_request = error_details_pb2.BadRequest()
-        assert status is not None and status.details[0].Unpack(bad_request)
+        [bad_request] = [b for d in status.details if d.Unpack(b := error_details_pb2.BadRequest())]
         assert bad_request.field_violations[0].field == field
     assert list(stub.ListModels(pb.ListModelsRequest()).models) == []
 

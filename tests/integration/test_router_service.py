@@ -81,7 +81,7 @@ class FakeExecutorServicer(executor_grpc.ExecutorServiceServicer):
         return executor_pb.ExecutorStatus(
             executor_id=self.executor_id,
             address=self.address,
-            state=executor_pb.EXECUTOR_STATE_READY,
+            state=common_pb2.EXECUTOR_STATE_READY,
             device="cpu",
             models=[
                 executor_pb.HeldModel(model=common_pb2.ModelRef(model_id=m, revision=1), tier=t, size_bytes=1000)
@@ -145,7 +145,7 @@ class FakeExecutorServicer(executor_grpc.ExecutorServiceServicer):
     async def GenerateStream(self, request, context):
         try:
             await self._begin("GenerateStream", request, context)
-            yield executor_pb.GenerateStreamResponse(load=executor_pb.LoadProgress(phase=executor_pb.LOAD_PHASE_QUEUED))
+            yield executor_pb.GenerateStreamResponse(load=executor_pb.LoadProgress(phase=common_pb2.LOAD_PHASE_QUEUED))
             yield executor_pb.GenerateStreamResponse(step=executor_pb.StepProgress(step=1, total_steps=2))
             if self.mode == "break":
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.executor_id} went away")
@@ -314,6 +314,25 @@ def refusal(call: Callable[[], object]) -> grpc.RpcError:
     return raised.value
 
 
+def details_of(status, detail_type: type) -> list:
+    """The details of a google.rpc.Status of one type."""
+    found = []
+    for detail in status.details:
+        message = detail_type()
+        if detail.Unpack(message):
+            found.append(message)
+    return found
+
+
+def reason_of(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call (every hotslot error carries one, domain hotslot.dev)."""
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no rich status on {error.code().name}: {error.details()}"
+    [info] = details_of(status, error_details_pb2.ErrorInfo)
+    assert info.domain == "hotslot.dev"
+    return info.reason
+
+
 # -- tests ---------------------------------------------------------------------------------------------------
 
 
@@ -330,21 +349,22 @@ def test_reflection_lists_the_router_and_grpcurl_generates(stub, router: Service
                                router.address, "hotslot.router.v1.RouterService/Generate"))
     # This grpcurl prints the .proto field names.
     assert reply["placement_reason"] == "PLACEMENT_REASON_ACTIVE" and reply["attempted_executor_ids"] == ["exec-a"]
-    assert reply["result"]["images"][0]["mime_type"] == "image/png"
+    assert reply["images"][0]["mime_type"] == "image/png"
 
 
 def test_placement_prefers_the_executor_holding_the_model_and_follows_status(stub, executors) -> None:
     a, b = executors
     reply = stub.Generate(generate("alpha"), timeout=10)
-    assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", pb.PLACEMENT_REASON_ACTIVE)
-    assert list(reply.attempted_executor_ids) == ["exec-a"] and reply.result.request_id
+    assert (reply.executor_id, reply.placement_reason) == ("exec-a", pb.PLACEMENT_REASON_ACTIVE)
+    assert list(reply.attempted_executor_ids) == ["exec-a"] and reply.request_id
     reply = stub.Generate(generate("beta"), timeout=10)
-    assert (reply.result.executor_id, reply.placement_reason) == ("exec-b", pb.PLACEMENT_REASON_ACTIVE)
+    assert (reply.executor_id, reply.placement_reason) == ("exec-b", pb.PLACEMENT_REASON_ACTIVE)
 
     cold = stub.Generate(generate("cold"), timeout=10)
     assert cold.placement_reason == pb.PLACEMENT_REASON_LOAD
     preloaded = stub.Preload(pb.PreloadRequest(model=common_pb2.ModelRef(model_id="cold")), timeout=10)
-    assert preloaded.result.tier == STANDBY
+    [replica] = preloaded.replicas
+    assert replica.tier == STANDBY
     # The executor's next status says it holds the model in standby; the router places by it.
     wait_for(
         lambda: any(
@@ -355,7 +375,7 @@ def test_placement_prefers_the_executor_holding_the_model_and_follows_status(stu
         "the router sees the preloaded model",
     )
     reply = stub.Generate(generate("cold"), timeout=10)
-    assert (reply.result.executor_id, reply.placement_reason) == (preloaded.executor_id, pb.PLACEMENT_REASON_STANDBY)
+    assert (reply.executor_id, reply.placement_reason) == (replica.executor_id, pb.PLACEMENT_REASON_STANDBY)
 
     status = stub.GetClusterStatus(pb.GetClusterStatusRequest())
     assert [e.executor_id for e in status.executors] == ["exec-a", "exec-b"]
@@ -364,8 +384,8 @@ def test_placement_prefers_the_executor_holding_the_model_and_follows_status(stu
 
 
 def test_catalogue_passes_through_and_unknown_models_are_not_found(stub, executors) -> None:
-    listed = stub.ListModels(pb.ListModelsRequest(request=registry_pb.ListModelsRequest()), timeout=10)
-    assert [m.model_id for m in listed.response.models] == ["alpha", "beta", "cold"]
+    listed = stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    assert [m.model_id for m in listed.models] == ["alpha", "beta", "cold"]
     assert stub.GetModel(pb.GetModelRequest(model_id="alpha"), timeout=10).model.manifest.files
 
     for call in (
@@ -376,10 +396,13 @@ def test_catalogue_passes_through_and_unknown_models_are_not_found(stub, executo
     ):
         error = refusal(call)
         assert error.code() == grpc.StatusCode.NOT_FOUND and "ghost" in error.details()
+        # The registry's reason reaches the client through the router.
+        assert reason_of(error) == "MODEL_NOT_FOUND"
     assert not executors[0].servicer.seen and not executors[1].servicer.seen, "refused before any executor"
 
     error = refusal(lambda: stub.Generate(generate(""), timeout=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "model.model_id" in error.details()
+    assert reason_of(error) == "INVALID_PARAMETER"
 
 
 def test_unavailable_executor_is_retried_once_on_the_other(stub, executors) -> None:
@@ -387,7 +410,7 @@ def test_unavailable_executor_is_retried_once_on_the_other(stub, executors) -> N
     a.servicer.mode = "unavailable"
     reply = stub.Generate(generate("alpha"), timeout=10)
     assert list(reply.attempted_executor_ids) == ["exec-a", "exec-b"]
-    assert reply.result.executor_id == "exec-b"
+    assert reply.executor_id == "exec-b"
 
     b.servicer.mode = "unavailable"
     error = refusal(lambda: stub.Generate(generate("alpha"), timeout=10))
@@ -404,7 +427,7 @@ def test_stream_broken_before_its_result_is_retried_on_the_other(stub, executors
     # Progress of the broken attempt came through before the failure; it starts over on the other executor.
     assert kinds == ["load", "step", "load", "step", "step", "result"]
     result = events[-1].result
-    assert list(result.attempted_executor_ids) == ["exec-a", "exec-b"] and result.result.executor_id == "exec-b"
+    assert list(result.attempted_executor_ids) == ["exec-a", "exec-b"] and result.executor_id == "exec-b"
 
 
 def test_executor_stopped_mid_request_is_retried_and_rejoins_when_back(stub, executors) -> None:
@@ -414,7 +437,7 @@ def test_executor_stopped_mid_request_is_retried_and_rejoins_when_back(stub, exe
     wait_for(lambda: a.servicer.holding == 1, "the request reaches exec-a")
     a.stop()
     reply = pending.result()
-    assert list(reply.attempted_executor_ids) == ["exec-a", "exec-b"] and reply.result.executor_id == "exec-b"
+    assert list(reply.attempted_executor_ids) == ["exec-a", "exec-b"] and reply.executor_id == "exec-b"
 
     wait_for(lambda: connected(stub) == ["exec-b"], "exec-a is dropped")
     status = stub.GetClusterStatus(pb.GetClusterStatusRequest())
@@ -424,7 +447,7 @@ def test_executor_stopped_mid_request_is_retried_and_rejoins_when_back(stub, exe
     a.servicer.mode = "ok"
     a.start()
     wait_for(lambda: connected(stub) == ["exec-a", "exec-b"], "exec-a is back without a router restart")
-    assert stub.Generate(generate("alpha"), timeout=10).result.executor_id == "exec-a"
+    assert stub.Generate(generate("alpha"), timeout=10).executor_id == "exec-a"
 
 
 def test_overfilled_queues_are_refused_with_a_retry_hint(stub, executors) -> None:
@@ -440,14 +463,16 @@ def test_overfilled_queues_are_refused_with_a_retry_hint(stub, executors) -> Non
     error = refusal(lambda: stub.Generate(generate("alpha"), timeout=10))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "router queue is full" in error.details()
     status = rpc_status.from_call(error)
-    info = error_details_pb2.RetryInfo()
-    assert status is not None and status.details[0].Unpack(info)
+    assert status is not None
+    [info] = details_of(status, error_details_pb2.RetryInfo)
     assert info.retry_delay.ToNanoseconds() == 2_500_000_000
+    [reason] = details_of(status, error_details_pb2.ErrorInfo)
+    assert (reason.reason, reason.domain) == ("QUEUE_FULL", "hotslot.dev")
 
     a.release()
     b.release()
-    assert [f.result().result.executor_id for f in running] == ["exec-a", "exec-b"]
-    waited = waiting.result().result
+    assert [f.result().executor_id for f in running] == ["exec-a", "exec-b"]
+    waited = waiting.result()
     assert waited.executor_id in ("exec-a", "exec-b")  # whichever freed first: both are released together
     assert waited.timings.queue.ToNanoseconds() > 1000, "the router's wait is added to the executor's (1 us)"
 
@@ -478,12 +503,12 @@ def test_executors_join_and_leave_without_restart(tmp_path: Path, loop: LoopThre
             late.start()
             wait_for(lambda: connected(stub) == ["exec-a", "exec-c"], "exec-c joins")
             reply = stub.Generate(generate("gamma"), timeout=10)
-            assert (reply.result.executor_id, reply.placement_reason) == ("exec-c", pb.PLACEMENT_REASON_ACTIVE)
+            assert (reply.executor_id, reply.placement_reason) == ("exec-c", pb.PLACEMENT_REASON_ACTIVE)
 
             late.stop()
             wait_for(lambda: connected(stub) == ["exec-a"], "exec-c leaves")
             reply = stub.Generate(generate("gamma"), timeout=10)
-            assert (reply.result.executor_id, reply.placement_reason) == ("exec-a", pb.PLACEMENT_REASON_LOAD)
+            assert (reply.executor_id, reply.placement_reason) == ("exec-a", pb.PLACEMENT_REASON_LOAD)
 
             error = refusal(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=30))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -538,7 +563,7 @@ def tiny_request(model_id: str, seed: int = 7, steps: int = 4) -> pb.GenerateReq
 
 def test_a_burst_for_one_model_spreads_to_both_real_executors(real_router: pb_grpc.RouterServiceStub) -> None:
     first = real_router.Generate(tiny_request("tiny-sd-0"), timeout=300)
-    holder = first.result.executor_id
+    holder = first.executor_id
     assert holder and first.placement_reason == pb.PLACEMENT_REASON_LOAD
     wait_for(lambda: holder in held_on(real_router, "tiny-sd-0"), "the router to see the model held")
 
@@ -548,14 +573,14 @@ def test_a_burst_for_one_model_spreads_to_both_real_executors(real_router: pb_gr
     futures = [real_router.Generate.future(tiny_request("tiny-sd-0", seed=i, steps=8), timeout=300)
                for i in range(12)]
     replies = [future.result() for future in futures]
-    assert all(len(r.result.images) == 1 and r.result.executor_id for r in replies)
-    assert all(list(r.attempted_executor_ids) == [r.result.executor_id] for r in replies)
-    served = {r.result.executor_id for r in replies}
-    assert len(served) == 2, [(r.result.executor_id, pb.PlacementReason.Name(r.placement_reason)) for r in replies]
-    reasons = {(r.result.executor_id == holder, r.placement_reason) for r in replies}
+    assert all(len(r.images) == 1 and r.executor_id for r in replies)
+    assert all(list(r.attempted_executor_ids) == [r.executor_id] for r in replies)
+    served = {r.executor_id for r in replies}
+    assert len(served) == 2, [(r.executor_id, pb.PlacementReason.Name(r.placement_reason)) for r in replies]
+    reasons = {(r.executor_id == holder, r.placement_reason) for r in replies}
     assert (True, pb.PLACEMENT_REASON_ACTIVE) in reasons
     spread = [r for r in replies if r.placement_reason == pb.PLACEMENT_REASON_SPREAD]
-    assert spread and all(r.result.executor_id != holder for r in spread)
+    assert spread and all(r.executor_id != holder for r in spread)
     # The second executor now holds it as well.
     wait_for(lambda: set(held_on(real_router, "tiny-sd-0")) == served, "both executors to report the model")
 
@@ -568,8 +593,7 @@ def test_preload_replicas_warm_a_model_on_several_real_executors(
     )
     ids = [replica.executor_id for replica in reply.replicas]
     assert len(ids) == 2 and len(set(ids)) == 2
-    assert reply.executor_id == ids[0] and reply.result == reply.replicas[0].result  # the first, as before replicas
-    assert all(r.result.model.model_id == "tiny-sd-1" and r.result.tier == STANDBY for r in reply.replicas)
+    assert all(r.model.model_id == "tiny-sd-1" and r.tier == STANDBY for r in reply.replicas)
     # The router's view follows each executor's status stream, which may still be on a status sent mid-load (the
     # weights in host memory, before the standby slot is filled).
     wait_for(lambda: held_on(real_router, "tiny-sd-1") == dict.fromkeys(ids, STANDBY),
@@ -589,9 +613,85 @@ def test_preload_replicas_warm_a_model_on_several_real_executors(
     assert sorted(r.executor_id for r in wide.replicas) == sorted(connected(real_router))
     # 0 means 1.
     one = real_router.Preload(pb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-2")), timeout=300)
-    assert [r.executor_id for r in one.replicas] == [one.executor_id]
+    assert len(one.replicas) == 1
 
     error = refusal(lambda: real_router.Preload(
         pb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-2"), replicas=-1), timeout=10
     ))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "replicas" in error.details()
+
+
+def test_guidance_zero_is_a_value_and_an_absent_seed_is_random(real_router: pb_grpc.RouterServiceStub) -> None:
+    def image(**params) -> common_pb2.Image:
+        reply = real_router.Generate(pb.GenerateRequest(
+            model=common_pb2.ModelRef(model_id="tiny-sd-0"),
+            params=common_pb2.GenerationParams(prompt="a lighthouse", steps=3, **params),
+        ), timeout=300)
+        [generated] = reply.images
+        return generated
+
+    default = image(seed=11)
+    off = image(seed=11, guidance_scale=0.0)
+    assert off.seed == default.seed == 11
+    assert off.data != default.data, "guidance 0 turns guidance off; absent is the executor's default (7.5)"
+    assert image(seed=11, guidance_scale=0.0).data == off.data, "and is deterministic"
+    seeds = {image().seed for _ in range(3)}
+    assert len(seeds) == 3, f"an absent seed is drawn per request: {seeds}"
+
+    error = refusal(lambda: image(guidance_scale=-1.0))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "use 0 to 50" in error.details()
+    assert reason_of(error) == "INVALID_PARAMETER"
+
+
+def test_evict_drops_a_model_from_every_real_executor_holding_it(
+    real_router: pb_grpc.RouterServiceStub, real_stack: Stack
+) -> None:
+    real_router.Preload(pb.PreloadRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1"), replicas=2), timeout=300)
+    wait_for(lambda: len(held_on(real_router, "tiny-sd-1")) == 2, "both executors to hold the model")
+    reply = real_router.Evict(pb.EvictRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1")), timeout=60)
+    assert [r.executor_id for r in reply.results] == sorted(connected(real_router))
+    assert all(r.outcome == pb.EVICT_OUTCOME_EVICTED and r.freed_bytes > 0 and not r.pending_bytes
+               for r in reply.results), reply
+    wait_for(lambda: held_on(real_router, "tiny-sd-1") == {}, "the router to see it gone")
+    # Nobody holds it now: nothing to do, not an error.
+    again = real_router.Evict(pb.EvictRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1")), timeout=60)
+    assert list(again.results) == []
+
+    some = connected(real_router)[0]
+    error = refusal(lambda: real_router.Evict(
+        pb.EvictRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1"), executor_id=some), timeout=60))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and reason_of(error) == "MODEL_NOT_HELD"
+    error = refusal(lambda: real_router.Evict(
+        pb.EvictRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1"), executor_id="nobody"), timeout=60))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and reason_of(error) == "EXECUTOR_NOT_FOUND"
+    error = refusal(lambda: real_router.Evict(pb.EvictRequest(model=common_pb2.ModelRef(model_id="Bad Id")),
+                                              timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and reason_of(error) == "INVALID_PARAMETER"
+
+
+def test_evict_of_a_model_in_use_marks_it_and_the_running_request_finishes(
+    real_router: pb_grpc.RouterServiceStub,
+) -> None:
+    request = pb.GenerateStreamRequest(
+        model=common_pb2.ModelRef(model_id="tiny-sd-2"),
+        params=common_pb2.GenerationParams(prompt="a lighthouse", seed=3, steps=150),
+    )
+    stream = real_router.GenerateStream(request, timeout=300)
+    for event in stream:
+        if event.HasField("step"):
+            break  # denoising: the request holds the model
+    def user() -> str | None:
+        status = real_router.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=10)
+        return next((e.executor_id for e in status.executors for m in e.models
+                     if m.model.model_id == "tiny-sd-2" and m.ref_count > 0), None)
+
+    executor_id = wait_for(user, "the router to see which executor runs it")
+    reply = real_router.Evict(
+        pb.EvictRequest(model=common_pb2.ModelRef(model_id="tiny-sd-2"), executor_id=executor_id), timeout=60
+    )
+    [answer] = reply.results
+    assert (answer.executor_id, answer.outcome) == (executor_id, pb.EVICT_OUTCOME_MARKED), reply
+    assert answer.pending_bytes > 0 and answer.freed_bytes == 0
+    results = [event.result for event in stream if event.HasField("result")]
+    assert len(results) == 1 and len(results[0].images) == 1, "the request using it ran to the end"
+    wait_for(lambda: executor_id not in held_on(real_router, "tiny-sd-2"), "the model to go when the request ended")

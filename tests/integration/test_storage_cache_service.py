@@ -387,10 +387,13 @@ def test_bad_input_gets_a_clear_status(stub, request_kwargs, code, field, needle
         stub.EnsureModel(pb.EnsureModelRequest(**request_kwargs), timeout=30)
     assert err.value.code() == getattr(grpc.StatusCode, code)
     assert needle in err.value.details()
+    status = rpc_status.from_call(err.value)
+    assert status is not None
+    [info] = [i for d in status.details if d.Unpack(i := error_details_pb2.ErrorInfo())]
+    assert info.domain == "hotslot.dev"
+    assert info.reason == ("MODEL_NOT_FOUND" if code == "NOT_FOUND" else "INVALID_PARAMETER")
     if field is not None:
-        status = rpc_status.from_call(err.value)
-        bad_request = error_details_pb2.BadRequest()
-        assert status is not None and status.details[0].Unpack(bad_request)
+        [bad_request] = [b for d in status.details if d.Unpack(b := error_details_pb2.BadRequest())]
         assert bad_request.field_violations[0].field == field
     assert usage(stub).blob_count == 0
 

@@ -293,9 +293,10 @@ async def test_invalid_argument_carries_field_violations_as_bad_request(served, 
     status = await rpc_status.aio.from_call(call)
     assert status.code == code_pb2.INVALID_ARGUMENT
     assert status.message == "model_id: must not be empty"
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad_request)
+    [bad_request] = unpacked(status, error_details_pb2.BadRequest)
     assert [(v.field, v.description) for v in bad_request.field_violations] == [("model_id", "must not be empty")]
+    [info] = unpacked(status, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == ("INVALID_PARAMETER", "hotslot.dev")
 
 
 async def test_resource_exhausted_tells_the_client_when_to_retry(served, channel):
@@ -304,9 +305,54 @@ async def test_resource_exhausted_tells_the_client_when_to_retry(served, channel
     with pytest.raises(grpc.aio.AioRpcError):
         await call
     status = await rpc_status.aio.from_call(call)
-    retry = error_details_pb2.RetryInfo()
-    assert status.details[0].Unpack(retry)
+    [retry] = unpacked(status, error_details_pb2.RetryInfo)
     assert retry.retry_delay.ToNanoseconds() == 2_500_000_000
+
+
+def unpacked(status, detail_type: type) -> list:
+    """The details of `status` of one google.rpc type."""
+    found = []
+    for detail in status.details:
+        message = detail_type()
+        if detail.Unpack(message):
+            found.append(message)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (errors.InvalidArgument("bad"), "INVALID_PARAMETER"),
+        (errors.InvalidArgument("pickle", reason=errors.Reason.UNSAFE_FILE_FORMAT), "UNSAFE_FILE_FORMAT"),
+        (errors.NotFound("gone"), "NOT_FOUND"),
+        (errors.NotFound("model 'x' is not registered", reason=errors.Reason.MODEL_NOT_FOUND), "MODEL_NOT_FOUND"),
+        (errors.AlreadyExists("there"), "ALREADY_EXISTS"),
+        (errors.FailedPrecondition("busy"), "FAILED_PRECONDITION"),
+        (errors.ResourceExhausted("full", 1.0, reason=errors.Reason.QUEUE_FULL), "QUEUE_FULL"),
+        (errors.ResourceExhausted("too big", reason=errors.Reason.MODEL_TOO_LARGE), "MODEL_TOO_LARGE"),
+        (errors.Unavailable("down"), "UNAVAILABLE"),
+        (errors.DataLoss("bad bytes"), "CHECKSUM_MISMATCH"),
+        (errors.Cancelled("stop"), "CANCELLED"),
+        (errors.DeadlineExceeded("late"), "DEADLINE_EXCEEDED"),
+        (errors.HotslotError("peer said something odd"), "UNKNOWN"),
+        (errors.HotslotError("from a newer peer", reason="SOME_NEW_REASON"), "SOME_NEW_REASON"),
+    ],
+)
+async def test_every_domain_error_carries_error_info_with_its_reason(served, channel, error, reason):
+    served[0].error = error
+    call = unary(channel, "Unary")(b"x")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    status = await rpc_status.aio.from_call(call)
+    [info] = unpacked(status, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == (reason, "hotslot.dev")
+
+
+def test_python_reasons_are_the_contracts_error_reasons() -> None:
+    from hotslot.common.v1 import common_pb2
+
+    in_proto = {name.removeprefix("ERROR_REASON_") for name in common_pb2.ErrorReason.keys()} - {"UNSPECIFIED"}
+    assert in_proto == {reason.value for reason in errors.Reason}
 
 
 async def test_unexpected_error_is_internal_and_reveals_nothing(served, channel, exporter, caplog):
@@ -319,6 +365,8 @@ async def test_unexpected_error_is_internal_and_reveals_nothing(served, channel,
     match = re.fullmatch(r"internal error \(request id ([0-9a-f]+)\)", details)
     assert match, details
     assert "secret" not in repr(await call.trailing_metadata())
+    [info] = unpacked(await rpc_status.aio.from_call(call), error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain, dict(info.metadata)) == ("INTERNAL", "hotslot.dev", {"request_id": match[1]})
     # The operator gets it all: the log has the traceback under the same request id, the span the exception.
     record = next(r for r in caplog.records if getattr(r, "request_id", None) == match[1])
     assert "secret internals" in caplog.text and record.exc_info is not None
@@ -372,6 +420,8 @@ async def test_generated_base_servicer_still_answers_unimplemented(channel):
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.GetModel(registry_service_pb2.GetModelRequest())
     assert (raised.value.code(), raised.value.details()) == (grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+    [info] = unpacked(rpc_status.from_call(raised.value), error_details_pb2.ErrorInfo)
+    assert info.reason == "UNIMPLEMENTED"
 
 
 # --- tracing -----------------------------------------------------------------------------------------------------

@@ -15,6 +15,13 @@ def test_defaults_fill_unset_fields() -> None:
     assert (p.steps, p.guidance_scale, p.width, p.height, p.num_images) == (10, 5.0, 64, 64, 1)
 
 
+def test_guidance_zero_is_kept_and_an_absent_seed_is_drawn_per_request() -> None:
+    assert validate(GenerationParams(prompt="a cat", guidance_scale=0.0), LIMITS).guidance_scale == 0.0
+    assert validate(GenerationParams(prompt="a cat", seed=0), LIMITS).seed == 0
+    seeds = {validate(GenerationParams(prompt="a cat"), LIMITS).seed for _ in range(5)}
+    assert len(seeds) == 5 and all(0 <= seed < 2**63 for seed in seeds)
+
+
 @pytest.mark.parametrize(
     ("params", "field", "needle"),
     [

@@ -82,10 +82,25 @@ def test_referenced_models_are_never_demoted_or_evicted() -> None:
     slots.release(b)  # b is free now, a is not: b goes
     assert slots.get(key("a")) is a
     assert evicted == ["b"]
-    with pytest.raises(ResourceExhausted, match="in use"):
-        slots.evict(key("a"))
     slots.release(a)
-    assert slots.evict(key("a")) == 6 * MB and evicted == ["b", "a"]
+    assert slots.evict(key("a")) is True and evicted == ["b", "a"]
+
+
+def test_evict_of_a_model_in_use_marks_it_and_drops_it_when_its_last_request_ends() -> None:
+    slots, _, evicted = manager()
+    a = slots.add_host(key("a"), object(), 6 * MB)  # acquired by the request that loads it
+    slots.set_standby(a, "pipe")
+    slots.activate(a)
+    slots.acquire(a)  # a second request
+    assert slots.evict(key("a")) is False
+    assert a.evicting and slots.get(key("a")) is a and evicted == []
+    assert [m.evicting for m in slots.held()] == [True]
+    slots.release(a)
+    assert slots.get(key("a")) is a, "still in use by one request"
+    slots.release(a)
+    assert slots.get(key("a")) is None and slots.active is None and evicted == ["a"]
+    with pytest.raises(NotFound):
+        slots.evict(key("a"))
 
 
 def test_standby_that_cannot_fit_stays_host_and_reports_it() -> None:

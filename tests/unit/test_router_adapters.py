@@ -54,7 +54,7 @@ def test_the_base_tier_comes_first_then_the_adapter() -> None:
 
 
 def test_adapters_come_from_the_executor_status() -> None:
-    status = epb.ExecutorStatus(executor_id="e", state=epb.EXECUTOR_STATE_READY, adapters=[epb.HeldAdapter(
+    status = epb.ExecutorStatus(executor_id="e", state=common_pb2.EXECUTOR_STATE_READY, adapters=[epb.HeldAdapter(
         model=common_pb2.ModelRef(model_id="lora-x", revision=2), base=common_pb2.ModelRef(model_id="base", revision=1),
         tier=common_pb2.TIER_ACTIVE, size_bytes=123)])
     snapshot = snapshot_from_proto(status, "e:1")

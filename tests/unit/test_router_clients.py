@@ -58,6 +58,20 @@ def test_bad_request_and_retry_info_survive_the_hop() -> None:
     assert plain.retry_after_s is None
 
 
+def test_the_peers_error_info_reason_is_kept_for_the_client() -> None:
+    info = error_details_pb2.ErrorInfo(reason="MODEL_NOT_FOUND", domain="hotslot.dev")
+    error = error_from_rpc(rpc_error(grpc.StatusCode.NOT_FOUND, "model 'x' is not registered", info), "e")
+    assert isinstance(error, errors.NotFound) and error.reason == "MODEL_NOT_FOUND"
+    info = error_details_pb2.ErrorInfo(reason="QUEUE_FULL", domain="hotslot.dev")
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
+    error = error_from_rpc(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", info, retry), "e")
+    assert (error.reason, error.retry_after_s) == ("QUEUE_FULL", 1.0)
+    # No ErrorInfo, or one of another domain: the class's default reason.
+    assert error_from_rpc(rpc_error(grpc.StatusCode.NOT_FOUND, "gone"), "e").reason == "NOT_FOUND"
+    foreign = error_details_pb2.ErrorInfo(reason="QUOTA", domain="example.com")
+    assert error_from_rpc(rpc_error(grpc.StatusCode.UNAVAILABLE, "down", foreign), "e").reason == "UNAVAILABLE"
+
+
 def test_codes_without_a_domain_class_name_the_peer() -> None:
     error = error_from_rpc(rpc_error(grpc.StatusCode.INTERNAL, "internal error (request id 12)"), "executor at h:1")
     assert type(error) is errors.HotslotError
@@ -67,7 +81,7 @@ def test_codes_without_a_domain_class_name_the_peer() -> None:
 def test_status_becomes_a_snapshot_and_keeps_the_message() -> None:
     status = executor_pb.ExecutorStatus(
         executor_id="gpu-0",
-        state=executor_pb.EXECUTOR_STATE_READY,
+        state=common_pb2.EXECUTOR_STATE_READY,
         models=[
             executor_pb.HeldModel(model=common_pb2.ModelRef(model_id="m", revision=2), tier=common_pb2.TIER_ACTIVE,
                                   size_bytes=10),
@@ -82,5 +96,5 @@ def test_status_becomes_a_snapshot_and_keeps_the_message() -> None:
     assert snapshot.models == (HeldModel("m", 2, Tier.ACTIVE, 10), HeldModel("n", 1, Tier.UNSPECIFIED, 0))
     assert (snapshot.queue_depth, snapshot.queue_capacity, snapshot.version) == (3, 16, 7)
     assert snapshot.raw is status and status.address == "10.0.0.5:50053"
-    draining = snapshot_from_proto(executor_pb.ExecutorStatus(state=executor_pb.EXECUTOR_STATE_DRAINING), "h:1")
+    draining = snapshot_from_proto(executor_pb.ExecutorStatus(state=common_pb2.EXECUTOR_STATE_DRAINING), "h:1")
     assert not draining.ready and draining.executor_id == "h:1"

@@ -13,8 +13,9 @@ import pytest
 from hotslot import errors
 from hotslot.common.v1 import common_pb2
 from hotslot.registry.v1 import registry_service_pb2 as registry_pb
-from hotslot.services.router.core import Routed, RouterCore
+from hotslot.services.router.core import EvictAnswer, EvictOutcome, Routed, RouterCore
 from hotslot.services.router.downstream import (
+    Evicted,
     ExecutorClient,
     ExecutorConnector,
     ExecutorUnavailable,
@@ -49,6 +50,8 @@ class FakeExecutor(ExecutorClient):
         self.sent: list[Sent] = []
         self.preloads: list[tuple[str, int]] = []
         self.preload_script: list[Any] = []
+        self.evicts: list[tuple[str, int]] = []
+        self.evict_script: list[Any] = []
         self.script: list[Any] = []
         self.release = asyncio.Event()
         self.holding = 0
@@ -99,6 +102,15 @@ class FakeExecutor(ExecutorClient):
         if isinstance(action, Exception):
             raise action
         return {"loaded": model_id, "by": self.executor_id}
+
+    async def evict(self, model_id: str, revision: int, timeout_s: float | None) -> Evicted:
+        self.evicts.append((model_id, revision))
+        action = self.evict_script.pop(0) if self.evict_script else "ok"
+        if isinstance(action, Exception):
+            raise action
+        if not any(m.model_id == model_id for m in self.models):
+            raise errors.NotFound(f"model {model_id!r} is not held", reason=errors.Reason.MODEL_NOT_HELD)
+        return Evicted(0, 100) if action == "in use" else Evicted(100, 0)
 
 
 class FakeConnector(ExecutorConnector):
@@ -487,6 +499,45 @@ async def test_the_registrys_size_prices_the_load_of_a_model_nobody_holds(cluste
         "cold", 0, cluster.membership.placeable(), size_bytes=cluster.core._model_bytes[("cold", 0)]
     )
     assert choice is not None and choice.estimate.load_s == pytest.approx(1.0 + 8.0)  # the default disk cost
+
+
+# -- evict ---------------------------------------------------------------------------------------------------
+
+
+async def test_evict_asks_every_executor_holding_the_model_and_lists_each_answer(cluster: Cluster) -> None:
+    cluster["exec-b"].evict_script = ["in use"]
+    answers = await cluster.core.evict("beta", 0, "", None)
+    assert answers == [
+        EvictAnswer("exec-a", EvictOutcome.EVICTED, freed_bytes=100),
+        EvictAnswer("exec-b", EvictOutcome.MARKED, pending_bytes=100),
+    ]
+    # Only the holders are asked; nobody holding it is an empty answer, not an error.
+    assert await cluster.core.evict("alpha", 0, "", None) == [EvictAnswer("exec-a", EvictOutcome.EVICTED, 100)]
+    assert cluster["exec-b"].evicts == [("beta", 0)]
+    assert await cluster.core.evict("cold", 0, "", None) == []
+
+
+async def test_evict_lists_a_failing_executor_instead_of_failing_the_call(cluster: Cluster) -> None:
+    cluster["exec-a"].evict_script = [ExecutorUnavailable("executor at 10.0.0.1:7000 went away")]
+    cluster["exec-b"].evict_script = [errors.NotFound("model 'beta' is not held")]
+    answers = await cluster.core.evict("beta", 0, "", None)
+    assert [(a.executor_id, a.outcome, a.message) for a in answers] == [
+        ("exec-a", EvictOutcome.FAILED, "executor at 10.0.0.1:7000 went away"),
+        ("exec-b", EvictOutcome.NOT_HELD, "model 'beta' is not held"),
+    ]
+
+
+async def test_evict_on_one_named_executor_returns_its_errors(cluster: Cluster) -> None:
+    assert await cluster.core.evict("beta", 0, "exec-b", None) == [EvictAnswer("exec-b", EvictOutcome.EVICTED, 100)]
+    assert cluster["exec-a"].evicts == []
+    with pytest.raises(errors.NotFound) as held:
+        await cluster.core.evict("alpha", 0, "exec-b", None)
+    assert held.value.reason == errors.Reason.MODEL_NOT_HELD
+    with pytest.raises(errors.NotFound) as unknown:
+        await cluster.core.evict("alpha", 0, "exec-z", None)
+    assert unknown.value.reason == errors.Reason.EXECUTOR_NOT_FOUND
+    with pytest.raises(errors.InvalidArgument, match="model.model_id"):
+        await cluster.core.evict("", 0, "", None)
 
 
 async def test_catalog_calls_pass_through_and_need_a_registry(cluster: Cluster) -> None:

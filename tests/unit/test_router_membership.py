@@ -46,6 +46,9 @@ class StatusOnlyExecutor(ExecutorClient):
     async def preload(self, model_id, revision, timeout_s) -> Any:
         raise NotImplementedError
 
+    async def evict(self, model_id, revision, timeout_s) -> Any:
+        raise NotImplementedError
+
     async def close(self) -> None:
         self.closed = True
 

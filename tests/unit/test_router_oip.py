@@ -234,7 +234,7 @@ def test_progress_events_become_parameters_of_a_response_with_no_outputs():
         (), False, {"progress": "step", "step": 2, "total_steps": 4}
     )
     load = oip_frontend.progress_outcome(asked, ProgressEvent("load", epb.LoadProgress(
-        phase=epb.LOAD_PHASE_READ, bytes_done=10, bytes_total=20
+        phase=common_pb2.LOAD_PHASE_READ, bytes_done=10, bytes_total=20
     )))
     assert load.parameters == {"progress": "load", "load_phase": "read", "bytes_done": 10, "bytes_total": 20,
                                "queue_position": 0}

@@ -69,7 +69,7 @@ class FakeExecutor(ExecutorClient):
 
     async def generate_stream(self, call: GenerateCall, timeout_s: float | None) -> AsyncIterator[StreamEvent]:
         self.calls.append(call)
-        yield ProgressEvent("load", epb.LoadProgress(phase=epb.LOAD_PHASE_QUEUED))
+        yield ProgressEvent("load", epb.LoadProgress(phase=common_pb2.LOAD_PHASE_QUEUED))
         if self.gate is not None:
             await self.gate.wait()
         yield ProgressEvent("step", epb.StepProgress(step=1, total_steps=1))
@@ -86,7 +86,7 @@ class FakeExecutor(ExecutorClient):
         if self.models.pop(model_id, None) is None:
             raise errors.NotFound(f"model {model_id!r} is not held by executor {self.executor_id}")
         self.publish()
-        return Evicted(100)
+        return Evicted(100, 0)
 
 
 class FakeConnector(ExecutorConnector):

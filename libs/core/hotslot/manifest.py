@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from hotslot.errors import InvalidArgument, NotFound
+from hotslot.errors import InvalidArgument, NotFound, Reason
 
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -204,6 +204,7 @@ def scan_model_dir(
                     "source",
                     f"{rel!r} is a pickle-format weight file; hotslot loads safetensors only "
                     "(convert it with `safetensors` or save with safe_serialization=True)",
+                    reason=Reason.UNSAFE_FILE_FORMAT,
                 )
             found.append((rel, target))
     if not found:

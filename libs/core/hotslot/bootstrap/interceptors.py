@@ -219,8 +219,9 @@ def status_code_of(error: errors.HotslotError) -> grpc.StatusCode:
 
 
 def _error_details(error: errors.HotslotError) -> list[Any]:
+    details: list[Any] = [error_info(error.reason)]
     if isinstance(error, errors.InvalidArgument) and error.violations:
-        return [
+        details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=bounded(v.field, 200),
@@ -228,12 +229,12 @@ def _error_details(error: errors.HotslotError) -> list[Any]:
                     for v in error.violations
                 ]
             )
-        ]
+        )
     if isinstance(error, errors.ResourceExhausted) and error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
-        return [error_details_pb2.RetryInfo(retry_delay=delay)]
-    return []
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return details
 
 
 # Longest message (and field description) an error sends: messages quote what the client sent, and a 10 kB model id
@@ -251,30 +252,28 @@ def bounded(text: str, limit: int = MAX_ECHO_CHARS) -> str:
     return f"{text[:head]}…{text[len(text) - (limit - 1 - head):]}"
 
 
+def error_info(reason: str, metadata: dict[str, str] | None = None) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo every hotslot error status carries: a stable reason in domain hotslot.dev."""
+    return error_details_pb2.ErrorInfo(reason=str(reason), domain=errors.ERROR_DOMAIN, metadata=metadata or {})
+
+
 def to_grpc_status(error: errors.HotslotError) -> grpc.Status:
-    """code, message and (when the error carries any) a `grpc-status-details-bin` trailer with a google.rpc.Status
-    holding BadRequest or RetryInfo. Messages and field descriptions are `bounded`."""
-    code = status_code_of(error)
-    details = _error_details(error)
-    message = bounded(error.message)
-    if not details:
-        return _Status(code, message, ())
+    """code, message and a `grpc-status-details-bin` trailer with a google.rpc.Status holding ErrorInfo (always),
+    then BadRequest or RetryInfo where the error carries them. Messages and field descriptions are `bounded`."""
+    return rich_status(status_code_of(error), bounded(error.message), _error_details(error))
+
+
+def rich_status(code: grpc.StatusCode, message: str, details: list[Any]) -> grpc.Status:
+    """code and message, with a `grpc-status-details-bin` trailer holding a google.rpc.Status with `details`."""
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     for detail in details:
         status.details.add().Pack(detail)
     return rpc_status.to_status(status)
 
 
-class _Status(grpc.Status):
-    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
-        self.code = code
-        self.details = details
-        self.trailing_metadata = trailing_metadata
-
-
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Ends an RPC whose handler raised a hotslot.errors class with that class's status code and the error's
-    message. Any other exception ends it with INTERNAL and a message naming only a request id; the exception and
+    message, and a google.rpc.ErrorInfo with the error's reason on every status it sends. Any other exception ends it with INTERNAL and a message naming only a request id; the exception and
     its traceback go to the log and to the current span under that id. An RPC the servicer aborted itself
     (context.abort) passes through untouched. Install it inside the tracing interceptor so the span is current."""
 
@@ -304,7 +303,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     # The servicer picked code and details itself before raising (the generated base servicer
                     # does this for UNIMPLEMENTED); they are its words, not the exception's, so they may go out.
                     log.debug("%s ended with %s set by the servicer", method, chosen[0].name, exc_info=True)
-                    await context.abort(chosen[0], chosen[1])
+                    status = rich_status(chosen[0], chosen[1], [error_info(chosen[0].name)])
+                    await context.abort(status.code, status.details, _trailers(context, status.trailing_metadata))
                 request_id = uuid.uuid4().hex[:16]
                 log.exception(
                     "unexpected error in %s (request id %s)",
@@ -315,7 +315,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 span = trace.get_current_span()
                 span.record_exception(error, attributes={"hotslot.request_id": request_id})
                 span.set_attribute("hotslot.request_id", request_id)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+                status = rich_status(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error (request id {request_id})",
+                    [error_info(errors.Reason.INTERNAL, {"request_id": request_id})],
+                )
+                await context.abort(status.code, status.details, _trailers(context, status.trailing_metadata))
 
         return wrap_handler(serializing_inside(refusing_malformed(handler, method)), mapping_errors)
 

@@ -1,5 +1,6 @@
 """Translation of failed downstream gRPC calls into hotslot errors: the same status code and message, with the
-google.rpc BadRequest and RetryInfo details kept, so a service core can re-raise what its peer said."""
+google.rpc ErrorInfo reason and BadRequest and RetryInfo details kept, so a service core can re-raise what its peer
+said and the client sees the reason the peer gave."""
 from __future__ import annotations
 
 from typing import Any
@@ -30,22 +31,32 @@ def error_from_rpc(
     *,
     unavailable: type[errors.Unavailable] = errors.Unavailable,
 ) -> errors.HotslotError:
-    """The hotslot error for a failed downstream call: same code and message, with the BadRequest and RetryInfo
-    details kept. Codes with no hotslot class (INTERNAL, UNKNOWN, UNIMPLEMENTED, ...) become a plain HotslotError
+    """The hotslot error for a failed downstream call: same code, message and ErrorInfo reason, with the BadRequest
+    and RetryInfo details kept. Codes with no hotslot class (INTERNAL, UNKNOWN, UNIMPLEMENTED, ...) become a plain HotslotError
     (UNKNOWN) whose message names the peer and its code; the peer's message is safe to repeat, since every hotslot
     service hides internals behind it already."""
     code = error.code()
     message = error.details() or f"{peer} answered {code.name}"
+    reason = reason_of(error)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return unavailable(message)
+        return unavailable(message, reason=reason)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return errors.InvalidArgument(message, _violations(error))
+        return errors.InvalidArgument(message, _violations(error), reason=reason)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.ResourceExhausted(message, _retry_after_s(error))
+        return errors.ResourceExhausted(message, _retry_after_s(error), reason=reason)
     cls = _ERROR_BY_CODE.get(code)
     if cls is None:
-        return errors.HotslotError(f"{peer} failed with {code.name}: {message}")
-    return cls(message)
+        return errors.HotslotError(f"{peer} failed with {code.name}: {message}", reason=reason)
+    return cls(message, reason=reason)
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str | None:
+    """The ErrorInfo reason a hotslot peer sent (domain hotslot.dev); None when it sent none, so the error class's
+    default applies."""
+    for info in _rich_details(error, error_details_pb2.ErrorInfo):
+        if info.domain == errors.ERROR_DOMAIN and info.reason:
+            return info.reason
+    return None
 
 
 def _rich_details(error: grpc.aio.AioRpcError, detail_type: type) -> list[Any]:

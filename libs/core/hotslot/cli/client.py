@@ -13,6 +13,8 @@ from typing import Annotated
 
 import grpc
 import typer
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,7 +29,6 @@ from rich.table import Table
 
 from hotslot.bootstrap.security import ClientSecurity, sync_channel
 from hotslot.common.v1 import common_pb2
-from hotslot.executor.v1 import executor_service_pb2 as epb
 from hotslot.registry.v1 import registry_service_pb2 as rpb
 from hotslot.registry.v1 import registry_service_pb2_grpc as rgrpc
 from hotslot.router.v1 import router_service_pb2 as pb
@@ -61,7 +62,8 @@ TokenOpt = Annotated[str | None, typer.Option(
     help="Bearer token (scope generate, or admin to register, upload, preload).")]
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 TIER_NAMES = {v: k.removeprefix("TIER_").lower() for k, v in common_pb2.Tier.items()}
-PHASE_NAMES = {v: k.removeprefix("LOAD_PHASE_").lower() for k, v in epb.LoadPhase.items()}
+PHASE_NAMES = {v: k.removeprefix("LOAD_PHASE_").lower() for k, v in common_pb2.LoadPhase.items()}
+EVICT_NAMES = {v: k.removeprefix("EVICT_OUTCOME_").lower() for k, v in pb.EvictOutcome.items()}
 PLACEMENT_NAMES = {v: k.removeprefix("PLACEMENT_REASON_").lower() for k, v in pb.PlacementReason.items()}
 
 models_app = typer.Typer(no_args_is_help=True, help="List, show, register and upload models.")
@@ -77,13 +79,28 @@ def _security(ca: Path | None, cert: Path | None, key: Path | None, token: str |
 
 
 def _fail(err: grpc.RpcError) -> typer.Exit:
-    err_console.print(f"[red]error[/red] {err.code().name}: {err.details()}")
+    reason = _reason(err)
+    err_console.print(f"[red]error[/red] {err.code().name}{f' ({reason})' if reason else ''}: {err.details()}",
+                      markup=True, highlight=False)
     if err.code() == grpc.StatusCode.UNAUTHENTICATED:
         err_console.print("pass a token with --token or HOTSLOT_CLIENT_TOKEN (`hotslot up --tls` prints one)")
     if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (err.details() or ""):
         err_console.print("is the cluster running (`hotslot up`)? pass its address with --router/--registry/--storage "
                           "or HOTSLOT_CLIENT_ROUTER/_REGISTRY/_STORAGE")
     return typer.Exit(1)
+
+
+def _reason(err: grpc.RpcError) -> str:
+    """The google.rpc.ErrorInfo reason every hotslot error carries (README, Clients); empty when there is none."""
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError:
+        return ""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
 
 
 def ms(duration) -> float:
@@ -118,10 +135,12 @@ def generate(
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write (-0, -1 ... added for several).")] = Path("out.png"),
     negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
     steps: Annotated[int, typer.Option(help="Denoising steps; 0 = executor default.")] = 0,
-    guidance: Annotated[float, typer.Option(help="Guidance scale; 0 = executor default.")] = 0.0,
+    guidance: Annotated[float | None, typer.Option(
+        help="Guidance scale, 0 to 50; 0 turns guidance off (distilled models); unset = executor default.")] = None,
     width: Annotated[int, typer.Option(help="Width, multiple of 8; 0 = executor default.")] = 0,
     height: Annotated[int, typer.Option(help="Height, multiple of 8; 0 = executor default.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed; the same seed and inputs give the same image.")] = 0,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed; the same seed and inputs give the same image; unset = random (the one used is printed).")] = None,
     num_images: Annotated[int, typer.Option(help="Images to generate.")] = 1,
     revision: Annotated[int, typer.Option(help="Model revision; 0 = latest.")] = 0,
     lora: Annotated[list[str] | None, typer.Option(
@@ -167,7 +186,7 @@ def generate(
     if result is None:
         err_console.print("[red]error[/red]: the router closed the stream without a result")
         raise typer.Exit(1)
-    r = result.result
+    r = result
     paths = [output] if len(r.images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(r.images))]
     for path, image in zip(paths, r.images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +198,7 @@ def generate(
             "paths": [str(p) for p in paths], "model": r.model.model_id, "revision": r.model.revision,
             "executor": r.executor_id, "tier": TIER_NAMES.get(r.tier, "?"), "placement": PLACEMENT_NAMES.get(result.placement_reason, "?"),
             "attempted": list(result.attempted_executor_ids), "trace_id": trace_id,
+            "seeds": [image.seed for image in r.images],
             "adapters": [{"model": a.model.model_id, "revision": a.model.revision, "scale": round(a.scale, 6),
                           "tier": TIER_NAMES.get(a.tier, "?")} for a in r.adapters],
             "timings_ms": {p: round(ms(getattr(t, p)), 3) for p in phases},
@@ -191,7 +211,7 @@ def generate(
         f"tier={TIER_NAMES.get(r.tier, '?')} placement={PLACEMENT_NAMES.get(result.placement_reason, '?')}\n"
         f"  queue {ms(t.queue):.1f} ms  ensure {ms(t.ensure):.1f}  read {ms(t.read):.1f}  materialize "
         f"{ms(t.materialize):.1f}  swap {ms(t.swap):.2f}  denoise {ms(t.denoise):.1f}  encode {ms(t.encode):.1f}  "
-        f"total {ms(t.total):.1f} ms  trace {trace_id}"
+        f"total {ms(t.total):.1f} ms  seed {r.images[0].seed if r.images else '-'}  trace {trace_id}"
     )
 
 
@@ -213,9 +233,9 @@ def models_list(
         stub = pb_grpc.RouterServiceStub(channel)
         while True:
             try:
-                page = stub.ListModels(pb.ListModelsRequest(request=rpb.ListModelsRequest(
-                    page_size=200, page_token=page_token, kind=kinds[kind], labels=_labels(label))), timeout=30,
-                    metadata=security.metadata()).response
+                page = stub.ListModels(pb.ListModelsRequest(
+                    page_size=200, page_token=page_token, kind=kinds[kind], labels=_labels(label)), timeout=30,
+                    metadata=security.metadata())
             except grpc.RpcError as err:
                 raise _fail(err) from None
             for m in page.models:
@@ -244,7 +264,7 @@ def models_show(
         except grpc.RpcError as err:
             raise _fail(err) from None
     console.print(f"[bold]{m.model_id}[/bold] revision {m.revision}  {common_pb2.ModelKind.Name(m.kind)}  "
-                  f"{m.manifest.pipeline_class}  source={m.source}  digest={m.manifest.digest[:16]}")
+                  f"{m.manifest.pipeline_class}  digest={m.manifest.digest[:16]}")
     table = Table("path", "bytes", "sha256")
     for f in m.manifest.files:
         table.add_row(f.path, str(f.size_bytes), f.sha256)
@@ -351,10 +371,8 @@ def preload(
             reply = pb_grpc.RouterServiceStub(channel).Preload(request, timeout=timeout, metadata=security.metadata())
         except grpc.RpcError as err:
             raise _fail(err) from None
-    for replica in reply.replicas:
-        r = replica.result
-        console.print(f"{r.model.model_id}@{r.model.revision} on {replica.executor_id}: "
-                      f"{TIER_NAMES.get(r.tier, '?')}")
+    for r in reply.replicas:
+        console.print(f"{r.model.model_id}@{r.model.revision} on {r.executor_id}: {TIER_NAMES.get(r.tier, '?')}")
     if len(reply.replicas) < replicas:
         console.print(f"[yellow]{len(reply.replicas)} of {replicas} replicas: fewer live executors[/yellow]")
 
@@ -378,7 +396,7 @@ def status(
         for m in e.models:
             held.setdefault(m.tier, []).append(f"{m.model.model_id}@{m.model.revision}")
         table.add_row(
-            e.executor_id, e.address, epb.ExecutorState.Name(e.state).removeprefix("EXECUTOR_STATE_").lower(), e.device,
+            e.executor_id, e.address, common_pb2.ExecutorState.Name(e.state).removeprefix("EXECUTOR_STATE_").lower(), e.device,
             f"{e.queue_depth}/{e.queue_capacity}", *(", ".join(held[t]) for t in held if t in (1, 2, 3)),
             ", ".join(f"{a.model.model_id}@{a.model.revision} ({TIER_NAMES.get(a.tier, '?')})" for a in e.adapters),
             _held_mb(e),
@@ -396,3 +414,28 @@ def _held_mb(executor) -> str:
     used = sum(t.used_bytes for t in executor.tiers)
     separate = sum(m.size_bytes for m in executor.models) + sum(a.size_bytes for a in executor.adapters)
     return f"{used / 1e6:.1f} ({max(0, separate - used) / 1e6:.1f})"
+
+
+def evict(
+    model: Annotated[str, typer.Argument(help="Model id.")],
+    revision: Annotated[int, typer.Option(help="Model revision; 0 = every revision held.")] = 0,
+    executor: Annotated[str, typer.Option(help="Only on this executor id; empty = every executor holding it.")] = "",
+    router: RouterOpt = "127.0.0.1:50050",
+    timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 60.0,
+    ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
+) -> None:
+    """Drop a model from the executors holding it (router Evict); one in use is dropped when its requests end."""
+    security = _security(ca, cert, key, token)
+    request = pb.EvictRequest(model=common_pb2.ModelRef(model_id=model, revision=revision), executor_id=executor)
+    with sync_channel(router, security) as channel:
+        try:
+            reply = pb_grpc.RouterServiceStub(channel).Evict(request, timeout=timeout, metadata=security.metadata())
+        except grpc.RpcError as err:
+            raise _fail(err) from None
+    if not reply.results:
+        console.print(f"no executor holds {model}")
+    for r in reply.results:
+        detail = f"{r.freed_bytes / 1e6:.1f} MB freed" + (f", {r.pending_bytes / 1e6:.1f} MB when its requests end"
+                                                          if r.pending_bytes else "")
+        console.print(f"{r.executor_id}: {EVICT_NAMES.get(r.outcome, '?')}  "
+                      f"{r.message if r.outcome == pb.EVICT_OUTCOME_FAILED else detail}")

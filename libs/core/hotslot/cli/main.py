@@ -63,12 +63,13 @@ def _register_serve_commands() -> None:
 
 
 def _register_client_commands() -> None:
-    from hotslot.cli.client import generate, models_app, preload, status
+    from hotslot.cli.client import evict, generate, models_app, preload, status
     from hotslot.cli.up import up
 
     app.command("generate")(generate)
     app.command("status")(status)
     app.command("preload")(preload)
+    app.command("evict")(evict)
     app.command("up")(up)
     app.add_typer(models_app, name="models")
 

@@ -47,7 +47,15 @@ import torch
 from torch.multiprocessing import get_sharing_strategy
 
 from hotslot import checksum
-from hotslot.errors import CorruptRead, DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from hotslot.errors import (
+    CorruptRead,
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    Reason,
+    ResourceExhausted,
+    Unavailable,
+)
 from hotslot.manifest import PICKLE_SUFFIXES
 
 __all__ = [
@@ -217,7 +225,8 @@ def _corrupt(path: Path, reason: str) -> DataLoss:
 
 def _open(path: Path):
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise InvalidArgument(f"{path.name} is a pickle-format weight file; hotslot loads safetensors only")
+        raise InvalidArgument(f"{path.name} is a pickle-format weight file; hotslot loads safetensors only",
+                              reason=Reason.UNSAFE_FILE_FORMAT)
     try:
         return open(path, "rb", buffering=0)
     except FileNotFoundError:

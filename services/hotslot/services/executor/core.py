@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import PurePath
 from typing import Any
 
@@ -32,6 +33,7 @@ from hotslot.errors import (
     HotslotError,
     InvalidArgument,
     NotFound,
+    Reason,
     ResourceExhausted,
     Unavailable,
 )
@@ -130,9 +132,35 @@ class PhaseTimes:
     total: float = 0.0
 
 
+class ExecutorState(StrEnum):
+    """Lifecycle of an executor (hotslot.common.v1.ExecutorState)."""
+
+    STARTING = "STARTING"
+    READY = "READY"
+    DRAINING = "DRAINING"
+
+
+class LoadPhase(StrEnum):
+    """Phase of a load as LoadProgress reports it (hotslot.common.v1.LoadPhase); the values are the span names."""
+
+    QUEUED = "queued"
+    ENSURE = "ensure"
+    READ = "read"
+    MATERIALIZE = "materialize"
+    SWAP = "swap"
+
+
+@dataclass(frozen=True)
+class EvictOutcome:
+    freed_bytes: int
+    """Released now."""
+    pending_bytes: int
+    """Of models in use, marked: released when their last request ends."""
+
+
 @dataclass(frozen=True)
 class LoadEvent:
-    phase: str  # queued, ensure, read, materialize, swap
+    phase: LoadPhase
     bytes_done: int = 0
     bytes_total: int = 0
     queue_position: int = 0
@@ -177,7 +205,7 @@ class PreloaderState:
 class ExecutorSnapshot:
     executor_id: str
     address: str
-    state: str  # STARTING, READY, DRAINING
+    state: ExecutorState
     device: str
     models: list[HeldModel]
     tiers: list[TierUsage]
@@ -219,7 +247,7 @@ class _Preparation:
     key: ModelKey
     target: Tier
     task: asyncio.Task | None = None
-    phase: str = "ensure"
+    phase: LoadPhase = LoadPhase.ENSURE
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase -> (start, end) perf_counter
     from_tier: Tier = Tier.BACKING_STORE
     pipeline: Any = None  # kept when the standby budget could not hold it, so a waiting request can use it
@@ -283,7 +311,7 @@ class ExecutorCore:
         self._running: list[_Job] = []  # the requests of the pipeline call on the device now
         self._run_started = 0.0
         self._preparing: dict[ModelKey, _Preparation] = {}
-        self._state = "STARTING"
+        self._state = ExecutorState.STARTING
         self._version = 0
         self._changed_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -302,16 +330,16 @@ class ExecutorCore:
             asyncio.create_task(self._renew_leases(), name="executor-leases"),
             asyncio.create_task(self._watch_preloader(), name="executor-preloader-watch"),
         ]
-        self._state = "READY"
+        self._state = ExecutorState.READY
         self._changed()
 
     async def drain(self) -> None:
         """Stops taking requests (status DRAINING) so routers move away before the server stops."""
-        self._state = "DRAINING"
+        self._state = ExecutorState.DRAINING
         self._changed()
 
     async def close(self) -> None:
-        self._state = "DRAINING"
+        self._state = ExecutorState.DRAINING
         for job in list(self._waiting):
             job.stop.set()
             if job.future and not job.future.done():
@@ -451,7 +479,7 @@ class ExecutorCore:
         `adapters`: (model id, revision, scale or None for 1.0) of LoRA adapters to apply on the model (or, when
         the model is itself an adapter, on its base after it). Cancelling the awaiting task (client cancel,
         deadline) stops denoising between steps."""
-        if self._state != "READY":
+        if self._state != ExecutorState.READY:
             raise Unavailable(f"executor {self.executor_id} is {self._state.lower()}; retry on another executor")
         validate_model_id(model_id, "model.model_id")
         validate_request_id(request_id)
@@ -464,6 +492,7 @@ class ExecutorCore:
                 f"executor {self.executor_id} has {len(self._waiting)} requests waiting (capacity "
                 f"{self.queue_capacity}); retry later or on another executor",
                 retry_after_s=self.retry_after_s,
+                reason=Reason.QUEUE_FULL,
             )
         resolved, uses = await self._resolve_request(model_id, revision, adapters)
         key = ModelKey(resolved.model_id, resolved.revision)
@@ -485,9 +514,10 @@ class ExecutorCore:
             raise ResourceExhausted(
                 f"executor {self.executor_id} queue is full ({self.queue_capacity}); retry later",
                 retry_after_s=self.retry_after_s,
+                reason=Reason.QUEUE_FULL,
             )
         self._waiting.append(job)
-        job.emit(LoadEvent("queued", queue_position=len(self._waiting)))
+        job.emit(LoadEvent(LoadPhase.QUEUED, queue_position=len(self._waiting)))
         for adapter_key, _, size in uses:  # small: read now, beside the queue, so the head never waits for them
             if self.slots.get(adapter_key) is None and adapter_key not in self._preparing:
                 job.preps.append(self._start_preparation(adapter_key, Tier.HOST, size, job.context, base=key))
@@ -801,7 +831,7 @@ class ExecutorCore:
         swapping = self.slots.active is not entry
         if swapping:
             for emit in emits:
-                emit(LoadEvent("swap"))
+                emit(LoadEvent(LoadPhase.SWAP))
         t0_ns, t0 = time.time_ns(), time.perf_counter()
         self.slots.activate(entry, pipeline)
         seconds = time.perf_counter() - t0
@@ -837,7 +867,7 @@ class ExecutorCore:
             if entry is None:
                 read_fn = self.loader.read_adapter
                 for attempt in (1, 2):
-                    prep.phase = "ensure"
+                    prep.phase = LoadPhase.ENSURE
                     t0_ns, t0 = time.time_ns(), time.perf_counter()
                     view = await self.views.ensure(key.model_id, key.revision, self.lease_ttl_s)
                     prep.spans["ensure"] = (t0, time.perf_counter())
@@ -845,7 +875,7 @@ class ExecutorCore:
                     self.metrics.load_phase("ensure", prep.spans["ensure"][1] - t0, prep.from_tier)
                     self._record_span("ensure", t0_ns, time.time_ns(), ctx,
                                       {"hotslot.model": str(key), "hotslot.bytes_fetched": view.bytes_fetched})
-                    prep.phase = "read"
+                    prep.phase = LoadPhase.READ
                     t0_ns, t0 = time.time_ns(), time.perf_counter()
                     if prep.base is None:  # components other held models have byte for byte are shared, not read
                         read_fn = functools.partial(self.loader.read, digests=view.sha256_by_path)
@@ -874,7 +904,7 @@ class ExecutorCore:
                 self.slots.acquire(entry)
             try:
                 if prep.target == Tier.STANDBY and entry.tier == Tier.HOST:
-                    prep.phase = "materialize"
+                    prep.phase = LoadPhase.MATERIALIZE
                     t0_ns, t0 = time.time_ns(), time.perf_counter()
                     pipeline, _ = await asyncio.to_thread(self.loader.materialize, entry.weights)
                     prep.spans["materialize"] = (t0, time.perf_counter())
@@ -937,7 +967,7 @@ class ExecutorCore:
 
     def _kick_lookahead(self) -> None:
         """Preloads the next distinct model waiting in the queue while the current one computes."""
-        if not self.lookahead or self._state != "READY":
+        if not self.lookahead or self._state != ExecutorState.READY:
             return
         if any(p.target == Tier.STANDBY for p in self._preparing.values()):
             return  # one at a time: the preloader reads one model after another anyway
@@ -991,14 +1021,22 @@ class ExecutorCore:
             raise Unavailable(f"model {key} was evicted right after loading; the tier budgets are too small")
         return PreloadOutcome(key, entry.tier, from_tier or entry.tier, times)
 
-    async def evict(self, model_id: str, revision: int) -> int:
+    async def evict(self, model_id: str, revision: int) -> EvictOutcome:
+        """Drops every held revision of the model (only `revision` unless 0) that no request uses; marks the others,
+        which the slot manager drops when their last request releases them."""
         validate_model_id(model_id, "model.model_id")
         entries = self.slots.find(model_id, revision)
         if not entries:
-            raise NotFound(f"model {model_id!r} is not held by executor {self.executor_id}")
-        freed = sum(self.slots.evict(e.key) for e in entries)
+            raise NotFound(f"model {model_id!r} is not held by executor {self.executor_id}",
+                           reason=Reason.MODEL_NOT_HELD)
+        freed = pending = 0
+        for entry in entries:
+            if self.slots.evict(entry.key):
+                freed += entry.size_bytes
+            else:
+                pending += entry.size_bytes
         self._changed()
-        return freed
+        return EvictOutcome(freed, pending)
 
     # -- leases and housekeeping -------------------------------------------------------------------------
     def _on_evict(self, entry: SlotEntry) -> None:

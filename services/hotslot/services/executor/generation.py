@@ -3,6 +3,7 @@ denoising loop with per-step progress and cancellation between steps, and determ
 from __future__ import annotations
 
 import io
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,10 +31,12 @@ class GenerationParams:
     prompt: str
     negative_prompt: str = ""
     steps: int = 0
-    guidance_scale: float = 0.0
+    guidance_scale: float | None = None
+    """None: the executor's default; 0 turns classifier-free guidance off."""
     width: int = 0
     height: int = 0
-    seed: int = 0
+    seed: int | None = None
+    """None: a random seed, drawn in `validate`."""
     num_images: int = 0
 
 
@@ -51,7 +54,8 @@ def validate(params: GenerationParams, limits: GenerationLimits) -> GenerationPa
     p = replace(
         params,
         steps=params.steps or limits.default_steps,
-        guidance_scale=params.guidance_scale or limits.default_guidance,
+        guidance_scale=limits.default_guidance if params.guidance_scale is None else params.guidance_scale,
+        seed=secrets.randbelow(2**63) if params.seed is None else params.seed,
         width=params.width or limits.default_width,
         height=params.height or limits.default_height,
         num_images=params.num_images or 1,

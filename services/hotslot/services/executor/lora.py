@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hotslot.errors import FailedPrecondition, InvalidArgument
+from hotslot.errors import FailedPrecondition, InvalidArgument, Reason
 from hotslot.manifest import PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ def adapter_file(view_path: str | Path) -> str:
     names = sorted(p.name for p in root.iterdir() if p.is_file())
     pickles = [n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
-        raise InvalidArgument(f"the adapter's file {pickles[0]} is a pickle format; hotslot loads safetensors only")
+        raise InvalidArgument(f"the adapter's file {pickles[0]} is a pickle format; hotslot loads safetensors only",
+                              reason=Reason.UNSAFE_FILE_FORMAT)
     candidates = [n for n in names if n.endswith(".safetensors")]
     if PREFERRED_FILE in candidates:
         return PREFERRED_FILE
@@ -106,7 +107,7 @@ def apply_adapters(pipe: Any, wanted: list[tuple[str, AdapterWeights, float]], *
             _forget(pipe, name)
             state.current = None
             raise FailedPrecondition(f"adapter {label or name} could not be applied to its base: "
-                                     f"{str(err)[:300]}") from None
+                                     f"{str(err)[:300]}", reason=Reason.ADAPTER_MISMATCH) from None
         state.loaded[name] = weights
     if wanted:
         if not state.current:  # disabled, or unknown
@@ -159,11 +160,11 @@ def check_fits(pipe: Any, tensors: dict[str, Any], *, name: str) -> None:
         module = _submodule(component, module_path) if isinstance(component, torch.nn.Module) else None
         if module is None:
             raise FailedPrecondition(f"adapter {name} does not fit its base: {key} names a module the base does "
-                                     "not have")
+                                     "not have", reason=Reason.ADAPTER_MISMATCH)
         problem = _shape_problem(module, tuple(tensor.shape), down=match["factor"] == "A")
         if problem:
             raise FailedPrecondition(f"adapter {name} does not fit its base: {key} has shape "
-                                     f"{tuple(tensor.shape)}; {problem}")
+                                     f"{tuple(tensor.shape)}; {problem}", reason=Reason.ADAPTER_MISMATCH)
     if not factors:
         raise InvalidArgument(f"adapter {name} holds no LoRA factors (lora_A/lora_B or lora_down/lora_up tensors)")
 

@@ -14,8 +14,10 @@ from .core import (
     AdapterUse,
     ExecutorCore,
     ExecutorSnapshot,
+    ExecutorState,
     GenerateOutcome,
     LoadEvent,
+    LoadPhase,
     PhaseTimes,
     QueueEntry,
     StepEvent,
@@ -25,16 +27,16 @@ from .generation import GenerationParams
 from .slots import Tier
 
 _LOAD_PHASES = {
-    "queued": pb.LOAD_PHASE_QUEUED,
-    "ensure": pb.LOAD_PHASE_ENSURE,
-    "read": pb.LOAD_PHASE_READ,
-    "materialize": pb.LOAD_PHASE_MATERIALIZE,
-    "swap": pb.LOAD_PHASE_SWAP,
+    LoadPhase.QUEUED: common_pb2.LOAD_PHASE_QUEUED,
+    LoadPhase.ENSURE: common_pb2.LOAD_PHASE_ENSURE,
+    LoadPhase.READ: common_pb2.LOAD_PHASE_READ,
+    LoadPhase.MATERIALIZE: common_pb2.LOAD_PHASE_MATERIALIZE,
+    LoadPhase.SWAP: common_pb2.LOAD_PHASE_SWAP,
 }
 _STATES = {
-    "STARTING": pb.EXECUTOR_STATE_STARTING,
-    "READY": pb.EXECUTOR_STATE_READY,
-    "DRAINING": pb.EXECUTOR_STATE_DRAINING,
+    ExecutorState.STARTING: common_pb2.EXECUTOR_STATE_STARTING,
+    ExecutorState.READY: common_pb2.EXECUTOR_STATE_READY,
+    ExecutorState.DRAINING: common_pb2.EXECUTOR_STATE_DRAINING,
 }
 
 
@@ -46,8 +48,9 @@ def duration(seconds: float) -> Duration:
 
 def params_from_proto(p: common_pb2.GenerationParams) -> GenerationParams:
     return GenerationParams(
-        prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, guidance_scale=p.guidance_scale,
-        width=p.width, height=p.height, seed=p.seed, num_images=p.num_images,
+        prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps,
+        guidance_scale=p.guidance_scale if p.HasField("guidance_scale") else None,
+        width=p.width, height=p.height, seed=p.seed if p.HasField("seed") else None, num_images=p.num_images,
     )
 
 
@@ -103,8 +106,9 @@ def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
         state=_STATES[s.state],
         device=s.device,
         models=[pb.HeldModel(model=common_pb2.ModelRef(model_id=m.key.model_id, revision=m.key.revision),
-                             tier=int(m.tier), size_bytes=m.size_bytes, ref_count=m.refs,
-                             unique_bytes=m.unique_bytes, shared_bytes=m.shared_bytes) for m in s.models],
+                             tier=int(m.tier), size_bytes=m.size_bytes, ref_count=m.refs, evicting=m.evicting,
+                             unique_bytes=m.unique_bytes, shared_bytes=m.shared_bytes)
+                for m in s.models],
         tiers=[pb.TierUsage(tier=int(t.tier), used_bytes=t.used_bytes, budget_bytes=t.budget_bytes) for t in s.tiers],
         queue_depth=s.queue_depth,
         queue_capacity=s.queue_capacity,
@@ -175,7 +179,8 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
                                   tier=int(o.tier), from_tier=int(o.from_tier), timings=timings_to_proto(o.timings))
 
     async def Evict(self, request: pb.EvictRequest, context) -> pb.EvictResponse:
-        return pb.EvictResponse(freed_bytes=await self.core.evict(request.model.model_id, request.model.revision))
+        evicted = await self.core.evict(request.model.model_id, request.model.revision)
+        return pb.EvictResponse(freed_bytes=evicted.freed_bytes, pending_bytes=evicted.pending_bytes)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
         return pb.GetStatusResponse(status=status_to_proto(self.core.status()))

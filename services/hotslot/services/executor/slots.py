@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotslot.errors import NotFound, ResourceExhausted
+from hotslot.errors import NotFound, Reason, ResourceExhausted
 
 
 class Tier(enum.IntEnum):
@@ -56,6 +56,7 @@ class SlotEntry:
     last_used: float = field(default_factory=time.monotonic)
     base: ModelKey | None = None  # set for a LoRA adapter: the pipeline it applies to
     parts: dict[str, int] = field(default_factory=dict)  # part id -> bytes: parts other entries may hold too
+    evicting: bool = False  # marked by `evict` while in use: dropped when its last reference is released
 
     @property
     def is_adapter(self) -> bool:
@@ -68,6 +69,7 @@ class HeldModel:
     tier: Tier
     size_bytes: int
     refs: int
+    evicting: bool = False
     unique_bytes: int = 0  # held for this model alone
     shared_bytes: int = 0  # held once for this model and others (size_bytes = unique_bytes + shared_bytes)
 
@@ -142,7 +144,7 @@ class SlotManager:
             if e.is_adapter:
                 continue
             shared = sum(nbytes for part, nbytes in e.parts.items() if holders[part] > 1)
-            out.append(HeldModel(e.key, e.tier, e.size_bytes, e.refs, e.size_bytes - shared, shared))
+            out.append(HeldModel(e.key, e.tier, e.size_bytes, e.refs, e.evicting, e.size_bytes - shared, shared))
         return out
 
     def adapters(self) -> list[SlotEntry]:
@@ -157,7 +159,8 @@ class SlotManager:
         if size_bytes > self.budgets[Tier.ACTIVE]:
             raise ResourceExhausted(
                 f"model {key} needs {size_bytes} bytes, more than this executor's active budget "
-                f"({self.budgets[Tier.ACTIVE]} bytes, HOTSLOT_EXECUTOR_ACTIVE_BUDGET_BYTES)"
+                f"({self.budgets[Tier.ACTIVE]} bytes, HOTSLOT_EXECUTOR_ACTIVE_BUDGET_BYTES)",
+                reason=Reason.MODEL_TOO_LARGE,
             )
 
     # -- transitions -------------------------------------------------------------------------------------
@@ -224,21 +227,28 @@ class SlotManager:
 
     def release(self, entry: SlotEntry) -> None:
         entry.refs = max(0, entry.refs - 1)
+        if entry.evicting and entry.refs == 0 and self._entries.get(entry.key) is entry:
+            self._evict_now(entry)
         # Budgets may have been exceeded while the entry was protected.
         for tier in (Tier.STANDBY, Tier.HOST):
             self._enforce(tier)
 
-    def evict(self, key: ModelKey) -> int:
-        """Drops a model from every tier now (refused while a request uses it)."""
+    def evict(self, key: ModelKey) -> bool:
+        """Drops a model from every tier now and returns True; a model a request uses is marked instead (False) and
+        dropped when its last reference is released. Requests that acquire it meanwhile still run on it."""
         entry = self._entries.get(key)
         if entry is None:
-            raise NotFound(f"model {key} is not held by this executor")
+            raise NotFound(f"model {key} is not held by this executor", reason=Reason.MODEL_NOT_HELD)
         if entry.refs:
-            raise ResourceExhausted(f"model {key} is in use by {entry.refs} request(s); evict it when they finish")
+            entry.evicting = True
+            return False
+        self._evict_now(entry)
+        return True
+
+    def _evict_now(self, entry: SlotEntry) -> None:
         if self.active is entry:
             self.active = None
         self._drop(entry)
-        return entry.size_bytes
 
     def clear(self) -> list[SlotEntry]:
         dropped = list(self._entries.values())

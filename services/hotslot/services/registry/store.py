@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from hotslot.errors import FailedPrecondition, NotFound, ResourceExhausted
+from hotslot.errors import FailedPrecondition, NotFound, Reason, ResourceExhausted
 from hotslot.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class SQLiteModelStore:
                     "SELECT kind FROM models WHERE model_id = ?", (record.base_model_id,)
                 ).fetchone()
                 if base is None:
-                    raise NotFound(f"base model {record.base_model_id!r} is not registered")
+                    raise NotFound(f"base model {record.base_model_id!r} is not registered", reason=Reason.MODEL_NOT_FOUND)
                 if base["kind"] != KIND_PIPELINE:
                     raise FailedPrecondition(
                         f"base model {record.base_model_id!r} is a {base['kind']}, not a DIFFUSERS_PIPELINE"
@@ -290,7 +290,7 @@ class SQLiteModelStore:
                 (model_id,),
             ).fetchone()
             if row is None:
-                raise NotFound(f"model {model_id!r} is not registered")
+                raise NotFound(f"model {model_id!r} is not registered", reason=Reason.MODEL_NOT_FOUND)
         else:
             row = conn.execute(
                 "SELECT * FROM revisions WHERE model_id = ? AND revision = ?", (model_id, revision)
@@ -298,9 +298,10 @@ class SQLiteModelStore:
             if row is None:
                 exists = conn.execute("SELECT latest_revision FROM models WHERE model_id = ?", (model_id,)).fetchone()
                 if exists is None:
-                    raise NotFound(f"model {model_id!r} is not registered")
+                    raise NotFound(f"model {model_id!r} is not registered", reason=Reason.MODEL_NOT_FOUND)
                 raise NotFound(
-                    f"model {model_id!r} has no revision {revision} (latest is {exists['latest_revision']})"
+                    f"model {model_id!r} has no revision {revision} (latest is {exists['latest_revision']})",
+                    reason=Reason.MODEL_NOT_FOUND,
                 )
         return self._record(row)
 
@@ -330,7 +331,7 @@ class SQLiteModelStore:
                 (model_id,),
             ).fetchone()
             if latest is None:
-                raise NotFound(f"model {model_id!r} is not registered")
+                raise NotFound(f"model {model_id!r} is not registered", reason=Reason.MODEL_NOT_FOUND)
             dependents = [
                 row["model_id"]
                 for row in conn.execute(

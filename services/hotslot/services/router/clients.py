@@ -45,7 +45,7 @@ def snapshot_from_proto(status: executor_pb.ExecutorStatus, address: str) -> Exe
     return ExecutorSnapshot(
         executor_id=status.executor_id or address,
         address=status.address,
-        ready=status.state == executor_pb.EXECUTOR_STATE_READY,
+        ready=status.state == common_pb2.EXECUTOR_STATE_READY,
         models=tuple(
             HeldModel(held.model.model_id, held.model.revision, _tier(held.tier), held.size_bytes)
             for held in status.models
@@ -150,7 +150,7 @@ class GrpcExecutorClient(ExecutorClient):
             response = await self._stub.Evict(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, f"executor at {self.address}") from None
-        return Evicted(response.freed_bytes)
+        return Evicted(response.freed_bytes, response.pending_bytes)
 
     async def close(self) -> None:
         await self._channel.close()

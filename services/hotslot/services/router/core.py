@@ -21,9 +21,11 @@ from hotslot.errors import (
     HotslotError,
     InvalidArgument,
     NotFound,
+    Reason,
     ResourceExhausted,
     Unavailable,
 )
+from hotslot.manifest import validate_model_id
 from hotslot.request_ids import validate_request_id
 
 from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, ProgressEvent, ResultEvent
@@ -70,7 +72,7 @@ class Preloaded:
 
 
 class EvictOutcome(enum.Enum):
-    """What Evict did on one executor."""
+    """What Evict did on one executor (hotslot.router.v1.EvictOutcome)."""
 
     EVICTED = 1
     MARKED = 2
@@ -297,15 +299,14 @@ class RouterCore:
         """Evicts the model on `executor_id`, whose errors are the answer (NotFound when it does not hold the model);
         or, with no executor named, on every connected executor whose latest status lists it (revision 0: any
         revision), in parallel, each failure listed as that executor's outcome. Ordered by executor id."""
-        if not model_id:
-            raise InvalidArgument.field("model.model_id", "is required")
+        validate_model_id(model_id, "model.model_id")
         links = self.membership.placeable()
+        timeout = time_remaining_s
         if executor_id:
             link = next((link for link in links if link.executor_id == executor_id and link.client), None)
             if link is None:
-                raise NotFound(f"no connected executor has id {executor_id!r}")
-            evicted = await link.client.evict(model_id, revision, time_remaining_s)  # type: ignore[union-attr]
-            return [self._evict_answer(executor_id, evicted)]
+                raise NotFound(f"no connected executor has id {executor_id!r}", reason=Reason.EXECUTOR_NOT_FOUND)
+            return [self._evict_answer(executor_id, await link.client.evict(model_id, revision, timeout))]  # type: ignore[union-attr]
         holders = [
             link for link in links
             if link.client is not None and link.snapshot is not None and any(
@@ -314,7 +315,7 @@ class RouterCore:
             )
         ]
         outcomes = await asyncio.gather(
-            *(link.client.evict(model_id, revision, time_remaining_s) for link in holders),  # type: ignore[union-attr]
+            *(link.client.evict(model_id, revision, timeout) for link in holders),  # type: ignore[union-attr]
             return_exceptions=True,
         )
         answers = []
@@ -430,6 +431,7 @@ class RouterCore:
                 f"every executor is busy and the router queue is full ({self.max_queue} waiting); "
                 f"retry in {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s,
+                reason=Reason.QUEUE_FULL,
             ), "queue_full")
         loop = asyncio.get_running_loop()
         limit = self.queue_timeout_s
@@ -447,6 +449,7 @@ class RouterCore:
             raise self.metrics.refused(ResourceExhausted(
                 f"no executor had room within {self.queue_timeout_s:g} s; retry in {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s,
+                reason=Reason.QUEUE_FULL,
             ), "queue_timeout") from None
         except BaseException:
             # Cancelled (client gone) after _admit_waiters reserved a slot for us but before we resumed: give the
@@ -485,11 +488,13 @@ class RouterCore:
         known = len(self.membership.targets())
         if exclude:
             error: Unavailable = ExecutorUnavailable(
-                f"no other executor is ready (tried {', '.join(exclude)}; {known} known)"
+                f"no other executor is ready (tried {', '.join(exclude)}; {known} known)",
+                reason=Reason.NO_EXECUTOR_READY,
             )
         else:
             error = Unavailable(f"no executor is ready ({known} known, "
-                                f"{len(self.membership.unreachable_addresses())} unreachable)")
+                                f"{len(self.membership.unreachable_addresses())} unreachable)",
+                                reason=Reason.NO_EXECUTOR_READY)
         self.metrics.refused(error, "no_executor")
         return error
 

@@ -61,8 +61,8 @@ class Evicted:
 
     freed_bytes: int
     """Released now."""
-    pending_bytes: int = 0
-    """Of models in use: marked, released when their last request ends (0 from executors that refuse instead)."""
+    pending_bytes: int
+    """Of models in use: marked, released when their last request ends."""
 
 
 class ExecutorClient(ABC):
@@ -88,9 +88,10 @@ class ExecutorClient(ABC):
     async def preload(self, model_id: str, revision: int, timeout_s: float | None) -> Any:
         """Loads a model into standby; returns the executor's PreloadResponse."""
 
+    @abstractmethod
     async def evict(self, model_id: str, revision: int, timeout_s: float | None) -> Evicted:
-        """Drops the model (revision 0: every revision held). Raises NotFound when the executor does not hold it."""
-        raise NotImplementedError
+        """Drops the model (revision 0: every revision held), or marks it where a request uses it. Raises NotFound
+        when the executor does not hold it."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook: fakes have nothing to release
         """Releases the connection."""

@@ -37,7 +37,7 @@ from .oip import (
 )
 from .placement import RequestWork, Tier
 
-_LOAD_PHASES = {1: "queued", 2: "ensure", 3: "read", 4: "materialize", 5: "swap"}
+_LOAD_PHASES = {v: k.removeprefix("LOAD_PHASE_").lower() for k, v in common_pb2.LoadPhase.items()}
 """hotslot's LoadPhase values (stable across its protos) as the `load_phase` progress parameter."""
 
 _HELD_TIERS = frozenset({Tier.ACTIVE, Tier.STANDBY, Tier.HOST})

@@ -24,6 +24,7 @@ from hotslot.errors import (
     FailedPrecondition,
     HotslotError,
     InvalidArgument,
+    Reason,
     ResourceExhausted,
     Unavailable,
 )
@@ -350,7 +351,8 @@ class StorageCacheCore:
         if distinct > self.store.capacity_bytes:
             raise ResourceExhausted(
                 f"model {plan.model_id or plan.view_id[:12]} needs {format_bytes(distinct)} of distinct files, "
-                f"more than the cache capacity of {format_bytes(self.store.capacity_bytes)}; raise capacity_bytes"
+                f"more than the cache capacity of {format_bytes(self.store.capacity_bytes)}; raise capacity_bytes",
+                reason=Reason.MODEL_TOO_LARGE,
             )
 
     async def _ensure_blobs(self, plan: _Plan, tracker: _ProgressTracker) -> tuple[dict[str, FileSource], int]:

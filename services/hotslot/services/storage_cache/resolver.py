@@ -9,7 +9,7 @@ import grpc
 import grpc.aio
 
 from hotslot.convert import manifest_from_proto
-from hotslot.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from hotslot.errors import FailedPrecondition, InvalidArgument, NotFound, Reason, Unavailable
 from hotslot.registry.v1 import registry_service_pb2 as registry_pb
 from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
@@ -50,7 +50,8 @@ class RegistryResolver(ModelResolver):
         except grpc.aio.AioRpcError as error:
             code = error.code()
             if code == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(error.details() or f"model {model_id!r} is not registered") from None
+                raise NotFound(error.details() or f"model {model_id!r} is not registered",
+                               reason=Reason.MODEL_NOT_FOUND) from None
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument(error.details() or "the registry refused the model reference") from None
             if code in _UNREACHABLE:

@@ -25,17 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehotslot/common/v1/common.proto\x12\x11hotslot.common.v1\x1a\x1egoogle/protobuf/duration.proto\".\n\x08ModelRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"V\n\nAdapterRef\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"=\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\">\n\tComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07library\x18\x02 \x01(\t\x12\x12\n\nclass_name\x18\x03 \x01(\t\"\xa6\x01\n\x08Manifest\x12+\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1c.hotslot.common.v1.FileEntry\x12\x16\n\x0epipeline_class\x18\x02 \x01(\t\x12\x30\n\ncomponents\x18\x03 \x03(\x0b\x32\x1c.hotslot.common.v1.Component\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"\xa3\x01\n\x10GenerationParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x04 \x01(\x02\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nnum_images\x18\x08 \x01(\x05\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xe6\x02\n\x0cPhaseTimings\x12(\n\x05queue\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06\x65nsure\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04read\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmaterialize\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04swap\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x64\x65noise\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06\x65ncode\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration*g\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dMODEL_KIND_DIFFUSERS_PIPELINE\x10\x01\x12\x1b\n\x17MODEL_KIND_LORA_ADAPTER\x10\x02*{\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_ACTIVE\x10\x01\x12\x10\n\x0cTIER_STANDBY\x10\x02\x12\r\n\tTIER_HOST\x10\x03\x12\x13\n\x0fTIER_LOCAL_DISK\x10\x04\x12\x16\n\x12TIER_BACKING_STORE\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehotslot/common/v1/common.proto\x12\x11hotslot.common.v1\x1a\x1egoogle/protobuf/duration.proto\".\n\x08ModelRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"V\n\nAdapterRef\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"=\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\">\n\tComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07library\x18\x02 \x01(\t\x12\x12\n\nclass_name\x18\x03 \x01(\t\"\xa6\x01\n\x08Manifest\x12+\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1c.hotslot.common.v1.FileEntry\x12\x16\n\x0epipeline_class\x18\x02 \x01(\t\x12\x30\n\ncomponents\x18\x03 \x03(\x0b\x32\x1c.hotslot.common.v1.Component\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"\xc9\x01\n\x10GenerationParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nnum_images\x18\x08 \x01(\x05\x42\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xe6\x02\n\x0cPhaseTimings\x12(\n\x05queue\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06\x65nsure\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04read\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmaterialize\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04swap\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07\x64\x65noise\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06\x65ncode\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration*g\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dMODEL_KIND_DIFFUSERS_PIPELINE\x10\x01\x12\x1b\n\x17MODEL_KIND_LORA_ADAPTER\x10\x02*\x9b\x01\n\tLoadPhase\x12\x1a\n\x16LOAD_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11LOAD_PHASE_QUEUED\x10\x01\x12\x15\n\x11LOAD_PHASE_ENSURE\x10\x02\x12\x13\n\x0fLOAD_PHASE_READ\x10\x03\x12\x1a\n\x16LOAD_PHASE_MATERIALIZE\x10\x04\x12\x13\n\x0fLOAD_PHASE_SWAP\x10\x05*\x83\x01\n\rExecutorState\x12\x1e\n\x1a\x45XECUTOR_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XECUTOR_STATE_STARTING\x10\x01\x12\x18\n\x14\x45XECUTOR_STATE_READY\x10\x02\x12\x1b\n\x17\x45XECUTOR_STATE_DRAINING\x10\x03*{\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_ACTIVE\x10\x01\x12\x10\n\x0cTIER_STANDBY\x10\x02\x12\r\n\tTIER_HOST\x10\x03\x12\x13\n\x0fTIER_LOCAL_DISK\x10\x04\x12\x16\n\x12TIER_BACKING_STORE\x10\x05*\xc1\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1e\x45RROR_REASON_INVALID_PARAMETER\x10\x01\x12#\n\x1f\x45RROR_REASON_UNSAFE_FILE_FORMAT\x10\x02\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x03\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x04\x12\x1f\n\x1b\x45RROR_REASON_MODEL_NOT_HELD\x10\x05\x12#\n\x1f\x45RROR_REASON_EXECUTOR_NOT_FOUND\x10\x06\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x07\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x08\x12!\n\x1d\x45RROR_REASON_ADAPTER_MISMATCH\x10\t\x12#\n\x1f\x45RROR_REASON_RESOURCE_EXHAUSTED\x10\n\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x0b\x12 \n\x1c\x45RROR_REASON_MODEL_TOO_LARGE\x10\x0c\x12\x1c\n\x18\x45RROR_REASON_UNAVAILABLE\x10\r\x12\"\n\x1e\x45RROR_REASON_NO_EXECUTOR_READY\x10\x0e\x12\"\n\x1e\x45RROR_REASON_CHECKSUM_MISMATCH\x10\x0f\x12\x1a\n\x16\x45RROR_REASON_CANCELLED\x10\x10\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\x11\x12\x18\n\x14\x45RROR_REASON_UNKNOWN\x10\x12\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x13\x12\x1e\n\x1a\x45RROR_REASON_UNIMPLEMENTED\x10\x14\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hotslot.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELKIND']._serialized_start=1131
-  _globals['_MODELKIND']._serialized_end=1234
-  _globals['_TIER']._serialized_start=1236
-  _globals['_TIER']._serialized_end=1359
+  _globals['_MODELKIND']._serialized_start=1169
+  _globals['_MODELKIND']._serialized_end=1272
+  _globals['_LOADPHASE']._serialized_start=1275
+  _globals['_LOADPHASE']._serialized_end=1430
+  _globals['_EXECUTORSTATE']._serialized_start=1433
+  _globals['_EXECUTORSTATE']._serialized_end=1564
+  _globals['_TIER']._serialized_start=1566
+  _globals['_TIER']._serialized_end=1689
+  _globals['_ERRORREASON']._serialized_start=1692
+  _globals['_ERRORREASON']._serialized_end=2397
   _globals['_MODELREF']._serialized_start=85
   _globals['_MODELREF']._serialized_end=131
   _globals['_ADAPTERREF']._serialized_start=133
@@ -47,9 +53,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFEST']._serialized_start=349
   _globals['_MANIFEST']._serialized_end=515
   _globals['_GENERATIONPARAMS']._serialized_start=518
-  _globals['_GENERATIONPARAMS']._serialized_end=681
-  _globals['_IMAGE']._serialized_start=683
-  _globals['_IMAGE']._serialized_end=768
-  _globals['_PHASETIMINGS']._serialized_start=771
-  _globals['_PHASETIMINGS']._serialized_end=1129
+  _globals['_GENERATIONPARAMS']._serialized_end=719
+  _globals['_IMAGE']._serialized_start=721
+  _globals['_IMAGE']._serialized_end=806
+  _globals['_PHASETIMINGS']._serialized_start=809
+  _globals['_PHASETIMINGS']._serialized_end=1167
 # @@protoc_insertion_point(module_scope)

@@ -16,6 +16,22 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_DIFFUSERS_PIPELINE: _ClassVar[ModelKind]
     MODEL_KIND_LORA_ADAPTER: _ClassVar[ModelKind]
 
+class LoadPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOAD_PHASE_UNSPECIFIED: _ClassVar[LoadPhase]
+    LOAD_PHASE_QUEUED: _ClassVar[LoadPhase]
+    LOAD_PHASE_ENSURE: _ClassVar[LoadPhase]
+    LOAD_PHASE_READ: _ClassVar[LoadPhase]
+    LOAD_PHASE_MATERIALIZE: _ClassVar[LoadPhase]
+    LOAD_PHASE_SWAP: _ClassVar[LoadPhase]
+
+class ExecutorState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXECUTOR_STATE_UNSPECIFIED: _ClassVar[ExecutorState]
+    EXECUTOR_STATE_STARTING: _ClassVar[ExecutorState]
+    EXECUTOR_STATE_READY: _ClassVar[ExecutorState]
+    EXECUTOR_STATE_DRAINING: _ClassVar[ExecutorState]
+
 class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TIER_UNSPECIFIED: _ClassVar[Tier]
@@ -24,15 +40,70 @@ class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIER_HOST: _ClassVar[Tier]
     TIER_LOCAL_DISK: _ClassVar[Tier]
     TIER_BACKING_STORE: _ClassVar[Tier]
+
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_PARAMETER: _ClassVar[ErrorReason]
+    ERROR_REASON_UNSAFE_FILE_FORMAT: _ClassVar[ErrorReason]
+    ERROR_REASON_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_MODEL_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_MODEL_NOT_HELD: _ClassVar[ErrorReason]
+    ERROR_REASON_EXECUTOR_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_ALREADY_EXISTS: _ClassVar[ErrorReason]
+    ERROR_REASON_FAILED_PRECONDITION: _ClassVar[ErrorReason]
+    ERROR_REASON_ADAPTER_MISMATCH: _ClassVar[ErrorReason]
+    ERROR_REASON_RESOURCE_EXHAUSTED: _ClassVar[ErrorReason]
+    ERROR_REASON_QUEUE_FULL: _ClassVar[ErrorReason]
+    ERROR_REASON_MODEL_TOO_LARGE: _ClassVar[ErrorReason]
+    ERROR_REASON_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_NO_EXECUTOR_READY: _ClassVar[ErrorReason]
+    ERROR_REASON_CHECKSUM_MISMATCH: _ClassVar[ErrorReason]
+    ERROR_REASON_CANCELLED: _ClassVar[ErrorReason]
+    ERROR_REASON_DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
+    ERROR_REASON_UNKNOWN: _ClassVar[ErrorReason]
+    ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+    ERROR_REASON_UNIMPLEMENTED: _ClassVar[ErrorReason]
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_DIFFUSERS_PIPELINE: ModelKind
 MODEL_KIND_LORA_ADAPTER: ModelKind
+LOAD_PHASE_UNSPECIFIED: LoadPhase
+LOAD_PHASE_QUEUED: LoadPhase
+LOAD_PHASE_ENSURE: LoadPhase
+LOAD_PHASE_READ: LoadPhase
+LOAD_PHASE_MATERIALIZE: LoadPhase
+LOAD_PHASE_SWAP: LoadPhase
+EXECUTOR_STATE_UNSPECIFIED: ExecutorState
+EXECUTOR_STATE_STARTING: ExecutorState
+EXECUTOR_STATE_READY: ExecutorState
+EXECUTOR_STATE_DRAINING: ExecutorState
 TIER_UNSPECIFIED: Tier
 TIER_ACTIVE: Tier
 TIER_STANDBY: Tier
 TIER_HOST: Tier
 TIER_LOCAL_DISK: Tier
 TIER_BACKING_STORE: Tier
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_INVALID_PARAMETER: ErrorReason
+ERROR_REASON_UNSAFE_FILE_FORMAT: ErrorReason
+ERROR_REASON_NOT_FOUND: ErrorReason
+ERROR_REASON_MODEL_NOT_FOUND: ErrorReason
+ERROR_REASON_MODEL_NOT_HELD: ErrorReason
+ERROR_REASON_EXECUTOR_NOT_FOUND: ErrorReason
+ERROR_REASON_ALREADY_EXISTS: ErrorReason
+ERROR_REASON_FAILED_PRECONDITION: ErrorReason
+ERROR_REASON_ADAPTER_MISMATCH: ErrorReason
+ERROR_REASON_RESOURCE_EXHAUSTED: ErrorReason
+ERROR_REASON_QUEUE_FULL: ErrorReason
+ERROR_REASON_MODEL_TOO_LARGE: ErrorReason
+ERROR_REASON_UNAVAILABLE: ErrorReason
+ERROR_REASON_NO_EXECUTOR_READY: ErrorReason
+ERROR_REASON_CHECKSUM_MISMATCH: ErrorReason
+ERROR_REASON_CANCELLED: ErrorReason
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason
+ERROR_REASON_UNKNOWN: ErrorReason
+ERROR_REASON_INTERNAL: ErrorReason
+ERROR_REASON_UNIMPLEMENTED: ErrorReason
 
 class ModelRef(_message.Message):
     __slots__ = ("model_id", "revision")

@@ -26,19 +26,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from hotslot.common.v1 import common_pb2 as hotslot_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*hotslot/executor/v1/executor_service.proto\x12\x13hotslot.executor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1ehotslot/common/v1/common.proto\"\xb7\x01\n\x0fGenerateRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"\xb9\x02\n\x10GenerateResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.hotslot.common.v1.Image\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x30\n\x07timings\x18\x04 \x01(\x0b\x32\x1f.hotslot.common.v1.PhaseTimings\x12\x13\n\x0b\x65xecutor_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x16\n\x0e\x62\x61tch_requests\x18\x07 \x01(\x05\x12\x35\n\x08\x61\x64\x61pters\x18\x08 \x03(\x0b\x32#.hotslot.executor.v1.AppliedAdapter\"r\n\x0e\x41ppliedAdapter\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\r\n\x05scale\x18\x02 \x01(\x02\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\"\xbd\x01\n\x15GenerateStreamRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"~\n\x0cLoadProgress\x12-\n\x05phase\x18\x01 \x01(\x0e\x32\x1e.hotslot.executor.v1.LoadPhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x03\x12\x16\n\x0equeue_position\x18\x04 \x01(\x05\"]\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc0\x01\n\x16GenerateStreamResponse\x12\x31\n\x04load\x18\x01 \x01(\x0b\x32!.hotslot.executor.v1.LoadProgressH\x00\x12\x31\n\x04step\x18\x02 \x01(\x0b\x32!.hotslot.executor.v1.StepProgressH\x00\x12\x37\n\x06result\x18\x03 \x01(\x0b\x32%.hotslot.executor.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"j\n\x0ePreloadRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12,\n\x0btarget_tier\x18\x02 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\"\xc2\x01\n\x0fPreloadResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12*\n\tfrom_tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x30\n\x07timings\x18\x04 \x01(\x0b\x32\x1f.hotslot.common.v1.PhaseTimings\":\n\x0c\x45victRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\"$\n\rEvictResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\"\xb1\x01\n\tHeldModel\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x11\n\tref_count\x18\x04 \x01(\x05\x12\x14\n\x0cunique_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cshared_bytes\x18\x06 \x01(\x03\"\xb2\x01\n\x0bHeldAdapter\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12)\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x11\n\tref_count\x18\x05 \x01(\x05\"\\\n\tTierUsage\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x03\"m\n\x0fPreloaderStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x10\n\x08restarts\x18\x03 \x01(\x05\x12,\n\x07loading\x18\x04 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\"\xc4\x04\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".hotslot.executor.v1.ExecutorState\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12.\n\x06models\x18\x05 \x03(\x0b\x32\x1e.hotslot.executor.v1.HeldModel\x12-\n\x05tiers\x18\x06 \x03(\x0b\x32\x1e.hotslot.executor.v1.TierUsage\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x08 \x01(\x05\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\t \x01(\x03\x12 \n\x18\x64\x65vice_memory_used_bytes\x18\n \x01(\x03\x12\x37\n\tpreloader\x18\x0b \x01(\x0b\x32$.hotslot.executor.v1.PreloaderStatus\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12\x31\n\x05queue\x18\r \x03(\x0b\x32\".hotslot.executor.v1.QueuedRequest\x12\x31\n\x05\x63osts\x18\x0e \x01(\x0b\x32\".hotslot.executor.v1.CostEstimates\x12\x32\n\x08\x61\x64\x61pters\x18\x0f \x03(\x0b\x32 .hotslot.executor.v1.HeldAdapter\x12\x14\n\x0cmax_adapters\x18\x10 \x01(\x05\"\x9e\x02\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .hotslot.executor.v1.QueuedState\x12)\n\x06waited\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tovertaken\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nnum_images\x18\x06 \x01(\x05\x12/\n\x08\x61\x64\x61pters\x18\x07 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"r\n\x08TierCost\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x15\n\rfixed_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fseconds_per_gib\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x03\"\xdd\x01\n\rCostEstimates\x12\x1d\n\x15seconds_per_work_unit\x18\x01 \x01(\x01\x12\x1b\n\x13seconds_per_request\x18\x02 \x01(\x01\x12\x17\n\x0f\x62\x61\x63klog_seconds\x18\x03 \x01(\x01\x12\x31\n\nload_costs\x18\x04 \x03(\x0b\x32\x1d.hotslot.executor.v1.TierCost\x12\x15\n\rdefault_steps\x18\x05 \x01(\x05\x12\x15\n\rdefault_width\x18\x06 \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x07 \x01(\x05\"\x12\n\x10GetStatusRequest\"H\n\x11GetStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.hotslot.executor.v1.ExecutorStatus\"\x14\n\x12WatchStatusRequest\"J\n\x13WatchStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.hotslot.executor.v1.ExecutorStatus*\x9b\x01\n\tLoadPhase\x12\x1a\n\x16LOAD_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11LOAD_PHASE_QUEUED\x10\x01\x12\x15\n\x11LOAD_PHASE_ENSURE\x10\x02\x12\x13\n\x0fLOAD_PHASE_READ\x10\x03\x12\x1a\n\x16LOAD_PHASE_MATERIALIZE\x10\x04\x12\x13\n\x0fLOAD_PHASE_SWAP\x10\x05*\x83\x01\n\rExecutorState\x12\x1e\n\x1a\x45XECUTOR_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XECUTOR_STATE_STARTING\x10\x01\x12\x18\n\x14\x45XECUTOR_STATE_READY\x10\x02\x12\x1b\n\x17\x45XECUTOR_STATE_DRAINING\x10\x03*\x91\x01\n\x0bQueuedState\x12\x1c\n\x18QUEUED_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14QUEUED_STATE_RUNNING\x10\x01\x12\x16\n\x12QUEUED_STATE_READY\x10\x02\x12\x18\n\x14QUEUED_STATE_LOADING\x10\x03\x12\x18\n\x14QUEUED_STATE_WAITING\x10\x04\x32\xbd\x04\n\x0f\x45xecutorService\x12W\n\x08Generate\x12$.hotslot.executor.v1.GenerateRequest\x1a%.hotslot.executor.v1.GenerateResponse\x12k\n\x0eGenerateStream\x12*.hotslot.executor.v1.GenerateStreamRequest\x1a+.hotslot.executor.v1.GenerateStreamResponse0\x01\x12T\n\x07Preload\x12#.hotslot.executor.v1.PreloadRequest\x1a$.hotslot.executor.v1.PreloadResponse\x12N\n\x05\x45vict\x12!.hotslot.executor.v1.EvictRequest\x1a\".hotslot.executor.v1.EvictResponse\x12Z\n\tGetStatus\x12%.hotslot.executor.v1.GetStatusRequest\x1a&.hotslot.executor.v1.GetStatusResponse\x12\x62\n\x0bWatchStatus\x12\'.hotslot.executor.v1.WatchStatusRequest\x1a(.hotslot.executor.v1.WatchStatusResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*hotslot/executor/v1/executor_service.proto\x12\x13hotslot.executor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1ehotslot/common/v1/common.proto\"\xb7\x01\n\x0fGenerateRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"\xb9\x02\n\x10GenerateResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.hotslot.common.v1.Image\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x30\n\x07timings\x18\x04 \x01(\x0b\x32\x1f.hotslot.common.v1.PhaseTimings\x12\x13\n\x0b\x65xecutor_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x16\n\x0e\x62\x61tch_requests\x18\x07 \x01(\x05\x12\x35\n\x08\x61\x64\x61pters\x18\x08 \x03(\x0b\x32#.hotslot.executor.v1.AppliedAdapter\"r\n\x0e\x41ppliedAdapter\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\r\n\x05scale\x18\x02 \x01(\x02\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\"\xbd\x01\n\x15GenerateStreamRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"|\n\x0cLoadProgress\x12+\n\x05phase\x18\x01 \x01(\x0e\x32\x1c.hotslot.common.v1.LoadPhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x03\x12\x16\n\x0equeue_position\x18\x04 \x01(\x05\"]\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc0\x01\n\x16GenerateStreamResponse\x12\x31\n\x04load\x18\x01 \x01(\x0b\x32!.hotslot.executor.v1.LoadProgressH\x00\x12\x31\n\x04step\x18\x02 \x01(\x0b\x32!.hotslot.executor.v1.StepProgressH\x00\x12\x37\n\x06result\x18\x03 \x01(\x0b\x32%.hotslot.executor.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"j\n\x0ePreloadRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12,\n\x0btarget_tier\x18\x02 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\"\xc2\x01\n\x0fPreloadResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12*\n\tfrom_tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x30\n\x07timings\x18\x04 \x01(\x0b\x32\x1f.hotslot.common.v1.PhaseTimings\":\n\x0c\x45victRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\";\n\rEvictResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x12\x15\n\rpending_bytes\x18\x02 \x01(\x03\"\xc3\x01\n\tHeldModel\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x11\n\tref_count\x18\x04 \x01(\x05\x12\x10\n\x08\x65victing\x18\x05 \x01(\x08\x12\x14\n\x0cunique_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cshared_bytes\x18\x07 \x01(\x03\"\xb2\x01\n\x0bHeldAdapter\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12)\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x11\n\tref_count\x18\x05 \x01(\x05\"\\\n\tTierUsage\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x03\"m\n\x0fPreloaderStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x10\n\x08restarts\x18\x03 \x01(\x05\x12,\n\x07loading\x18\x04 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\"\xc2\x04\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .hotslot.common.v1.ExecutorState\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12.\n\x06models\x18\x05 \x03(\x0b\x32\x1e.hotslot.executor.v1.HeldModel\x12-\n\x05tiers\x18\x06 \x03(\x0b\x32\x1e.hotslot.executor.v1.TierUsage\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x08 \x01(\x05\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\t \x01(\x03\x12 \n\x18\x64\x65vice_memory_used_bytes\x18\n \x01(\x03\x12\x37\n\tpreloader\x18\x0b \x01(\x0b\x32$.hotslot.executor.v1.PreloaderStatus\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12\x31\n\x05queue\x18\r \x03(\x0b\x32\".hotslot.executor.v1.QueuedRequest\x12\x31\n\x05\x63osts\x18\x0e \x01(\x0b\x32\".hotslot.executor.v1.CostEstimates\x12\x32\n\x08\x61\x64\x61pters\x18\x0f \x03(\x0b\x32 .hotslot.executor.v1.HeldAdapter\x12\x14\n\x0cmax_adapters\x18\x10 \x01(\x05\"\x9e\x02\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .hotslot.executor.v1.QueuedState\x12)\n\x06waited\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tovertaken\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nnum_images\x18\x06 \x01(\x05\x12/\n\x08\x61\x64\x61pters\x18\x07 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"r\n\x08TierCost\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x15\n\rfixed_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fseconds_per_gib\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x03\"\xdd\x01\n\rCostEstimates\x12\x1d\n\x15seconds_per_work_unit\x18\x01 \x01(\x01\x12\x1b\n\x13seconds_per_request\x18\x02 \x01(\x01\x12\x17\n\x0f\x62\x61\x63klog_seconds\x18\x03 \x01(\x01\x12\x31\n\nload_costs\x18\x04 \x03(\x0b\x32\x1d.hotslot.executor.v1.TierCost\x12\x15\n\rdefault_steps\x18\x05 \x01(\x05\x12\x15\n\rdefault_width\x18\x06 \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x07 \x01(\x05\"\x12\n\x10GetStatusRequest\"H\n\x11GetStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.hotslot.executor.v1.ExecutorStatus\"\x14\n\x12WatchStatusRequest\"J\n\x13WatchStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.hotslot.executor.v1.ExecutorStatus*\x91\x01\n\x0bQueuedState\x12\x1c\n\x18QUEUED_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14QUEUED_STATE_RUNNING\x10\x01\x12\x16\n\x12QUEUED_STATE_READY\x10\x02\x12\x18\n\x14QUEUED_STATE_LOADING\x10\x03\x12\x18\n\x14QUEUED_STATE_WAITING\x10\x04\x32\xbd\x04\n\x0f\x45xecutorService\x12W\n\x08Generate\x12$.hotslot.executor.v1.GenerateRequest\x1a%.hotslot.executor.v1.GenerateResponse\x12k\n\x0eGenerateStream\x12*.hotslot.executor.v1.GenerateStreamRequest\x1a+.hotslot.executor.v1.GenerateStreamResponse0\x01\x12T\n\x07Preload\x12#.hotslot.executor.v1.PreloadRequest\x1a$.hotslot.executor.v1.PreloadResponse\x12N\n\x05\x45vict\x12!.hotslot.executor.v1.EvictRequest\x1a\".hotslot.executor.v1.EvictResponse\x12Z\n\tGetStatus\x12%.hotslot.executor.v1.GetStatusRequest\x1a&.hotslot.executor.v1.GetStatusResponse\x12\x62\n\x0bWatchStatus\x12\'.hotslot.executor.v1.WatchStatusRequest\x1a(.hotslot.executor.v1.WatchStatusResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hotslot.executor.v1.executor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOADPHASE']._serialized_start=3733
-  _globals['_LOADPHASE']._serialized_end=3888
-  _globals['_EXECUTORSTATE']._serialized_start=3891
-  _globals['_EXECUTORSTATE']._serialized_end=4022
-  _globals['_QUEUEDSTATE']._serialized_start=4025
-  _globals['_QUEUEDSTATE']._serialized_end=4170
+  _globals['_QUEUEDSTATE']._serialized_start=3770
+  _globals['_QUEUEDSTATE']._serialized_end=3915
   _globals['_GENERATEREQUEST']._serialized_start=132
   _globals['_GENERATEREQUEST']._serialized_end=315
   _globals['_GENERATERESPONSE']._serialized_start=318
@@ -48,43 +44,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESTREAMREQUEST']._serialized_start=750
   _globals['_GENERATESTREAMREQUEST']._serialized_end=939
   _globals['_LOADPROGRESS']._serialized_start=941
-  _globals['_LOADPROGRESS']._serialized_end=1067
-  _globals['_STEPPROGRESS']._serialized_start=1069
-  _globals['_STEPPROGRESS']._serialized_end=1162
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1165
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1357
-  _globals['_PRELOADREQUEST']._serialized_start=1359
-  _globals['_PRELOADREQUEST']._serialized_end=1465
-  _globals['_PRELOADRESPONSE']._serialized_start=1468
-  _globals['_PRELOADRESPONSE']._serialized_end=1662
-  _globals['_EVICTREQUEST']._serialized_start=1664
-  _globals['_EVICTREQUEST']._serialized_end=1722
-  _globals['_EVICTRESPONSE']._serialized_start=1724
-  _globals['_EVICTRESPONSE']._serialized_end=1760
-  _globals['_HELDMODEL']._serialized_start=1763
-  _globals['_HELDMODEL']._serialized_end=1940
-  _globals['_HELDADAPTER']._serialized_start=1943
-  _globals['_HELDADAPTER']._serialized_end=2121
-  _globals['_TIERUSAGE']._serialized_start=2123
-  _globals['_TIERUSAGE']._serialized_end=2215
-  _globals['_PRELOADERSTATUS']._serialized_start=2217
-  _globals['_PRELOADERSTATUS']._serialized_end=2326
-  _globals['_EXECUTORSTATUS']._serialized_start=2329
-  _globals['_EXECUTORSTATUS']._serialized_end=2909
-  _globals['_QUEUEDREQUEST']._serialized_start=2912
-  _globals['_QUEUEDREQUEST']._serialized_end=3198
-  _globals['_TIERCOST']._serialized_start=3200
-  _globals['_TIERCOST']._serialized_end=3314
-  _globals['_COSTESTIMATES']._serialized_start=3317
-  _globals['_COSTESTIMATES']._serialized_end=3538
-  _globals['_GETSTATUSREQUEST']._serialized_start=3540
-  _globals['_GETSTATUSREQUEST']._serialized_end=3558
-  _globals['_GETSTATUSRESPONSE']._serialized_start=3560
-  _globals['_GETSTATUSRESPONSE']._serialized_end=3632
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=3634
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=3654
-  _globals['_WATCHSTATUSRESPONSE']._serialized_start=3656
-  _globals['_WATCHSTATUSRESPONSE']._serialized_end=3730
-  _globals['_EXECUTORSERVICE']._serialized_start=4173
-  _globals['_EXECUTORSERVICE']._serialized_end=4746
+  _globals['_LOADPROGRESS']._serialized_end=1065
+  _globals['_STEPPROGRESS']._serialized_start=1067
+  _globals['_STEPPROGRESS']._serialized_end=1160
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1163
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1355
+  _globals['_PRELOADREQUEST']._serialized_start=1357
+  _globals['_PRELOADREQUEST']._serialized_end=1463
+  _globals['_PRELOADRESPONSE']._serialized_start=1466
+  _globals['_PRELOADRESPONSE']._serialized_end=1660
+  _globals['_EVICTREQUEST']._serialized_start=1662
+  _globals['_EVICTREQUEST']._serialized_end=1720
+  _globals['_EVICTRESPONSE']._serialized_start=1722
+  _globals['_EVICTRESPONSE']._serialized_end=1781
+  _globals['_HELDMODEL']._serialized_start=1784
+  _globals['_HELDMODEL']._serialized_end=1979
+  _globals['_HELDADAPTER']._serialized_start=1982
+  _globals['_HELDADAPTER']._serialized_end=2160
+  _globals['_TIERUSAGE']._serialized_start=2162
+  _globals['_TIERUSAGE']._serialized_end=2254
+  _globals['_PRELOADERSTATUS']._serialized_start=2256
+  _globals['_PRELOADERSTATUS']._serialized_end=2365
+  _globals['_EXECUTORSTATUS']._serialized_start=2368
+  _globals['_EXECUTORSTATUS']._serialized_end=2946
+  _globals['_QUEUEDREQUEST']._serialized_start=2949
+  _globals['_QUEUEDREQUEST']._serialized_end=3235
+  _globals['_TIERCOST']._serialized_start=3237
+  _globals['_TIERCOST']._serialized_end=3351
+  _globals['_COSTESTIMATES']._serialized_start=3354
+  _globals['_COSTESTIMATES']._serialized_end=3575
+  _globals['_GETSTATUSREQUEST']._serialized_start=3577
+  _globals['_GETSTATUSREQUEST']._serialized_end=3595
+  _globals['_GETSTATUSRESPONSE']._serialized_start=3597
+  _globals['_GETSTATUSRESPONSE']._serialized_end=3669
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=3671
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=3691
+  _globals['_WATCHSTATUSRESPONSE']._serialized_start=3693
+  _globals['_WATCHSTATUSRESPONSE']._serialized_end=3767
+  _globals['_EXECUTORSERVICE']._serialized_start=3918
+  _globals['_EXECUTORSERVICE']._serialized_end=4491
 # @@protoc_insertion_point(module_scope)

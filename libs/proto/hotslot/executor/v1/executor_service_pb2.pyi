@@ -11,22 +11,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class LoadPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    LOAD_PHASE_UNSPECIFIED: _ClassVar[LoadPhase]
-    LOAD_PHASE_QUEUED: _ClassVar[LoadPhase]
-    LOAD_PHASE_ENSURE: _ClassVar[LoadPhase]
-    LOAD_PHASE_READ: _ClassVar[LoadPhase]
-    LOAD_PHASE_MATERIALIZE: _ClassVar[LoadPhase]
-    LOAD_PHASE_SWAP: _ClassVar[LoadPhase]
-
-class ExecutorState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    EXECUTOR_STATE_UNSPECIFIED: _ClassVar[ExecutorState]
-    EXECUTOR_STATE_STARTING: _ClassVar[ExecutorState]
-    EXECUTOR_STATE_READY: _ClassVar[ExecutorState]
-    EXECUTOR_STATE_DRAINING: _ClassVar[ExecutorState]
-
 class QueuedState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     QUEUED_STATE_UNSPECIFIED: _ClassVar[QueuedState]
@@ -34,16 +18,6 @@ class QueuedState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     QUEUED_STATE_READY: _ClassVar[QueuedState]
     QUEUED_STATE_LOADING: _ClassVar[QueuedState]
     QUEUED_STATE_WAITING: _ClassVar[QueuedState]
-LOAD_PHASE_UNSPECIFIED: LoadPhase
-LOAD_PHASE_QUEUED: LoadPhase
-LOAD_PHASE_ENSURE: LoadPhase
-LOAD_PHASE_READ: LoadPhase
-LOAD_PHASE_MATERIALIZE: LoadPhase
-LOAD_PHASE_SWAP: LoadPhase
-EXECUTOR_STATE_UNSPECIFIED: ExecutorState
-EXECUTOR_STATE_STARTING: ExecutorState
-EXECUTOR_STATE_READY: ExecutorState
-EXECUTOR_STATE_DRAINING: ExecutorState
 QUEUED_STATE_UNSPECIFIED: QueuedState
 QUEUED_STATE_RUNNING: QueuedState
 QUEUED_STATE_READY: QueuedState
@@ -110,11 +84,11 @@ class LoadProgress(_message.Message):
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
-    phase: LoadPhase
+    phase: _common_pb2.LoadPhase
     bytes_done: int
     bytes_total: int
     queue_position: int
-    def __init__(self, phase: _Optional[_Union[LoadPhase, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    def __init__(self, phase: _Optional[_Union[_common_pb2.LoadPhase, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class StepProgress(_message.Message):
     __slots__ = ("step", "total_steps", "elapsed")
@@ -163,26 +137,30 @@ class EvictRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
 
 class EvictResponse(_message.Message):
-    __slots__ = ("freed_bytes",)
+    __slots__ = ("freed_bytes", "pending_bytes")
     FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     freed_bytes: int
-    def __init__(self, freed_bytes: _Optional[int] = ...) -> None: ...
+    pending_bytes: int
+    def __init__(self, freed_bytes: _Optional[int] = ..., pending_bytes: _Optional[int] = ...) -> None: ...
 
 class HeldModel(_message.Message):
-    __slots__ = ("model", "tier", "size_bytes", "ref_count", "unique_bytes", "shared_bytes")
+    __slots__ = ("model", "tier", "size_bytes", "ref_count", "evicting", "unique_bytes", "shared_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EVICTING_FIELD_NUMBER: _ClassVar[int]
     UNIQUE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     tier: _common_pb2.Tier
     size_bytes: int
     ref_count: int
+    evicting: bool
     unique_bytes: int
     shared_bytes: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., size_bytes: _Optional[int] = ..., ref_count: _Optional[int] = ..., unique_bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., size_bytes: _Optional[int] = ..., ref_count: _Optional[int] = ..., evicting: _Optional[bool] = ..., unique_bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ...) -> None: ...
 
 class HeldAdapter(_message.Message):
     __slots__ = ("model", "base", "tier", "size_bytes", "ref_count")
@@ -240,7 +218,7 @@ class ExecutorStatus(_message.Message):
     MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     address: str
-    state: ExecutorState
+    state: _common_pb2.ExecutorState
     device: str
     models: _containers.RepeatedCompositeFieldContainer[HeldModel]
     tiers: _containers.RepeatedCompositeFieldContainer[TierUsage]
@@ -254,7 +232,7 @@ class ExecutorStatus(_message.Message):
     costs: CostEstimates
     adapters: _containers.RepeatedCompositeFieldContainer[HeldAdapter]
     max_adapters: int
-    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ExecutorState, str]] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., preloader: _Optional[_Union[PreloaderStatus, _Mapping]] = ..., version: _Optional[int] = ..., queue: _Optional[_Iterable[_Union[QueuedRequest, _Mapping]]] = ..., costs: _Optional[_Union[CostEstimates, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[HeldAdapter, _Mapping]]] = ..., max_adapters: _Optional[int] = ...) -> None: ...
+    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ExecutorState, str]] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., device_memory_used_bytes: _Optional[int] = ..., preloader: _Optional[_Union[PreloaderStatus, _Mapping]] = ..., version: _Optional[int] = ..., queue: _Optional[_Iterable[_Union[QueuedRequest, _Mapping]]] = ..., costs: _Optional[_Union[CostEstimates, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[HeldAdapter, _Mapping]]] = ..., max_adapters: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
     __slots__ = ("request_id", "model", "state", "waited", "overtaken", "num_images", "adapters")

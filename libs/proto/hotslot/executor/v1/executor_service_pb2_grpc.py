@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ExecutorServiceStub:
-    """ExecutorService runs text-to-image generation on the models it holds. A long-lived preloading subprocess fills
+    """ExecutorService runs text-to-image generation on the models it holds. Internal: clients use
+    hotslot.router.v1.RouterService. Every error carries a google.rpc.ErrorInfo (hotslot.common.v1.ErrorReason). A long-lived preloading subprocess fills
     the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
     first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
     is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible
@@ -74,7 +75,8 @@ class ExecutorServiceStub:
 
 
 class ExecutorServiceServicer:
-    """ExecutorService runs text-to-image generation on the models it holds. A long-lived preloading subprocess fills
+    """ExecutorService runs text-to-image generation on the models it holds. Internal: clients use
+    hotslot.router.v1.RouterService. Every error carries a google.rpc.ErrorInfo (hotslot.common.v1.ErrorReason). A long-lived preloading subprocess fills
     the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
     first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
     is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible
@@ -91,8 +93,9 @@ class ExecutorServiceServicer:
         is not a LORA_ADAPTER, adapters on different bases (or not on `model`), an adapter whose base is not a
         DIFFUSERS_PIPELINE, a scale that is not finite, or a pickle-format adapter file (safetensors only);
         FAILED_PRECONDITION if an adapter does not fit its base: one of its tensors names a module the base lacks or
-        has a shape that does not fit it (the message names the first such key); NOT_FOUND if the model or an adapter
-        is not registered; RESOURCE_EXHAUSTED if the queue is full;
+        has a shape that does not fit it (the message names the first such key; reason ADAPTER_MISMATCH); NOT_FOUND
+        (MODEL_NOT_FOUND) if the model or an adapter is not registered; RESOURCE_EXHAUSTED (QUEUE_FULL) if the queue is
+        full, (MODEL_TOO_LARGE) if the model exceeds the active budget;
         DEADLINE_EXCEEDED or CANCELLED when the call ends first (denoising stops between steps);
         UNAVAILABLE if the model cannot be loaded because the preloader or storage-cache is down.
         """
@@ -112,16 +115,20 @@ class ExecutorServiceServicer:
         """Loads a model into the standby or host tier ahead of traffic. A LoRA adapter's weights go to the host tier
         (whatever the target; its base is not loaded by this call).
         Returns INVALID_ARGUMENT for a target tier other than STANDBY or HOST, or a pickle-format adapter file;
-        NOT_FOUND if the model is not registered; RESOURCE_EXHAUSTED if the model is larger than the tier's byte
-        budget; UNAVAILABLE if loading fails because the preloader or storage-cache is down.
+        NOT_FOUND (MODEL_NOT_FOUND) if the model is not registered; RESOURCE_EXHAUSTED (MODEL_TOO_LARGE) if the model
+        is larger than the tier's byte budget; UNAVAILABLE if loading fails because the preloader or storage-cache is
+        down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Evict(self, request, context):
-        """Drops a model from every tier of this executor once no request uses it.
-        Returns NOT_FOUND if the executor does not hold the model.
+        """Drops a model (every revision held when revision is 0) from every tier of this executor. A model no request
+        uses is dropped now (`freed_bytes`); one in use is marked (HeldModel.evicting) and dropped when the last request
+        using it ends (`pending_bytes`); requests already queued for it still run on it.
+        Returns INVALID_ARGUMENT for a malformed model id; NOT_FOUND (reason MODEL_NOT_HELD) if the executor does not
+        hold the model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,7 +192,8 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ExecutorService:
-    """ExecutorService runs text-to-image generation on the models it holds. A long-lived preloading subprocess fills
+    """ExecutorService runs text-to-image generation on the models it holds. Internal: clients use
+    hotslot.router.v1.RouterService. Every error carries a google.rpc.ErrorInfo (hotslot.common.v1.ErrorReason). A long-lived preloading subprocess fills
     the standby slot while the active model computes, so switching models is a pointer swap. Requests are served
     first in, first out, except that a request whose model is held (active or standby) may overtake one whose model
     is still loading, by at most `max_overtake_s` in all; queued requests for the same model with compatible

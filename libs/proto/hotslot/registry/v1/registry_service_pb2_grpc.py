@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class RegistryServiceStub:
-    """RegistryService keeps the catalogue of models. Every model file is described by path, size and sha256.
+    """RegistryService keeps the catalogue of models. Every model file is described by path, size and sha256. Every error
+    carries a google.rpc.ErrorInfo (hotslot.common.v1.ErrorReason); an unknown model or revision is MODEL_NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -63,7 +64,8 @@ class RegistryServiceStub:
 
 
 class RegistryServiceServicer:
-    """RegistryService keeps the catalogue of models. Every model file is described by path, size and sha256.
+    """RegistryService keeps the catalogue of models. Every model file is described by path, size and sha256. Every error
+    carries a google.rpc.ErrorInfo (hotslot.common.v1.ErrorReason); an unknown model or revision is MODEL_NOT_FOUND.
     """
 
     def RegisterModel(self, request, context):
@@ -149,7 +151,8 @@ def add_RegistryServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RegistryService:
-    """RegistryService keeps the catalogue of models. Every model file is described by path, size and sha256.
+    """RegistryService keeps the catalogue of models. Every model file is described by path, size and sha256. Every error
+    carries a google.rpc.ErrorInfo (hotslot.common.v1.ErrorReason); an unknown model or revision is MODEL_NOT_FOUND.
     """
 
     @staticmethod

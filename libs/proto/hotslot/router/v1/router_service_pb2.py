@@ -22,46 +22,80 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from hotslot.common.v1 import common_pb2 as hotslot_dot_common_dot_v1_dot_common__pb2
-from hotslot.executor.v1 import executor_service_pb2 as hotslot_dot_executor_dot_v1_dot_executor__service__pb2
-from hotslot.registry.v1 import registry_service_pb2 as hotslot_dot_registry_dot_v1_dot_registry__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hotslot/router/v1/router_service.proto\x12\x11hotslot.router.v1\x1a\x1ehotslot/common/v1/common.proto\x1a*hotslot/executor/v1/executor_service.proto\x1a*hotslot/registry/v1/registry_service.proto\"\xb7\x01\n\x0fGenerateRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"\xad\x01\n\x10GenerateResponse\x12\x35\n\x06result\x18\x01 \x01(\x0b\x32%.hotslot.executor.v1.GenerateResponse\x12\x1e\n\x16\x61ttempted_executor_ids\x18\x02 \x03(\t\x12<\n\x10placement_reason\x18\x04 \x01(\x0e\x32\".hotslot.router.v1.PlacementReasonJ\x04\x08\x03\x10\x04\"\xbd\x01\n\x15GenerateStreamRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"\xbe\x01\n\x16GenerateStreamResponse\x12\x31\n\x04load\x18\x01 \x01(\x0b\x32!.hotslot.executor.v1.LoadProgressH\x00\x12\x31\n\x04step\x18\x02 \x01(\x0b\x32!.hotslot.executor.v1.StepProgressH\x00\x12\x35\n\x06result\x18\x03 \x01(\x0b\x32#.hotslot.router.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"L\n\x11ListModelsRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.hotslot.registry.v1.ListModelsRequest\"O\n\x12ListModelsResponse\x12\x39\n\x08response\x18\x01 \x01(\x0b\x32\'.hotslot.registry.v1.ListModelsResponse\"5\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.hotslot.registry.v1.Model\"N\n\x0ePreloadRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"\x91\x01\n\x0fPreloadResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32$.hotslot.executor.v1.PreloadResponse\x12\x33\n\x08replicas\x18\x03 \x03(\x0b\x32!.hotslot.router.v1.PreloadReplica\"[\n\x0ePreloadReplica\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32$.hotslot.executor.v1.PreloadResponse\"\x19\n\x17GetClusterStatusRequest\"\x8d\x01\n\x18GetClusterStatusResponse\x12\x36\n\texecutors\x18\x01 \x03(\x0b\x32#.hotslot.executor.v1.ExecutorStatus\x12\x1a\n\x12router_queue_depth\x18\x02 \x01(\x05\x12\x1d\n\x15unreachable_addresses\x18\x03 \x03(\t*\xc1\x01\n\x0fPlacementReason\x12 \n\x1cPLACEMENT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLACEMENT_REASON_ACTIVE\x10\x01\x12\x1c\n\x18PLACEMENT_REASON_STANDBY\x10\x02\x12\x19\n\x15PLACEMENT_REASON_HOST\x10\x03\x12\x19\n\x15PLACEMENT_REASON_LOAD\x10\x04\x12\x1b\n\x17PLACEMENT_REASON_SPREAD\x10\x05\x32\xbc\x04\n\rRouterService\x12S\n\x08Generate\x12\".hotslot.router.v1.GenerateRequest\x1a#.hotslot.router.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12(.hotslot.router.v1.GenerateStreamRequest\x1a).hotslot.router.v1.GenerateStreamResponse0\x01\x12Y\n\nListModels\x12$.hotslot.router.v1.ListModelsRequest\x1a%.hotslot.router.v1.ListModelsResponse\x12S\n\x08GetModel\x12\".hotslot.router.v1.GetModelRequest\x1a#.hotslot.router.v1.GetModelResponse\x12P\n\x07Preload\x12!.hotslot.router.v1.PreloadRequest\x1a\".hotslot.router.v1.PreloadResponse\x12k\n\x10GetClusterStatus\x12*.hotslot.router.v1.GetClusterStatusRequest\x1a+.hotslot.router.v1.GetClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hotslot/router/v1/router_service.proto\x12\x11hotslot.router.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ehotslot/common/v1/common.proto\"\xb7\x01\n\x0fGenerateRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"\x95\x03\n\x10GenerateResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.hotslot.common.v1.Image\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x30\n\x07timings\x18\x04 \x01(\x0b\x32\x1f.hotslot.common.v1.PhaseTimings\x12\x13\n\x0b\x65xecutor_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x16\n\x0e\x62\x61tch_requests\x18\x07 \x01(\x05\x12\x33\n\x08\x61\x64\x61pters\x18\x08 \x03(\x0b\x32!.hotslot.router.v1.AppliedAdapter\x12\x1e\n\x16\x61ttempted_executor_ids\x18\t \x03(\t\x12<\n\x10placement_reason\x18\n \x01(\x0e\x32\".hotslot.router.v1.PlacementReason\"r\n\x0e\x41ppliedAdapter\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\r\n\x05scale\x18\x02 \x01(\x02\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\"\xbd\x01\n\x15GenerateStreamRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.hotslot.common.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.hotslot.common.v1.AdapterRef\"|\n\x0cLoadProgress\x12+\n\x05phase\x18\x01 \x01(\x0e\x32\x1c.hotslot.common.v1.LoadPhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x03\x12\x16\n\x0equeue_position\x18\x04 \x01(\x05\"]\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xba\x01\n\x16GenerateStreamResponse\x12/\n\x04load\x18\x01 \x01(\x0b\x32\x1f.hotslot.router.v1.LoadProgressH\x00\x12/\n\x04step\x18\x02 \x01(\x0b\x32\x1f.hotslot.router.v1.StepProgressH\x00\x12\x35\n\x06result\x18\x03 \x01(\x0b\x32#.hotslot.router.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\xb3\x02\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.hotslot.common.v1.ModelKind\x12\x15\n\rbase_model_id\x18\x04 \x01(\t\x12\x34\n\x06labels\x18\x05 \x03(\x0b\x32$.hotslot.router.v1.Model.LabelsEntry\x12-\n\x08manifest\x18\x06 \x01(\x0b\x32\x1b.hotslot.common.v1.Manifest\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.hotslot.common.v1.ModelKind\x12@\n\x06labels\x18\x04 \x03(\x0b\x32\x30.hotslot.router.v1.ListModelsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.hotslot.router.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\";\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hotslot.router.v1.Model\"N\n\x0ePreloadRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"F\n\x0fPreloadResponse\x12\x33\n\x08replicas\x18\x01 \x03(\x0b\x32!.hotslot.router.v1.PreloadReplica\"\xd6\x01\n\x0ePreloadReplica\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12*\n\tfrom_tier\x18\x04 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x30\n\x07timings\x18\x05 \x01(\x0b\x32\x1f.hotslot.common.v1.PhaseTimings\"O\n\x0c\x45victRequest\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12\x13\n\x0b\x65xecutor_id\x18\x02 \x01(\t\"\x91\x01\n\x0b\x45victResult\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x30\n\x07outcome\x18\x02 \x01(\x0e\x32\x1f.hotslot.router.v1.EvictOutcome\x12\x13\n\x0b\x66reed_bytes\x18\x03 \x01(\x03\x12\x15\n\rpending_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07message\x18\x05 \x01(\t\"@\n\rEvictResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.hotslot.router.v1.EvictResult\"\x19\n\x17GetClusterStatusRequest\"\x8b\x01\n\x18GetClusterStatusResponse\x12\x34\n\texecutors\x18\x01 \x03(\x0b\x32!.hotslot.router.v1.ExecutorStatus\x12\x1a\n\x12router_queue_depth\x18\x02 \x01(\x05\x12\x1d\n\x15unreachable_addresses\x18\x03 \x03(\t\"\xc3\x03\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .hotslot.common.v1.ExecutorState\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12,\n\x06models\x18\x05 \x03(\x0b\x32\x1c.hotslot.router.v1.HeldModel\x12\x30\n\x08\x61\x64\x61pters\x18\x06 \x03(\x0b\x32\x1e.hotslot.router.v1.HeldAdapter\x12+\n\x05tiers\x18\x07 \x03(\x0b\x32\x1c.hotslot.router.v1.TierUsage\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\t \x01(\x05\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\n \x01(\x03\x12 \n\x18\x64\x65vice_memory_used_bytes\x18\x0b \x01(\x03\x12\x14\n\x0cmax_adapters\x18\x0c \x01(\x05\x12\x35\n\tpreloader\x18\r \x01(\x0b\x32\".hotslot.router.v1.PreloaderStatus\"\xc3\x01\n\tHeldModel\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x11\n\tref_count\x18\x04 \x01(\x05\x12\x10\n\x08\x65victing\x18\x05 \x01(\x08\x12\x14\n\x0cunique_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cshared_bytes\x18\x07 \x01(\x03\"\xb2\x01\n\x0bHeldAdapter\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12)\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x11\n\tref_count\x18\x05 \x01(\x05\"\\\n\tTierUsage\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.hotslot.common.v1.Tier\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x03\"m\n\x0fPreloaderStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x10\n\x08restarts\x18\x03 \x01(\x05\x12,\n\x07loading\x18\x04 \x01(\x0b\x32\x1b.hotslot.common.v1.ModelRef*\xc1\x01\n\x0fPlacementReason\x12 \n\x1cPLACEMENT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLACEMENT_REASON_ACTIVE\x10\x01\x12\x1c\n\x18PLACEMENT_REASON_STANDBY\x10\x02\x12\x19\n\x15PLACEMENT_REASON_HOST\x10\x03\x12\x19\n\x15PLACEMENT_REASON_LOAD\x10\x04\x12\x1b\n\x17PLACEMENT_REASON_SPREAD\x10\x05*\x98\x01\n\x0c\x45victOutcome\x12\x1d\n\x19\x45VICT_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VICT_OUTCOME_EVICTED\x10\x01\x12\x18\n\x14\x45VICT_OUTCOME_MARKED\x10\x02\x12\x1a\n\x16\x45VICT_OUTCOME_NOT_HELD\x10\x03\x12\x18\n\x14\x45VICT_OUTCOME_FAILED\x10\x04\x32\x88\x05\n\rRouterService\x12S\n\x08Generate\x12\".hotslot.router.v1.GenerateRequest\x1a#.hotslot.router.v1.GenerateResponse\x12g\n\x0eGenerateStream\x12(.hotslot.router.v1.GenerateStreamRequest\x1a).hotslot.router.v1.GenerateStreamResponse0\x01\x12Y\n\nListModels\x12$.hotslot.router.v1.ListModelsRequest\x1a%.hotslot.router.v1.ListModelsResponse\x12S\n\x08GetModel\x12\".hotslot.router.v1.GetModelRequest\x1a#.hotslot.router.v1.GetModelResponse\x12P\n\x07Preload\x12!.hotslot.router.v1.PreloadRequest\x1a\".hotslot.router.v1.PreloadResponse\x12J\n\x05\x45vict\x12\x1f.hotslot.router.v1.EvictRequest\x1a .hotslot.router.v1.EvictResponse\x12k\n\x10GetClusterStatus\x12*.hotslot.router.v1.GetClusterStatusRequest\x1a+.hotslot.router.v1.GetClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hotslot.router.v1.router_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLACEMENTREASON']._serialized_start=1698
-  _globals['_PLACEMENTREASON']._serialized_end=1891
-  _globals['_GENERATEREQUEST']._serialized_start=182
-  _globals['_GENERATEREQUEST']._serialized_end=365
-  _globals['_GENERATERESPONSE']._serialized_start=368
-  _globals['_GENERATERESPONSE']._serialized_end=541
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=544
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=733
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=736
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=926
-  _globals['_LISTMODELSREQUEST']._serialized_start=928
-  _globals['_LISTMODELSREQUEST']._serialized_end=1004
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1006
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1085
-  _globals['_GETMODELREQUEST']._serialized_start=1087
-  _globals['_GETMODELREQUEST']._serialized_end=1140
-  _globals['_GETMODELRESPONSE']._serialized_start=1142
-  _globals['_GETMODELRESPONSE']._serialized_end=1203
-  _globals['_PRELOADREQUEST']._serialized_start=1205
-  _globals['_PRELOADREQUEST']._serialized_end=1283
-  _globals['_PRELOADRESPONSE']._serialized_start=1286
-  _globals['_PRELOADRESPONSE']._serialized_end=1431
-  _globals['_PRELOADREPLICA']._serialized_start=1433
-  _globals['_PRELOADREPLICA']._serialized_end=1524
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1526
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1551
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1554
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1695
-  _globals['_ROUTERSERVICE']._serialized_start=1894
-  _globals['_ROUTERSERVICE']._serialized_end=2466
+  _globals['_MODEL_LABELSENTRY']._loaded_options = None
+  _globals['_MODEL_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_LISTMODELSREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_LISTMODELSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_PLACEMENTREASON']._serialized_start=4075
+  _globals['_PLACEMENTREASON']._serialized_end=4268
+  _globals['_EVICTOUTCOME']._serialized_start=4271
+  _globals['_EVICTOUTCOME']._serialized_end=4423
+  _globals['_GENERATEREQUEST']._serialized_start=159
+  _globals['_GENERATEREQUEST']._serialized_end=342
+  _globals['_GENERATERESPONSE']._serialized_start=345
+  _globals['_GENERATERESPONSE']._serialized_end=750
+  _globals['_APPLIEDADAPTER']._serialized_start=752
+  _globals['_APPLIEDADAPTER']._serialized_end=866
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=869
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1058
+  _globals['_LOADPROGRESS']._serialized_start=1060
+  _globals['_LOADPROGRESS']._serialized_end=1184
+  _globals['_STEPPROGRESS']._serialized_start=1186
+  _globals['_STEPPROGRESS']._serialized_end=1279
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1282
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1468
+  _globals['_MODEL']._serialized_start=1471
+  _globals['_MODEL']._serialized_end=1778
+  _globals['_MODEL_LABELSENTRY']._serialized_start=1733
+  _globals['_MODEL_LABELSENTRY']._serialized_end=1778
+  _globals['_LISTMODELSREQUEST']._serialized_start=1781
+  _globals['_LISTMODELSREQUEST']._serialized_end=1996
+  _globals['_LISTMODELSREQUEST_LABELSENTRY']._serialized_start=1733
+  _globals['_LISTMODELSREQUEST_LABELSENTRY']._serialized_end=1778
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1998
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2085
+  _globals['_GETMODELREQUEST']._serialized_start=2087
+  _globals['_GETMODELREQUEST']._serialized_end=2140
+  _globals['_GETMODELRESPONSE']._serialized_start=2142
+  _globals['_GETMODELRESPONSE']._serialized_end=2201
+  _globals['_PRELOADREQUEST']._serialized_start=2203
+  _globals['_PRELOADREQUEST']._serialized_end=2281
+  _globals['_PRELOADRESPONSE']._serialized_start=2283
+  _globals['_PRELOADRESPONSE']._serialized_end=2353
+  _globals['_PRELOADREPLICA']._serialized_start=2356
+  _globals['_PRELOADREPLICA']._serialized_end=2570
+  _globals['_EVICTREQUEST']._serialized_start=2572
+  _globals['_EVICTREQUEST']._serialized_end=2651
+  _globals['_EVICTRESULT']._serialized_start=2654
+  _globals['_EVICTRESULT']._serialized_end=2799
+  _globals['_EVICTRESPONSE']._serialized_start=2801
+  _globals['_EVICTRESPONSE']._serialized_end=2865
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=2867
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=2892
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=2895
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=3034
+  _globals['_EXECUTORSTATUS']._serialized_start=3037
+  _globals['_EXECUTORSTATUS']._serialized_end=3488
+  _globals['_HELDMODEL']._serialized_start=3491
+  _globals['_HELDMODEL']._serialized_end=3686
+  _globals['_HELDADAPTER']._serialized_start=3689
+  _globals['_HELDADAPTER']._serialized_end=3867
+  _globals['_TIERUSAGE']._serialized_start=3869
+  _globals['_TIERUSAGE']._serialized_end=3961
+  _globals['_PRELOADERSTATUS']._serialized_start=3963
+  _globals['_PRELOADERSTATUS']._serialized_end=4072
+  _globals['_ROUTERSERVICE']._serialized_start=4426
+  _globals['_ROUTERSERVICE']._serialized_end=5074
 # @@protoc_insertion_point(module_scope)

@@ -62,6 +62,11 @@ class RouterServiceStub:
                 request_serializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.PreloadRequest.SerializeToString,
                 response_deserializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.PreloadResponse.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/hotslot.router.v1.RouterService/Evict',
+                request_serializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.EvictRequest.SerializeToString,
+                response_deserializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.EvictResponse.FromString,
+                _registered_method=True)
         self.GetClusterStatus = channel.unary_unary(
                 '/hotslot.router.v1.RouterService/GetClusterStatus',
                 request_serializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.GetClusterStatusRequest.SerializeToString,
@@ -79,10 +84,14 @@ class RouterServiceServicer:
         """Generates images, placed on the best executor. Retried once on another executor if the first one dies. A
         request with LoRA adapters (or an adapter as its model) goes to an executor that holds their base, preferring
         one that holds the adapters too.
-        Returns INVALID_ARGUMENT for bad parameters or adapters (as ExecutorService.Generate); FAILED_PRECONDITION for
-        an adapter that does not fit its base (as ExecutorService.Generate); NOT_FOUND if the model or an adapter is not
-        registered; RESOURCE_EXHAUSTED when the queues are full (retry after the delay in the RetryInfo detail);
-        UNAVAILABLE if no executor is ready; DEADLINE_EXCEEDED or CANCELLED when the call ends first.
+        Returns INVALID_ARGUMENT (reason INVALID_PARAMETER, with BadRequest naming the fields) for a missing model id,
+        a prompt over the length limit, a width or height that is not a multiple of 8 or exceeds the maximum, steps,
+        num_images or guidance_scale outside their bounds, or bad adapters (UNSAFE_FILE_FORMAT for a pickle-format
+        adapter); FAILED_PRECONDITION (ADAPTER_MISMATCH) for an adapter that does not fit its base; NOT_FOUND
+        (MODEL_NOT_FOUND) if the model or an adapter is not registered; RESOURCE_EXHAUSTED (QUEUE_FULL) when the queues
+        are full (retry after the delay in the RetryInfo detail), (MODEL_TOO_LARGE) when the model exceeds an
+        executor's budget; UNAVAILABLE (NO_EXECUTOR_READY) if no executor is ready; DEADLINE_EXCEEDED or CANCELLED when
+        the call ends first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,16 +106,18 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists models (passed to the registry).
-        Returns the status codes of RegistryService.ListModels; UNAVAILABLE if the registry cannot be reached.
+        """Lists the latest revision of each registered model, ordered by id, filtered by kind and labels.
+        Returns INVALID_ARGUMENT for a negative page_size or a page_token not issued by this service; UNAVAILABLE if
+        the registry cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Returns one model (passed to the registry).
-        Returns the status codes of RegistryService.GetModel; UNAVAILABLE if the registry cannot be reached.
+        """Returns one revision of a registered model (the latest when revision is 0).
+        Returns INVALID_ARGUMENT for a malformed id or a negative revision; NOT_FOUND (MODEL_NOT_FOUND) if the model or
+        revision does not exist; UNAVAILABLE if the registry cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,9 +126,23 @@ class RouterServiceServicer:
     def Preload(self, request, context):
         """Hints that a model will be needed soon: `replicas` executors load it into standby (those already holding it
         first, then the least busy), in parallel, so a known burst finds it warm on several executors.
-        Returns INVALID_ARGUMENT for replicas below 0; NOT_FOUND if the model is not registered; RESOURCE_EXHAUSTED if
-        it is larger than an executor's tier budget; UNAVAILABLE if no executor is ready. When fewer live executors
-        exist than asked for, every one of them loads it and the response lists them.
+        Returns INVALID_ARGUMENT for replicas below 0; NOT_FOUND (MODEL_NOT_FOUND) if the model is not registered;
+        RESOURCE_EXHAUSTED (MODEL_TOO_LARGE) if it is larger than an executor's tier budget; UNAVAILABLE
+        (NO_EXECUTOR_READY) if no executor is ready. When fewer live executors exist than asked for, every one of them
+        loads it and the response lists them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evict(self, request, context):
+        """Drops a model from the executors holding it: every connected executor that holds it, or only `executor_id`.
+        On each, a model no request uses is dropped now; one in use is marked and dropped when the last request using
+        it ends (requests already queued for it still run). The response lists each executor's answer.
+        Returns INVALID_ARGUMENT for a malformed model id; NOT_FOUND (EXECUTOR_NOT_FOUND) if `executor_id` names no
+        connected executor, (MODEL_NOT_HELD) if that executor does not hold the model; UNAVAILABLE if that executor
+        cannot be reached. Without `executor_id`, returns OK with an empty list when no executor holds the model, and
+        an executor that fails is listed with its outcome instead of failing the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,6 +184,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Preload,
                     request_deserializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.PreloadRequest.FromString,
                     response_serializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.PreloadResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.EvictRequest.FromString,
+                    response_serializer=hotslot_dot_router_dot_v1_dot_router__service__pb2.EvictResponse.SerializeToString,
             ),
             'GetClusterStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetClusterStatus,
@@ -304,6 +334,33 @@ class RouterService:
             '/hotslot.router.v1.RouterService/Preload',
             hotslot_dot_router_dot_v1_dot_router__service__pb2.PreloadRequest.SerializeToString,
             hotslot_dot_router_dot_v1_dot_router__service__pb2.PreloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotslot.router.v1.RouterService/Evict',
+            hotslot_dot_router_dot_v1_dot_router__service__pb2.EvictRequest.SerializeToString,
+            hotslot_dot_router_dot_v1_dot_router__service__pb2.EvictResponse.FromString,
             options,
             channel_credentials,
             insecure,
