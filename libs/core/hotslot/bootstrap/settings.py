@@ -32,6 +32,21 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = Field(
         DEFAULT_MAX_MESSAGE_BYTES, gt=0, description="Largest gRPC message sent or received, in bytes."
     )
+    shutdown_abort_margin_s: float = Field(
+        1.0, ge=0, description="Seconds before the end of the shutdown grace at which calls still running are ended "
+        "with UNAVAILABLE and a RetryInfo detail (so a router or client retries them elsewhere) instead of being cut "
+        "with CANCELLED when the grace ends."
+    )
+    keepalive_min_ping_interval_s: float = Field(
+        1.0, gt=0, description="Shortest interval between keepalive pings this server accepts from a client (with no "
+        "call in flight or no data sent); pings more often are answered with GOAWAY. Keep it at or below the "
+        "clients' keepalive_time_s."
+    )
+    downstream_retry_attempts: int = Field(
+        3, ge=1, le=5, description="Attempts of an idempotent call to another service (registry GetModel, "
+        "ListModels; storage-cache EnsureModel, RenewLease) that answers UNAVAILABLE, within the call's deadline; "
+        "1 turns retries off."
+    )
     otel_service_name: str | None = Field(
         None, description="service.name of the traces; defaults to 'hotslot-<service>'."
     )

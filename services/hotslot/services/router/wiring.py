@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from hotslot.bootstrap.channels import keepalive_options, reconnect_options, retry_options
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.server import ServiceRegistration, run_server
 from hotslot.bootstrap.settings import ServiceSettings
@@ -69,7 +70,20 @@ class RouterSettings(ServiceSettings):
     watch_backoff_s: float = Field(
         0.5, gt=0, description="First wait before reconnecting a broken executor status stream; doubles per failure."
     )
-    watch_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between reconnection attempts.")
+    watch_backoff_max_s: float = Field(
+        10.0, gt=0, description="Longest wait between reconnection attempts; also bounds gRPC's own reconnect "
+        "backoff on the executor channels, so an executor that comes back is followed again within this time."
+    )
+    keepalive_time_s: float = Field(
+        10.0, gt=0, description="Interval of keepalive pings on each executor channel while it is quiet (status "
+        "streams often are): an executor that stops answering without closing its connection (frozen, or its node "
+        "gone) is dropped after keepalive_time_s + keepalive_timeout_s. Executors must accept pings this often "
+        "(their keepalive_min_ping_interval_s)."
+    )
+    keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="Time a keepalive ping may go unanswered before the executor's connection is closed "
+        "and its requests are retried elsewhere."
+    )
 
     @field_validator("executors", mode="before")
     @classmethod
@@ -98,10 +112,18 @@ def build(settings: RouterSettings) -> tuple[RouterCore, ExecutorMembership, Grp
 
     def channel(address: str):
         # tracer_provider None: the global one run_server installs, looked up when the first call is made.
-        return insecure_channel(address, tracer_provider=None, max_message_bytes=settings.max_message_bytes)
+        return insecure_channel(address, tracer_provider=None, max_message_bytes=settings.max_message_bytes,
+                                options=retry_options(settings.downstream_retry_attempts))
+
+    def executor_channel(address: str):
+        # gRPC's own reconnect backoff follows the watch backoff, so a restarted executor is followed again
+        # within watch_backoff_max_s; keepalive notices one that stopped answering.
+        return insecure_channel(address, tracer_provider=None, max_message_bytes=settings.max_message_bytes,
+                                options=[*reconnect_options(settings.watch_backoff_s, settings.watch_backoff_max_s),
+                                         *keepalive_options(settings.keepalive_time_s, settings.keepalive_timeout_s)])
 
     membership = ExecutorMembership(
-        GrpcExecutorConnector(channel),
+        GrpcExecutorConnector(executor_channel),
         static_targets=settings.executors,
         dns_target=settings.executors_dns,
         dns_refresh_s=settings.dns_refresh_s,
