@@ -1,7 +1,8 @@
 """`hotslot up` as users run it: a subprocess that starts registry, storage-cache, an executor and the router,
 serves a model registered with the CLI, and on SIGTERM stops them all (exit 0) leaving no process behind — nor
 the executor's preloader or multiprocessing's resource tracker. Killed with SIGKILL it cannot clean up; its
-services then die with it (PR_SET_PDEATHSIG) and take their own children along."""
+services then die with it (PR_SET_PDEATHSIG) and take their own children along. An executor killed with SIGKILL
+mid-request is restarted on its port while the router serves the request on the other executor, and rejoins."""
 from __future__ import annotations
 
 import contextlib
@@ -19,10 +20,13 @@ import pytest
 from PIL import Image
 
 from hotslot.common.v1 import common_pb2
+from hotslot.executor.v1 import executor_service_pb2 as executor_pb
+from hotslot.executor.v1 import executor_service_pb2_grpc as executor_grpc
 from hotslot.router.v1 import router_service_pb2 as pb
 from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from tests.support.procs import HOTSLOT
 from tests.support.proctree import Proc, descendants, running, wait_gone
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +34,13 @@ SERVICES = {"registry", "storage-cache", "executor-0", "router"}
 
 
 class Up:
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, executors: int = 1, args: tuple[str, ...] = ()) -> None:
         self.state = state
         self.stdout = state.parent / f"{state.name}-up.out"
         self.stderr = state.parent / f"{state.name}-up.err"
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                [*HOTSLOT, "up", "--auto-ports", "--state-dir", str(state), "--executors", "1"],
+                [*HOTSLOT, "up", "--auto-ports", "--state-dir", str(state), "--executors", str(executors), *args],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                 env={**os.environ, "COLUMNS": "200"},  # rich wraps at 80 columns off a terminal
             )
@@ -86,8 +90,8 @@ def check_tree(tree: list[Proc], endpoints: dict[str, str]) -> None:
 def up(tmp_path: Path):
     launched: list[Up] = []
 
-    def start(name: str) -> Up:
-        u = Up(tmp_path / name)
+    def start(name: str, executors: int = 1, args: tuple[str, ...] = ()) -> Up:
+        u = Up(tmp_path / name, executors, args)
         launched.append(u)
         return u
 
@@ -141,3 +145,61 @@ def test_up_killed_with_sigkill_leaves_nothing(up) -> None:
     # its preloader; the preloader also ends on its own when its parent's pipe closes.
     left = wait_gone(tree, 15)
     assert not left, "still running 15 s after `hotslot up` was killed:\n" + describe(left)
+
+
+def executor_queue_depth(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = executor_grpc.ExecutorServiceStub(channel)
+        return stub.GetStatus(executor_pb.GetStatusRequest(), timeout=5).status.queue_depth
+
+
+def serving_executors(stub: pb_grpc.RouterServiceStub) -> list[str]:
+    return sorted(e.executor_id for e in stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5).executors)
+
+
+def test_up_restarts_an_executor_killed_mid_request_while_the_other_serves_it(up, tiny_family: list[Path]) -> None:
+    model = tiny_family[0]
+    size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    # Loads read at a capped rate by the preloader take ~8 s, so the request is still loading when it is killed.
+    slow_load = (f"--executor-arg=--preload-read-bytes-per-s={max(1, size // 8)}",
+                 "--executor-arg=--no-map-view-files", "--executor-arg=--no-convert-in-executor")
+    cluster = up("state-heal", executors=2, args=slow_load)
+    endpoints = cluster.wait_up()
+    shutil.copytree(model, cluster.state / "share" / "models" / model.name)
+    done = subprocess.run(
+        [*HOTSLOT, "models", "register", model.name, f"models/{model.name}", "--registry", endpoints["registry"]],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    executors = ["executor-0", "executor-1"]
+    with grpc.insecure_channel(endpoints["router"]) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        wait_for(lambda: serving_executors(stub) == executors, "the router follows both executors")
+        pending = stub.Generate.future(pb.GenerateRequest(
+            model=common_pb2.ModelRef(model_id=model.name),
+            params=common_pb2.GenerationParams(prompt="a lighthouse", steps=2, width=64, height=64, seed=1)),
+            timeout=300)
+        victim = wait_for(lambda: next((n for n in executors if executor_queue_depth(endpoints[n]) == 1), None),
+                          "the request is loading on one executor")
+        (pid,) = [p.pid for p in cluster.tree() if f"--executor-id {victim} " in f"{p.cmdline} "]
+        os.kill(pid, signal.SIGKILL)
+
+        reply = pending.result()
+        (survivor,) = [n for n in executors if n != victim]
+        assert list(reply.attempted_executor_ids) == [victim, survivor], reply.attempted_executor_ids
+        assert reply.result.executor_id == survivor
+        assert Image.open(io.BytesIO(reply.result.images[0].data)).size == (64, 64)
+
+        wait_for(lambda: f"{victim} is back" in cluster.output(), "up restarts the killed executor", timeout=180)
+        wait_for(lambda: serving_executors(stub) == executors, "the restarted executor rejoins the router",
+                 timeout=60)
+        assert cluster.proc.poll() is None  # up kept running throughout
+        # It serves again, on the address the router and cluster.json know.
+        assert executor_queue_depth(endpoints[victim]) == 0
+    out = cluster.output()
+    assert f"{victim} (pid {pid}) exited (killed by SIGKILL); restarting it on {endpoints[victim]}" in out, out[-4000:]
+    assert str(cluster.state / "logs" / f"{victim}.log") in out
+    assert "hotslot up: " in (cluster.state / "logs" / f"{victim}.log").read_text()
+
+    cluster.proc.send_signal(signal.SIGTERM)
+    assert cluster.proc.wait(60) == 0, cluster.output()[-4000:]

@@ -30,6 +30,8 @@ class ServiceProcess:
     host: str = ""
     port: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    log_offset: int = 0
+    """Where this process's output starts in `log_path` (a restarted service appends to its log)."""
 
     @property
     def address(self) -> str:
@@ -41,6 +43,14 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def own_log(self) -> str:
+        """The output of this process only: the log from `log_offset` on."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(self.log_offset)
+            return log_file.read().decode(errors="replace")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -73,13 +83,20 @@ def spawn_service(
     env: dict[str, str] | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    append: bool = False,
 ) -> ServiceProcess:
-    """Starts `hotslot serve <service> --host HOST --port PORT <args>` with its output in `log_path` and returns at
-    once; `wait_ready` learns its port. Call it from the main thread: the child's parent-death signal fires when
-    the *thread* that spawned it ends."""
+    """Starts `hotslot serve <service> --host HOST --port PORT <args>` with its output in `log_path` (appended to
+    it with `append`, as for a restart, so the previous run's last words stay) and returns at once; `wait_ready`
+    learns its port. Call it from the main thread: the child's parent-death signal fires when the *thread* that
+    spawned it ends."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log_file:
+    if not append:
+        log_path.write_bytes(b"")
+    offset = log_path.stat().st_size
+    # Always O_APPEND: a killed service's children (its resource tracker) may still write to the log after a
+    # restart, and at their own offset they would overwrite the new run's lines.
+    with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [*HOTSLOT, "serve", service, "--host", host, "--port", str(port), *args],
             stdout=log_file,
@@ -88,7 +105,7 @@ def spawn_service(
             env=full_env,
             start_new_session=True,  # Ctrl-C in the launcher's terminal reaches the launcher only; it stops us in order
         )
-    return ServiceProcess(service, proc, log_path, env=full_env)
+    return ServiceProcess(service, proc, log_path, env=full_env, log_offset=offset)
 
 
 def wait_ready(svc: ServiceProcess, timeout: float = 60) -> ServiceProcess:
@@ -96,7 +113,7 @@ def wait_ready(svc: ServiceProcess, timeout: float = 60) -> ServiceProcess:
     the end of its log) if it exits, TimeoutError if it takes longer than `timeout`; it is killed then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = LISTENING.search(svc.log())
+        match = LISTENING.search(svc.own_log())
         if match:
             svc.host, svc.port = match.group(2), int(match.group(3))
             break
@@ -127,6 +144,17 @@ def start_service(
     """spawn_service + wait_ready."""
     svc = spawn_service(service, args, log_path=log_path, env=env, host=host, port=port)
     return wait_ready(svc, timeout)
+
+
+def is_serving(address: str, service: str = "", timeout: float = 1.0) -> bool:
+    """One health check: True when `address` answers SERVING within `timeout`."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def wait_serving(address: str, service: str = "", timeout: float = 30) -> None:
