@@ -203,3 +203,29 @@ def test_up_restarts_an_executor_killed_mid_request_while_the_other_serves_it(up
 
     cluster.proc.send_signal(signal.SIGTERM)
     assert cluster.proc.wait(60) == 0, cluster.output()[-4000:]
+
+
+def test_up_stops_everything_and_fails_when_a_service_keeps_crashing(up) -> None:
+    cluster = up("state-loop", args=("--max-restarts", "1", "--restart-backoff-s", "0.2"))
+    cluster.wait_up()
+    tree = cluster.tree()
+
+    def registry_pid() -> int | None:
+        found = [p.pid for p in cluster.tree() if " serve registry " in f" {p.cmdline} "]
+        return found[0] if found else None
+
+    first = registry_pid()
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: "registry is back" in cluster.output(), "up restarts the registry once", timeout=60)
+    second = registry_pid()
+    assert second not in (None, first)
+    os.kill(second, signal.SIGKILL)
+
+    assert cluster.proc.wait(60) == 1, cluster.output()[-4000:]
+    out = cluster.output()
+    assert "registry exited (killed by SIGKILL) after 1 restarts within 60 s; it keeps crashing" in out, out[-4000:]
+    for name in SERVICES - {"registry"}:
+        assert f"{name} stopped (exit 0)" in out, out[-4000:]
+    left = wait_gone(tree, 15)
+    assert not left, "still running after `hotslot up` gave up:\n" + describe(left)
