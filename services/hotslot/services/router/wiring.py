@@ -19,6 +19,7 @@ from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from .clients import GrpcExecutorConnector, GrpcModelCatalog
 from .core import RouterCore
 from .membership import ExecutorMembership, split_host_port
+from .refusals import DEFAULT_REFUSAL_LOG_INTERVAL_S
 from .servicer import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,12 @@ class RouterSettings(ServiceSettings):
         "and its requests are retried elsewhere."
     )
 
+    refusal_log_interval_s: float = Field(
+        DEFAULT_REFUSAL_LOG_INTERVAL_S, gt=0, description="Requests refused with RESOURCE_EXHAUSTED are logged at most once per this many "
+        "seconds per reason (router queue full, queue wait timed out, executor refused), with a count of the "
+        "others."
+    )
+
     @field_validator("executors", mode="before")
     @classmethod
     def _split_targets(cls, value: object) -> object:
@@ -143,6 +150,7 @@ def build(settings: RouterSettings) -> tuple[RouterCore, ExecutorMembership, Grp
         queue_timeout_s=settings.queue_timeout_s,
         retry_after_s=settings.retry_after_s,
         retry_attempts=settings.retry_attempts,
+        refusal_log_interval_s=settings.refusal_log_interval_s,
     )
     return core, membership, catalog
 
