@@ -4,7 +4,10 @@ accepts them), and a service-config retry policy for the idempotent downstream c
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hotslot.bootstrap.settings import ServiceSettings
 
 Options = list[tuple[str, Any]]
 
@@ -91,3 +94,13 @@ def retry_options(attempts: int) -> Options:
     if attempts <= 1:
         return []
     return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(retry_service_config(attempts)))]
+
+
+def downstream_options(settings: ServiceSettings) -> Options:
+    """Options of a channel to another hotslot service that this one calls (registry, storage-cache): the retry
+    policy for its idempotent calls, and reconnecting within `downstream_reconnect_max_s` once it is back."""
+    reconnect_max_s = settings.downstream_reconnect_max_s
+    return [
+        *reconnect_options(min(1.0, reconnect_max_s), reconnect_max_s),
+        *retry_options(settings.downstream_retry_attempts),
+    ]

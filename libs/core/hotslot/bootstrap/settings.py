@@ -47,6 +47,11 @@ class ServiceSettings(BaseSettings):
         "ListModels; storage-cache EnsureModel, RenewLease) that answers UNAVAILABLE, within the call's deadline; "
         "1 turns retries off."
     )
+    downstream_reconnect_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between attempts to reconnect to another service this one calls "
+        "(registry, storage-cache) after it went away, so a restarted peer is used again within this time "
+        "(gRPC's own default grows to 120 s)."
+    )
     otel_service_name: str | None = Field(
         None, description="service.name of the traces; defaults to 'hotslot-<service>'."
     )

@@ -7,7 +7,7 @@ import socket
 import torch
 from opentelemetry import trace
 
-from hotslot.bootstrap.channels import retry_options
+from hotslot.bootstrap.channels import downstream_options
 from hotslot.bootstrap.server import ServiceRegistration, run_server
 from hotslot.bootstrap.telemetry import insecure_channel
 from hotslot.executor.v1 import executor_service_pb2 as pb
@@ -71,7 +71,7 @@ def build_core(
 
     def channel(address: str):
         return insecure_channel(address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes,
-                                options=retry_options(settings.downstream_retry_attempts))
+                                options=downstream_options(settings))
 
     registry = RegistryClient(settings.registry_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
     storage = StorageClient(settings.storage_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)

@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from hotslot.bootstrap.channels import keepalive_options, reconnect_options, retry_options
+from hotslot.bootstrap.channels import downstream_options, keepalive_options, reconnect_options
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.server import ServiceRegistration, run_server
 from hotslot.bootstrap.settings import ServiceSettings
@@ -120,7 +120,7 @@ def build(settings: RouterSettings) -> tuple[RouterCore, ExecutorMembership, Grp
     def channel(address: str):
         # tracer_provider None: the global one run_server installs, looked up when the first call is made.
         return insecure_channel(address, tracer_provider=None, max_message_bytes=settings.max_message_bytes,
-                                options=retry_options(settings.downstream_retry_attempts))
+                                options=downstream_options(settings))
 
     def executor_channel(address: str):
         # gRPC's own reconnect backoff follows the watch backoff, so a restarted executor is followed again

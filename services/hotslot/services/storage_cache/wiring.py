@@ -8,7 +8,7 @@ from opentelemetry import trace
 from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from hotslot.bootstrap.channels import retry_options
+from hotslot.bootstrap.channels import downstream_options
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.server import ServiceRegistration, run_server
 from hotslot.bootstrap.settings import ServiceSettings
@@ -105,7 +105,7 @@ def build_core(
         timeout_s=settings.registry_timeout_s,
         channel_factory=lambda address: insecure_channel(
             address, tracer_provider=tracer_provider, max_message_bytes=settings.max_message_bytes,
-            options=retry_options(settings.downstream_retry_attempts),
+            options=downstream_options(settings),
         ),
     )
     core = StorageCacheCore(
