@@ -224,7 +224,7 @@ def test_up_stops_everything_and_fails_when_a_service_keeps_crashing(up) -> None
 
     assert cluster.proc.wait(60) == 1, cluster.output()[-4000:]
     out = cluster.output()
-    assert "registry exited (killed by SIGKILL) after 1 restarts within 60 s; it keeps crashing" in out, out[-4000:]
+    assert "registry exited (killed by SIGKILL) after 1 restart within 60 s; it keeps crashing" in out, out[-4000:]
     for name in SERVICES - {"registry"}:
         assert f"{name} stopped (exit 0)" in out, out[-4000:]
     left = wait_gone(tree, 15)

@@ -205,7 +205,8 @@ class LocalCluster:
         delay = launch.budget.next_delay()
         if delay is None:
             raise CrashLoop(
-                f"{name} exited ({how}) after {policy.max_restarts} restarts within {policy.window_s:g} s; it keeps "
+                f"{name} exited ({how}) after {policy.max_restarts} restart{'' if policy.max_restarts == 1 else 's'} "
+                f"within {policy.window_s:g} s; it keeps "
                 f"crashing, so the cluster stops. Its log: {svc.log_path}"
             )
         launch.restarts += 1
