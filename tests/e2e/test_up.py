@@ -1,7 +1,8 @@
 """`hotslot up` as users run it: a subprocess that starts registry, storage-cache, an executor and the router,
 serves a model registered with the CLI, and on SIGTERM stops them all (exit 0) leaving no process behind — nor
 the executor's preloader or multiprocessing's resource tracker. Killed with SIGKILL it cannot clean up; its
-services then die with it (PR_SET_PDEATHSIG) and take their own children along."""
+services then die with it (PR_SET_PDEATHSIG) and take their own children along. An executor killed with SIGKILL
+mid-request is restarted on its port while the router serves the request on the other executor, and rejoins."""
 from __future__ import annotations
 
 import contextlib
@@ -20,10 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from hotslot.common.v1 import common_pb2
+from hotslot.executor.v1 import executor_service_pb2 as executor_pb
+from hotslot.executor.v1 import executor_service_pb2_grpc as executor_grpc
 from hotslot.router.v1 import router_service_pb2 as pb
 from hotslot.router.v1 import router_service_pb2_grpc as pb_grpc
 from tests.support.procs import HOTSLOT
 from tests.support.proctree import Proc, descendants, running, wait_gone
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +35,13 @@ SERVICES = {"registry", "storage-cache", "executor-0", "router"}
 
 
 class Up:
-    def __init__(self, state: Path, *extra: str) -> None:
+    def __init__(self, state: Path, executors: int = 1, args: tuple[str, ...] = ()) -> None:
         self.state = state
         self.stdout = state.parent / f"{state.name}-up.out"
         self.stderr = state.parent / f"{state.name}-up.err"
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                [*HOTSLOT, "up", "--auto-ports", "--state-dir", str(state), "--executors", "1", *extra],
+                [*HOTSLOT, "up", "--auto-ports", "--state-dir", str(state), "--executors", str(executors), *args],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                 env={**os.environ, "COLUMNS": "200"},  # rich wraps at 80 columns off a terminal
             )
@@ -87,8 +91,8 @@ def check_tree(tree: list[Proc], endpoints: dict[str, str]) -> None:
 def up(tmp_path: Path):
     launched: list[Up] = []
 
-    def start(name: str, *extra: str) -> Up:
-        u = Up(tmp_path / name, *extra)
+    def start(name: str, executors: int = 1, args: tuple[str, ...] = ()) -> Up:
+        u = Up(tmp_path / name, executors, args)
         launched.append(u)
         return u
 
@@ -160,7 +164,7 @@ def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
 
 def test_up_with_tls_serves_only_clients_with_a_certificate_and_a_token(up, tiny_family: list[Path],
                                                                          tmp_path: Path) -> None:
-    cluster = up("state-tls", "--tls")
+    cluster = up("state-tls", args=("--tls",))
     endpoints = cluster.wait_up()
     env = client_env(cluster.state / "tls" / "client.env")
     assert env["HOTSLOT_CLIENT_ROUTER"] == endpoints["router"]
@@ -217,3 +221,85 @@ def test_up_with_tls_serves_only_clients_with_a_certificate_and_a_token(up, tiny
 
     cluster.proc.send_signal(signal.SIGTERM)
     assert cluster.proc.wait(60) == 0, cluster.output()[-4000:]
+def executor_queue_depth(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = executor_grpc.ExecutorServiceStub(channel)
+        return stub.GetStatus(executor_pb.GetStatusRequest(), timeout=5).status.queue_depth
+
+
+def serving_executors(stub: pb_grpc.RouterServiceStub) -> list[str]:
+    return sorted(e.executor_id for e in stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=5).executors)
+
+
+def test_up_restarts_an_executor_killed_mid_request_while_the_other_serves_it(up, tiny_family: list[Path]) -> None:
+    model = tiny_family[0]
+    size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    # Loads read at a capped rate by the preloader take ~8 s, so the request is still loading when it is killed.
+    slow_load = (f"--executor-arg=--preload-read-bytes-per-s={max(1, size // 8)}",
+                 "--executor-arg=--no-map-view-files", "--executor-arg=--no-convert-in-executor")
+    cluster = up("state-heal", executors=2, args=slow_load)
+    endpoints = cluster.wait_up()
+    shutil.copytree(model, cluster.state / "share" / "models" / model.name)
+    done = subprocess.run(
+        [*HOTSLOT, "models", "register", model.name, f"models/{model.name}", "--registry", endpoints["registry"]],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    executors = ["executor-0", "executor-1"]
+    with grpc.insecure_channel(endpoints["router"]) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        wait_for(lambda: serving_executors(stub) == executors, "the router follows both executors")
+        pending = stub.Generate.future(pb.GenerateRequest(
+            model=common_pb2.ModelRef(model_id=model.name),
+            params=common_pb2.GenerationParams(prompt="a lighthouse", steps=2, width=64, height=64, seed=1)),
+            timeout=300)
+        victim = wait_for(lambda: next((n for n in executors if executor_queue_depth(endpoints[n]) == 1), None),
+                          "the request is loading on one executor")
+        (pid,) = [p.pid for p in cluster.tree() if f"--executor-id {victim} " in f"{p.cmdline} "]
+        os.kill(pid, signal.SIGKILL)
+
+        reply = pending.result()
+        (survivor,) = [n for n in executors if n != victim]
+        assert list(reply.attempted_executor_ids) == [victim, survivor], reply.attempted_executor_ids
+        assert reply.result.executor_id == survivor
+        assert Image.open(io.BytesIO(reply.result.images[0].data)).size == (64, 64)
+
+        wait_for(lambda: f"{victim} is back" in cluster.output(), "up restarts the killed executor", timeout=180)
+        wait_for(lambda: serving_executors(stub) == executors, "the restarted executor rejoins the router",
+                 timeout=60)
+        assert cluster.proc.poll() is None  # up kept running throughout
+        # It serves again, on the address the router and cluster.json know.
+        assert executor_queue_depth(endpoints[victim]) == 0
+    out = cluster.output()
+    assert f"{victim} (pid {pid}) exited (killed by SIGKILL); restarting it on {endpoints[victim]}" in out, out[-4000:]
+    assert str(cluster.state / "logs" / f"{victim}.log") in out
+    assert "hotslot up: " in (cluster.state / "logs" / f"{victim}.log").read_text()
+
+    cluster.proc.send_signal(signal.SIGTERM)
+    assert cluster.proc.wait(60) == 0, cluster.output()[-4000:]
+
+
+def test_up_stops_everything_and_fails_when_a_service_keeps_crashing(up) -> None:
+    cluster = up("state-loop", args=("--max-restarts", "1", "--restart-backoff-s", "0.2"))
+    cluster.wait_up()
+    tree = cluster.tree()
+
+    def registry_pid() -> int | None:
+        found = [p.pid for p in cluster.tree() if " serve registry " in f" {p.cmdline} "]
+        return found[0] if found else None
+
+    first = registry_pid()
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: "registry is back" in cluster.output(), "up restarts the registry once", timeout=60)
+    second = registry_pid()
+    assert second not in (None, first)
+    os.kill(second, signal.SIGKILL)
+
+    assert cluster.proc.wait(60) == 1, cluster.output()[-4000:]
+    out = cluster.output()
+    assert "registry exited (killed by SIGKILL) after 1 restart within 60 s; it keeps crashing" in out, out[-4000:]
+    for name in SERVICES - {"registry"}:
+        assert f"{name} stopped (exit 0)" in out, out[-4000:]
+    left = wait_gone(tree, 15)
+    assert not left, "still running after `hotslot up` gave up:\n" + describe(left)

@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from hotslot.bootstrap.channels import server_keepalive_options
 from hotslot.common.v1 import common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as executor_pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as executor_grpc
@@ -180,7 +181,9 @@ class FakeExecutor:
 
     def start(self) -> FakeExecutor:
         async def start() -> int:
-            self.server = grpc.aio.server()
+            # Accepting the router's keepalive pings as hotslot servers do (gRPC's default answers a ping every
+            # 10 s on a quiet status stream with GOAWAY too_many_pings, which would drop the executor mid-test).
+            self.server = grpc.aio.server(options=server_keepalive_options(1.0))
             executor_grpc.add_ExecutorServiceServicer_to_server(self.servicer, self.server)
             port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
             await self.server.start()

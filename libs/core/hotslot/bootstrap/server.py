@@ -17,6 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from opentelemetry import metrics, trace
 
+from hotslot.bootstrap.channels import server_keepalive_options
+from hotslot.bootstrap.inflight import InflightCalls
 from hotslot.bootstrap.interceptors import ErrorMappingInterceptor
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.metrics import MetricsEndpoint, MetricsServerInterceptor
@@ -57,13 +59,16 @@ async def create_server(
     settings: ServiceSettings,
     tracer_provider: trace.TracerProvider | None = None,
     meter: metrics.Meter | None = None,
+    inflight: InflightCalls | None = None,
 ) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """Builds (does not start) a server bound to `address` ("127.0.0.1:0" or "[::]:0" picks a free port) hosting
     `registrations`, the grpc.health.v1 service (SERVING for "" and each service) and reflection (v1 and v1alpha,
-    with the contracts' comments). With `meter`, every RPC is counted and timed on it. Returns the server, the
-    bound port and the health servicer."""
+    with the contracts' comments). With `meter`, every RPC is counted and timed on it. With `inflight`, every call
+    is tracked there (shutdown ends the ones still running with UNAVAILABLE). Returns the server, the bound port
+    and the health servicer."""
     # Tracing first, so errors are mapped while the server span is current and land on it; metrics outside the
-    # token check and the error mapping, so they count refusals and the status code a domain error became.
+    # token check and the error mapping, so they count refusals and the status code a domain error became; the
+    # in-flight tracker innermost, so the UNAVAILABLE it ends a call with is seen by all of them.
     interceptors: list[grpc.aio.ServerInterceptor] = [TracingServerInterceptor(tracer_provider)]
     if meter is not None:
         interceptors.append(MetricsServerInterceptor(meter))
@@ -71,9 +76,14 @@ async def create_server(
         # Before anything reaches the servicer.
         interceptors.append(TokenAuthInterceptor(TokenTable(settings.tokens_file)))
     interceptors.append(ErrorMappingInterceptor())
+    if inflight is not None:
+        interceptors.append(inflight)
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=message_size_options(settings.max_message_bytes),
+        options=[
+            *message_size_options(settings.max_message_bytes),
+            *server_keepalive_options(settings.keepalive_min_ping_interval_s),
+        ],
     )
     names = [registration.full_name for registration in registrations]
     for registration in registrations:
@@ -122,7 +132,9 @@ async def run_server(
     Logs `hotslot <service_name> listening on <host>:<port>` at INFO once the port is bound (launchers parse it)
     and calls `on_started(port)`. On the first signal: every health status turns NOT_SERVING (load balancers stop
     sending), the `on_shutdown` hooks run in order (e.g. end watch streams so they do not hold the grace), then
-    in-flight RPCs get `settings.shutdown_grace_s` before they are cancelled. A second signal cancels them now.
+    in-flight RPCs get `settings.shutdown_grace_s`; those still running `settings.shutdown_abort_margin_s` before
+    its end are ended with UNAVAILABLE and a RetryInfo detail, so clients retry them elsewhere (what gRPC cuts at
+    the end of the grace gets CANCELLED). A second signal cancels them now.
     With `on_started`, health reports NOT_SERVING until that hook returns (a startup step such as warming up).
 
     Configures logging from `settings`. Without `tracer_provider` it builds one from the OTEL_* variables, makes
@@ -165,9 +177,11 @@ async def run_server(
             stop_now.set()
 
     installed: list[int] = []
+    inflight = InflightCalls()
     try:
         server, port, health_servicer = await create_server(
-            settings.address, registrations, settings=settings, tracer_provider=tracer_provider, meter=meter
+            settings.address, registrations, settings=settings, tracer_provider=tracer_provider, meter=meter,
+            inflight=inflight,
         )
         health_server = None
         if settings.health_port is not None:
@@ -204,7 +218,8 @@ async def run_server(
             # shutdown future, and the server.stop() below then fails with CancelledError.
             await stop_requested.wait()
         finally:
-            await _shut_down(server, health_servicer, list(on_shutdown), settings.shutdown_grace_s, stop_now)
+            await _shut_down(server, health_servicer, list(on_shutdown), settings.shutdown_grace_s, stop_now,
+                             inflight=inflight, abort_margin_s=settings.shutdown_abort_margin_s)
             if health_server is not None:
                 await health_server.stop(None)
             log.info("hotslot %s stopped", service_name)
@@ -238,10 +253,14 @@ async def _shut_down(
     hooks: list[Callable[[], Awaitable[None] | None]],
     grace_s: float,
     stop_now: asyncio.Event,
+    *,
+    inflight: InflightCalls | None = None,
+    abort_margin_s: float = 0.0,
 ) -> None:
     """NOT_SERVING first (so balancers stop sending while we still answer), then the hooks, then server.stop(grace).
-    `stop_now` (the second signal) or cancellation of our task cuts the hooks and the grace short: a second
-    server.stop(None) while the graceful one waits cancels the in-flight RPCs at once."""
+    `abort_margin_s` before the grace ends, the calls `inflight` still tracks are ended with UNAVAILABLE +
+    RetryInfo. `stop_now` (the second signal) or cancellation of our task cuts the hooks and the grace short: a
+    second server.stop(None) while the graceful one waits cancels the in-flight RPCs at once."""
     await health_servicer.enter_graceful_shutdown()
     hurry = asyncio.ensure_future(stop_now.wait())
     graceful: asyncio.Future[None] | None = None
@@ -254,6 +273,14 @@ async def _shut_down(
                 log.warning("shutdown hooks cut short")
                 hooks_done.cancel()
         graceful = asyncio.ensure_future(server.stop(grace_s))
+        if inflight is not None:
+            ending_at = max(0.0, grace_s - abort_margin_s)
+            await asyncio.wait({graceful, hurry}, timeout=ending_at, return_when=asyncio.FIRST_COMPLETED)
+            if not graceful.done() and not hurry.done():
+                ended = inflight.end_all()
+                if ended:
+                    log.warning("%d call(s) still running %.1f s into the shutdown grace: ending them with "
+                                "UNAVAILABLE so their clients retry elsewhere", ended, ending_at)
         await asyncio.wait({graceful, hurry}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hurry.cancel()

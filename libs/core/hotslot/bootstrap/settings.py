@@ -41,6 +41,26 @@ class ServiceSettings(BaseSettings):
         DEFAULT_MAX_MESSAGE_BYTES, gt=0, description="Largest gRPC message sent or received, in bytes."
     )
     metrics_port: int = Field(METRICS_OFF, ge=METRICS_OFF, le=65535, description=METRICS_PORT_DESCRIPTION)
+    shutdown_abort_margin_s: float = Field(
+        1.0, ge=0, description="Seconds before the end of the shutdown grace at which calls still running are ended "
+        "with UNAVAILABLE and a RetryInfo detail (so a router or client retries them elsewhere) instead of being cut "
+        "with CANCELLED when the grace ends."
+    )
+    keepalive_min_ping_interval_s: float = Field(
+        1.0, gt=0, description="Shortest interval between keepalive pings this server accepts from a client (with no "
+        "call in flight or no data sent); pings more often are answered with GOAWAY. Keep it at or below the "
+        "clients' keepalive_time_s."
+    )
+    downstream_retry_attempts: int = Field(
+        3, ge=1, le=5, description="Attempts of an idempotent call to another service (registry GetModel, "
+        "ListModels; storage-cache EnsureModel, RenewLease) that answers UNAVAILABLE, within the call's deadline; "
+        "1 turns retries off."
+    )
+    downstream_reconnect_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between attempts to reconnect to another service this one calls "
+        "(registry, storage-cache) after it went away, so a restarted peer is used again within this time "
+        "(gRPC's own default grows to 120 s)."
+    )
     otel_service_name: str | None = Field(
         None, description="service.name of the traces; defaults to 'hotslot-<service>'."
     )

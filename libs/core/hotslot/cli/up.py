@@ -1,4 +1,5 @@
-"""`hotslot up`: the whole cluster on this machine, in the foreground until Ctrl-C or SIGTERM."""
+"""`hotslot up`: the whole cluster on this machine, in the foreground until Ctrl-C or SIGTERM. A service that exits
+is restarted (with backoff, within a restart budget) while the others keep serving."""
 from __future__ import annotations
 
 import signal
@@ -10,7 +11,8 @@ import typer
 from rich.table import Table
 
 from hotslot.cli.client import make_console
-from hotslot.cluster.local import ClusterSpec, LocalCluster
+from hotslot.cluster.local import ClusterSpec, CrashLoop, LocalCluster
+from hotslot.cluster.supervision import RestartPolicy
 
 console = make_console(stderr=True)
 
@@ -27,21 +29,31 @@ def up(
     executor_arg: Annotated[list[str] | None, typer.Option(help="Extra flag passed to every executor (repeatable), e.g. --executor-arg=--standby-budget-bytes=8GiB.")] = None,
     tls: Annotated[bool, typer.Option(help="Encrypt and authenticate everything: a throwaway CA and certificates under <state-dir>/tls, TLS with client certificates (mTLS) on every service, and bearer tokens. Prints the HOTSLOT_CLIENT_* lines the CLI needs.")] = False,
     token: Annotated[str, typer.Option(help="With --tls: your admin token (at least 16 characters); generated when empty.", show_default=False)] = "",
+    restart_backoff_s: Annotated[float, typer.Option(min=0, help="Wait before restarting a service that exited; doubles with each further restart within --restart-window-s.")] = RestartPolicy.backoff_s,
+    restart_backoff_max_s: Annotated[float, typer.Option(min=0, help="Longest wait before a restart.")] = RestartPolicy.backoff_max_s,
+    max_restarts: Annotated[int, typer.Option(min=0, help="Restarts of one service allowed within --restart-window-s; one more exit stops the cluster (exit 1).")] = RestartPolicy.max_restarts,
+    restart_window_s: Annotated[float, typer.Option(min=1, help="Window the restart budget counts over; a service up this long is back to a full budget.")] = RestartPolicy.window_s,
 ) -> None:
-    """Start registry, storage-cache, executors and router as separate processes; stop them all on Ctrl-C."""
+    """Start registry, storage-cache, executors and router as separate processes; restart one that exits; stop them
+    all on Ctrl-C or SIGTERM, or when a service keeps crashing."""
     if otel not in ("none", "console", "otlp"):
         raise typer.BadParameter("use none, console or otlp", param_hint="--otel")
     if token and not tls:
         raise typer.BadParameter("tokens need --tls", param_hint="--token")
     if token and (len(token) < 16 or any(c.isspace() or c == "#" for c in token)):
         raise typer.BadParameter("use at least 16 characters, without spaces or '#'", param_hint="--token")
+    if restart_backoff_max_s < restart_backoff_s:
+        raise typer.BadParameter("must be at least --restart-backoff-s", param_hint="--restart-backoff-max-s")
     spec = ClusterSpec(
         state_dir=state_dir, executors=executors, host=host, auto_ports=auto_ports, device=device,
         cache_capacity=cache_capacity, executor_args=list(executor_arg or []), otel=otel, otlp_endpoint=otlp_endpoint,
         tls=tls, admin_token=token,
+        restart=RestartPolicy(backoff_s=restart_backoff_s, backoff_max_s=restart_backoff_max_s,
+                              max_restarts=max_restarts, window_s=restart_window_s),
     )
     cluster = LocalCluster(spec, on_progress=lambda msg: console.log(msg))
     stop = threading.Event()
+    crash_loop: CrashLoop | None = None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
@@ -81,14 +93,19 @@ def up(
                f"try:   hotslot generate --router {cluster.address('router')} -m MODEL \"a prompt\" -o out.png\n"
                f"       grpcurl -plaintext {cluster.address('router')} list\n")
             + (f"traces: {'each service log under ' + str(spec.logs) if otel == 'console' else otlp_endpoint or 'OTLP default endpoint'}\n" if otel != "none" else "")
-            + "Ctrl-C stops everything."
+            + "A service that exits is restarted; Ctrl-C stops everything."
         )
-        while not stop.wait(1.0):
-            dead = cluster.dead()
-            if dead:
-                console.log(f"[red]{', '.join(dead)} exited; stopping the cluster (see {spec.logs})")
+        while not stop.wait(0.2):
+            try:
+                cluster.supervise()
+            except CrashLoop as error:
+                crash_loop = error
+                console.log(f"[red]{error}")
                 break
     finally:
         codes = cluster.stop()
         if codes:
             console.log("stopped: " + ", ".join(f"{n} ({c})" for n, c in codes.items()))
+    if crash_loop is not None:
+        console.print(f"[red]error[/red]: the cluster stopped because {crash_loop}")
+        raise typer.Exit(1)

@@ -2,20 +2,26 @@
 separate processes on embedded defaults — a SQLite file, a local directory standing in for the NFS share and a
 local cache directory, all under one state directory. Started in dependency order, stopped in reverse. With
 `tls`, a throwaway CA and certificates under <state>/tls: every service serves TLS, requires client certificates
-(mTLS) and bearer tokens, and calls the others with its own certificate and token."""
+(mTLS) and bearer tokens, and calls the others with its own certificate and token. While it runs, `supervise()`
+restarts a service that exits, on the port it had (the others address it there), with backoff and a restart
+budget (cluster.supervision)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import signal
+import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotslot.bootstrap.security import ClientSecurity
+from hotslot.bootstrap.settings import METRICS_OFF
 from hotslot.cluster import certs
-from hotslot.cluster.process import ServiceProcess, spawn_service, wait_ready
+from hotslot.cluster.process import LISTENING, ServiceProcess, is_serving, spawn_service, wait_ready
+from hotslot.cluster.supervision import RestartBudget, RestartPolicy, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class ClusterSpec:
     start_timeout_s: float = 180.0
     tls: bool = False  # TLS + mTLS + bearer tokens, with credentials generated under <state_dir>/tls
     admin_token: str = ""  # with tls: the user's admin token (generated when empty)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
     @property
     def share(self) -> Path:
@@ -67,12 +74,37 @@ class ClusterSpec:
         return self.state_dir / "tls"
 
 
+class CrashLoop(RuntimeError):
+    """A service exited more often than its restart budget allows; the cluster should stop."""
+
+
+@dataclass
+class _Launch:
+    """How a service was started, to start it again the same way."""
+
+    service: str
+    args: list[str]
+    budget: RestartBudget
+    restart_at: float | None = None
+    """Set while the service is down and waiting out its backoff."""
+    starting_since: float | None = None
+    """Set while a restarted service is not SERVING yet."""
+    restarts: int = 0
+
+
 class LocalCluster:
-    def __init__(self, spec: ClusterSpec, on_progress: Callable[[str], None] = lambda msg: None) -> None:
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        on_progress: Callable[[str], None] = lambda msg: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.spec = spec
         self.on_progress = on_progress
         self.services: dict[str, ServiceProcess] = {}
         self.credentials: certs.LocalCredentials | None = None
+        self._clock = clock
+        self._launches: dict[str, _Launch] = {}
 
     # -- addresses ---------------------------------------------------------------------------------------
     def address(self, name: str) -> str:
@@ -132,9 +164,10 @@ class LocalCluster:
 
     def _spawn(self, name: str, service: str, args: list[str], index: int = 0) -> ServiceProcess:
         self.on_progress(f"starting {name}")
+        full_args = [*args, "--shutdown-grace-s", str(self.spec.shutdown_grace_s), *self._security_args()]
         svc = spawn_service(
             service,
-            [*args, "--shutdown-grace-s", str(self.spec.shutdown_grace_s), *self._security_args()],
+            full_args,
             log_path=self.spec.logs / f"{name}.log",
             env=self._env(name),
             host=self.spec.host,
@@ -142,6 +175,7 @@ class LocalCluster:
             metrics_port=0 if self.spec.auto_ports else DEFAULT_METRICS_PORTS[service] + index,
         )
         self.services[name] = svc
+        self._launches[name] = _Launch(service, full_args, RestartBudget(self.spec.restart, self._clock))
         return svc
 
     def _ready(self, name: str) -> ServiceProcess:
@@ -203,3 +237,69 @@ class LocalCluster:
 
     def dead(self) -> list[str]:
         return [name for name, svc in self.services.items() if not svc.alive()]
+
+    # -- supervision -------------------------------------------------------------------------------------
+    def supervise(self) -> None:
+        """One round of supervision, called every fraction of a second while the cluster runs (from the main
+        thread: restarts spawn processes). A service that exited is restarted after its backoff, on the port it
+        had, with its output appended to the same log; the others keep serving. Reports each exit, restart and
+        return through on_progress. Raises CrashLoop when a service exits again with its restart budget used up
+        (the caller then stops the cluster)."""
+        now = self._clock()
+        for name, svc in list(self.services.items()):
+            launch = self._launches[name]
+            if launch.restart_at is not None:
+                if now >= launch.restart_at:
+                    self._restart(name, launch)
+                continue
+            if not svc.alive():
+                self._exited(name, svc, launch, now)
+            elif launch.starting_since is not None:
+                self._check_started(name, svc, launch, now)
+
+    def _exited(self, name: str, svc: ServiceProcess, launch: _Launch, now: float) -> None:
+        how = describe_exit(svc.proc.returncode)
+        policy = self.spec.restart
+        delay = launch.budget.next_delay()
+        if delay is None:
+            raise CrashLoop(
+                f"{name} exited ({how}) after {policy.max_restarts} restart{'' if policy.max_restarts == 1 else 's'} "
+                f"within {policy.window_s:g} s; it keeps "
+                f"crashing, so the cluster stops. Its log: {svc.log_path}"
+            )
+        launch.restarts += 1
+        launch.starting_since = None
+        launch.restart_at = now + delay
+        self.on_progress(
+            f"{name} (pid {svc.pid}) exited ({how}); restarting it on {svc.address} in {delay:g} s "
+            f"(restart {launch.budget.recent()} of at most {policy.max_restarts} within {policy.window_s:g} s). "
+            f"Its log: {svc.log_path}"
+        )
+
+    def _restart(self, name: str, launch: _Launch) -> None:
+        old = self.services[name]
+        with open(old.log_path, "ab") as log_file:
+            log_file.write(f"\n---- hotslot up: {name} exited ({describe_exit(old.proc.returncode)}); "
+                           f"restart {launch.restarts} ----\n".encode())
+        # The same host and port: the router, executors and cluster.json address it there. A port picked with
+        # --auto-ports is the one it bound first, kept for the life of `up`.
+        # Its metrics port too, where scrapers look for it.
+        metrics_port = urllib.parse.urlsplit(old.metrics_url).port if old.metrics_url else None
+        svc = spawn_service(launch.service, launch.args, log_path=old.log_path, env=self._env(name),
+                            host=old.host or self.spec.host, port=old.port, append=True,
+                            metrics_port=METRICS_OFF if metrics_port is None else metrics_port)
+        svc.host, svc.port, svc.metrics_url = old.host, old.port, old.metrics_url
+        self.services[name] = svc
+        launch.restart_at = None
+        launch.starting_since = self._clock()
+        self.on_progress(f"{name} restarted (pid {svc.pid})")
+
+    def _check_started(self, name: str, svc: ServiceProcess, launch: _Launch, now: float) -> None:
+        assert launch.starting_since is not None
+        if LISTENING.search(svc.own_log()) and is_serving(svc.address, timeout=0.5, security=self.client_security()):
+            launch.starting_since = None
+            self.on_progress(f"{name} is back: serving on {svc.address} (pid {svc.pid})")
+        elif now - launch.starting_since > self.spec.start_timeout_s:
+            self.on_progress(f"{name} did not start within {self.spec.start_timeout_s:g} s; killing it")
+            svc.proc.kill()
+            svc.proc.wait(10)  # counted as an exit in the next round

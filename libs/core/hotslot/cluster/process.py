@@ -34,6 +34,8 @@ class ServiceProcess:
     env: dict[str, str] = field(default_factory=dict)
     metrics_url: str = ""
     """Its Prometheus endpoint, http://host:port/metrics ("" when it serves none)."""
+    log_offset: int = 0
+    """Where this process's output starts in `log_path` (a restarted service appends to its log)."""
 
     @property
     def address(self) -> str:
@@ -45,6 +47,14 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def own_log(self) -> str:
+        """The output of this process only: the log from `log_offset` on."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(self.log_offset)
+            return log_file.read().decode(errors="replace")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -78,14 +88,20 @@ def spawn_service(
     host: str = "127.0.0.1",
     port: int = 0,
     metrics_port: int = 0,
+    append: bool = False,
 ) -> ServiceProcess:
     """Starts `hotslot serve <service> --host HOST --port PORT --metrics-port METRICS_PORT <args>` with its output in
-    `log_path` and returns at once; `wait_ready` learns its ports (metrics_port 0: a free one, -1: none; a
-    --metrics-port in `args` wins). Call it from the main thread: the child's parent-death signal fires when the
-    *thread* that spawned it ends."""
+    `log_path` (appended to it with `append`, as for a restart, so the previous run's last words stay) and returns
+    at once; `wait_ready` learns its ports (metrics_port 0: a free one, -1: none; a --metrics-port in `args` wins).
+    Call it from the main thread: the child's parent-death signal fires when the *thread* that spawned it ends."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log_file:
+    if not append:
+        log_path.write_bytes(b"")
+    offset = log_path.stat().st_size
+    # Always O_APPEND: a killed service's children (its resource tracker) may still write to the log after a
+    # restart, and at their own offset they would overwrite the new run's lines.
+    with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [*HOTSLOT, "serve", service, "--host", host, "--port", str(port), "--metrics-port", str(metrics_port),
              *args],
@@ -95,7 +111,7 @@ def spawn_service(
             env=full_env,
             start_new_session=True,  # Ctrl-C in the launcher's terminal reaches the launcher only; it stops us in order
         )
-    return ServiceProcess(service, proc, log_path, env=full_env)
+    return ServiceProcess(service, proc, log_path, env=full_env, log_offset=offset)
 
 
 def wait_ready(svc: ServiceProcess, timeout: float = 60, security: ClientSecurity | None = None) -> ServiceProcess:
@@ -104,10 +120,10 @@ def wait_ready(svc: ServiceProcess, timeout: float = 60, security: ClientSecurit
     the end of its log) if it exits, TimeoutError if it takes longer than `timeout`; it is killed then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = LISTENING.search(svc.log())
+        match = LISTENING.search(svc.own_log())
         if match:
             svc.host, svc.port = match.group(2), int(match.group(3))
-            metrics = METRICS.search(svc.log())
+            metrics = METRICS.search(svc.own_log())
             svc.metrics_url = metrics.group(2) if metrics else ""
             break
         if svc.proc.poll() is not None:
@@ -139,6 +155,17 @@ def start_service(
     """spawn_service + wait_ready."""
     svc = spawn_service(service, args, log_path=log_path, env=env, host=host, port=port, metrics_port=metrics_port)
     return wait_ready(svc, timeout, security)
+
+
+def is_serving(address: str, service: str = "", timeout: float = 1.0, security: ClientSecurity | None = None) -> bool:
+    """One health check: True when `address` answers SERVING within `timeout`."""
+    with sync_channel(address, security) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def wait_serving(address: str, service: str = "", timeout: float = 30, security: ClientSecurity | None = None) -> None:

@@ -7,6 +7,7 @@ import socket
 import torch
 from opentelemetry import trace
 
+from hotslot.bootstrap.channels import downstream_options
 from hotslot.bootstrap.metrics import MetricsEndpoint
 from hotslot.bootstrap.security import service_channel
 from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
@@ -88,7 +89,7 @@ def build_core(
 
     def channel(address: str):
         return service_channel(address, security=security, tracer_provider=tracer_provider,
-                               max_message_bytes=settings.max_message_bytes)
+                               max_message_bytes=settings.max_message_bytes, options=downstream_options(settings))
 
     registry = RegistryClient(settings.registry_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
     storage = StorageClient(settings.storage_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)

@@ -32,6 +32,7 @@ from .downstream import ExecutorUnavailable, GenerateCall, ModelCatalog, Progres
 from .membership import ExecutorLink, ExecutorMembership, Slot
 from .metrics import RouterMetrics
 from .placement import Choice, Placement, PlacementReason, RequestWork, Tier, held_anywhere
+from .refusals import DEFAULT_REFUSAL_LOG_INTERVAL_S, RefusalLog, RefusalReason
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class RouterCore:
         retry_attempts: int = 1,
         tracer_provider: trace.TracerProvider | None = None,
         metrics: RouterMetrics | None = None,
+        refusal_log_interval_s: float = DEFAULT_REFUSAL_LOG_INTERVAL_S,
     ) -> None:
         self.membership = membership
         self.catalog = catalog
@@ -137,6 +139,7 @@ class RouterCore:
         self.queue_timeout_s = queue_timeout_s
         self.retry_after_s = retry_after_s
         self.retry_attempts = retry_attempts
+        self.refusals = RefusalLog(log, refusal_log_interval_s)
         self._waiters: deque[_Waiter] = deque()
         self._model_bytes: dict[tuple[str, int], int] = {}
         self._adapter_bases: dict[tuple[str, int], str] = {}
@@ -159,6 +162,9 @@ class RouterCore:
             except ExecutorUnavailable as error:
                 self._retry_or_raise(call.model_id, call.request_id, attempted, error)
                 continue
+            except ResourceExhausted as error:
+                self._executor_refused(call, attempted, error)
+                raise
             finally:
                 self.membership.release(slot)
             return Routed(result, tuple(attempted), reason, queued_s)
@@ -187,8 +193,15 @@ class RouterCore:
                 raise ExecutorUnavailable(f"executor {slot.link.executor_id} ended the stream without a result")
             except ExecutorUnavailable as error:
                 self._retry_or_raise(call.model_id, call.request_id, attempted, error)
+            except ResourceExhausted as error:
+                self._executor_refused(call, attempted, error)
+                raise
             finally:
                 self.membership.release(slot)
+
+    def _executor_refused(self, call: GenerateCall, attempted: list[str], error: ResourceExhausted) -> None:
+        self.refusals.refused(RefusalReason.EXECUTOR_REFUSED, f"executor {attempted[-1]}: {error.message}",
+                              request_id=call.request_id, model_id=call.model_id)
 
     async def _prepare(self, call: GenerateCall, time_remaining_s: float | None) -> tuple[GenerateCall, float | None]:
         if not call.model_id:
@@ -427,6 +440,8 @@ class RouterCore:
         if not self._any_live(waiter.exclude):
             raise self._no_executor(waiter.exclude)
         if len(self._waiters) >= self.max_queue:
+            self.refusals.refused(RefusalReason.QUEUE_FULL, f"every executor is busy and {self.max_queue} "
+                                  "requests wait already (max_queue)", model_id=waiter.model_id)
             raise self.metrics.refused(ResourceExhausted(
                 f"every executor is busy and the router queue is full ({self.max_queue} waiting); "
                 f"retry in {self.retry_after_s:g} s",
@@ -446,6 +461,8 @@ class RouterCore:
             if deadline is not None and loop.time() >= deadline:
                 raise self.metrics.refused(DeadlineExceeded(
                     "the deadline passed while the request waited for an executor"), "deadline") from None
+            self.refusals.refused(RefusalReason.QUEUE_TIMEOUT, f"waited {self.queue_timeout_s:g} s "
+                                  "(queue_timeout_s) without room on any executor", model_id=waiter.model_id)
             raise self.metrics.refused(ResourceExhausted(
                 f"no executor had room within {self.queue_timeout_s:g} s; retry in {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s,

@@ -10,6 +10,7 @@ import grpc_service_pb2_grpc as oip_grpc
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from hotslot.bootstrap.channels import downstream_options, keepalive_options, reconnect_options
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.metrics import MetricsEndpoint
 from hotslot.bootstrap.security import service_channel
@@ -25,6 +26,7 @@ from .metrics import RouterMetrics
 from .oip_frontend import InferenceFrontend
 from .oip_servicer import SERVICE_FULL_NAME as OIP_SERVICE_NAME
 from .oip_servicer import InferenceServicer
+from .refusals import DEFAULT_REFUSAL_LOG_INTERVAL_S
 from .servicer import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,26 @@ class RouterSettings(ServiceSettings):
     watch_backoff_s: float = Field(
         0.5, gt=0, description="First wait before reconnecting a broken executor status stream; doubles per failure."
     )
-    watch_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between reconnection attempts.")
+    watch_backoff_max_s: float = Field(
+        10.0, gt=0, description="Longest wait between reconnection attempts; also bounds gRPC's own reconnect "
+        "backoff on the executor channels, so an executor that comes back is followed again within this time."
+    )
+    keepalive_time_s: float = Field(
+        10.0, gt=0, description="Interval of keepalive pings on each executor channel while it is quiet (status "
+        "streams often are): an executor that stops answering without closing its connection (frozen, or its node "
+        "gone) is dropped after keepalive_time_s + keepalive_timeout_s. Executors must accept pings this often "
+        "(their keepalive_min_ping_interval_s)."
+    )
+    keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="Time a keepalive ping may go unanswered before the executor's connection is closed "
+        "and its requests are retried elsewhere."
+    )
+
+    refusal_log_interval_s: float = Field(
+        DEFAULT_REFUSAL_LOG_INTERVAL_S, gt=0, description="Requests refused with RESOURCE_EXHAUSTED are logged at most once per this many "
+        "seconds per reason (router queue full, queue wait timed out, executor refused), with a count of the "
+        "others."
+    )
 
     @field_validator("executors", mode="before")
     @classmethod
@@ -112,10 +133,18 @@ def build(
     def channel(address: str):
         # tracer_provider None: the global one run_server installs, looked up when the first call is made.
         return service_channel(address, security=security, tracer_provider=None,
-                               max_message_bytes=settings.max_message_bytes)
+                               max_message_bytes=settings.max_message_bytes, options=downstream_options(settings))
+
+    def executor_channel(address: str):
+        # gRPC's own reconnect backoff follows the watch backoff, so a restarted executor is followed again
+        # within watch_backoff_max_s; keepalive notices one that stopped answering.
+        return service_channel(address, security=security, tracer_provider=None,
+                               max_message_bytes=settings.max_message_bytes,
+                               options=[*reconnect_options(settings.watch_backoff_s, settings.watch_backoff_max_s),
+                                        *keepalive_options(settings.keepalive_time_s, settings.keepalive_timeout_s)])
 
     membership = ExecutorMembership(
-        GrpcExecutorConnector(channel),
+        GrpcExecutorConnector(executor_channel),
         static_targets=settings.executors,
         dns_target=settings.executors_dns,
         dns_refresh_s=settings.dns_refresh_s,
@@ -136,6 +165,7 @@ def build(
         retry_after_s=settings.retry_after_s,
         retry_attempts=settings.retry_attempts,
         metrics=metrics,
+        refusal_log_interval_s=settings.refusal_log_interval_s,
     )
     return core, membership, catalog
 

@@ -8,6 +8,7 @@ from opentelemetry import trace
 from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from hotslot.bootstrap.channels import downstream_options
 from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.metrics import MetricsEndpoint
 from hotslot.bootstrap.security import service_channel
@@ -110,7 +111,7 @@ def build_core(
         timeout_s=settings.registry_timeout_s,
         channel_factory=lambda address: service_channel(
             address, security=security, tracer_provider=tracer_provider,
-            max_message_bytes=settings.max_message_bytes,
+            max_message_bytes=settings.max_message_bytes, options=downstream_options(settings),
         ),
     )
     core = StorageCacheCore(
