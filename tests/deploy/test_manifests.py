@@ -1,8 +1,8 @@
-"""The Kubernetes deployment (deploy/) checked offline, with no cluster and no kustomize binary: the base and both
-overlays render, every object is valid for the Kubernetes API, and everything the manifests tell the services
-(environment variables, flags, ports, addresses, probes, grace periods, volumes) exists in the services' settings
-and CLI, so the manifests cannot drift from the code unnoticed. The image definition is checked against the
-Makefile's install."""
+"""The Kubernetes deployment (deploy/) checked offline, with no cluster: the base and the overlays render with
+`kubectl kustomize` (tests/deploy/render.py; `make install` puts kubectl into .venv/bin), every object is valid for
+the Kubernetes API, and everything the manifests tell the services (environment variables, flags, ports, addresses,
+probes, grace periods, volumes) exists in the services' settings and CLI, so the manifests cannot drift from the
+code unnoticed. The image definition is checked against the Makefile's install."""
 from __future__ import annotations
 
 import functools
@@ -34,7 +34,7 @@ from hotslot.services.router.wiring import RouterSettings
 from hotslot.services.storage_cache.wiring import StorageCacheSettings
 from hotslot.storage.v1 import storage_cache_service_pb2
 
-from .kustomize_lite import render, split_image
+from .render import render, split_image
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
