@@ -123,12 +123,12 @@ def test_grpcurl_lists_the_router_and_generates_from_json(stack: Stack) -> None:
     body = {"model": {"modelId": "tiny-sd-0"}, "params": {"prompt": "a red boat", "steps": 2, "seed": 3}}
     reply = json.loads(grpcurl("-max-time", "300", "-d", json.dumps(body), address,
                                "hotslot.router.v1.RouterService/Generate"))
-    # grpcurl prints the proto field names (snake_case); bytes are base64.
+    # grpcurl prints JSON names (lowerCamelCase, as protojson does); bytes are base64.
     image = reply["images"][0]
-    assert image["mime_type"] == "image/png", reply
+    assert image["mimeType"] == "image/png", reply
     assert png(base64.b64decode(image["data"])).size == (64, 64)
-    assert reply["attempted_executor_ids"] == [reply["executor_id"]]
-    assert reply["placement_reason"] == "PLACEMENT_REASON_ACTIVE"
+    assert reply["attemptedExecutorIds"] == [reply["executorId"]]
+    assert reply["placementReason"] == "PLACEMENT_REASON_ACTIVE"
 
 
 def test_cli_generate_and_status(stack: Stack, router: pb_grpc.RouterServiceStub, tmp_path: Path) -> None:

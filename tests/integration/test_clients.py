@@ -82,12 +82,13 @@ def test_grpcurl_examples_of_the_readme(cluster: Stack) -> None:
                                                     "guidance_scale": 0}})
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
-    assert reply["images"][0]["mime_type"] == "image/png" and reply["images"][0]["seed"] == "7"
-    assert reply["placement_reason"].startswith("PLACEMENT_REASON_")
+    # grpcurl prints JSON names (lowerCamelCase), as protojson does; 64-bit integers as strings.
+    assert reply["images"][0]["mimeType"] == "image/png" and reply["images"][0]["seed"] == "7"
+    assert reply["placementReason"].startswith("PLACEMENT_REASON_")
 
     done = grpcurl(address, "ListModels", {"page_size": 10})
     assert done.returncode == 0, done.stderr
-    assert [m["model_id"] for m in json.loads(done.stdout)["models"]] == ["tiny-sd-0"]
+    assert [m["modelId"] for m in json.loads(done.stdout)["models"]] == ["tiny-sd-0"]
 
     done = grpcurl(address, "Evict", {"model": {"model_id": "tiny-sd-0"}})
     assert done.returncode == 0, done.stderr

@@ -263,6 +263,6 @@ def test_grpcurl_infers_with_parameters_only_as_the_readme_shows(cluster: Stack)
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout)
     assert answer["outputs"] == [{"name": "image", "datatype": "BYTES", "shape": ["1"]}]
-    raw = base64.b64decode(answer["raw_output_contents"][0])
+    raw = base64.b64decode(answer["rawOutputContents"][0])
     assert int.from_bytes(raw[:4], "little") == len(raw) - 4
     assert Image.open(io.BytesIO(raw[4:])).size == (64, 64)

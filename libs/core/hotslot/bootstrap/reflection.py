@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
+from google.rpc import error_details_pb2, status_pb2  # noqa: F401 - puts the error detail types in the default pool
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as v1alpha_pb2_grpc
@@ -27,6 +28,9 @@ V1ALPHA_SERVICE_NAME = reflection.SERVICE_NAME  # grpc.reflection.v1alpha.Server
 V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 SERVICE_NAMES = (V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME)
 _V1_FILE = "grpc/reflection/v1/reflection.proto"
+# The types every error's `grpc-status-details-bin` may carry (ErrorInfo, BadRequest, RetryInfo in a Status):
+# grpcurl resolves an Any's type through reflection, so they are served too, or it prints undecoded bytes.
+ERROR_DETAIL_TYPES = ("google.rpc.Status", "google.rpc.ErrorInfo")
 
 
 def documented_files() -> dict[str, bytes]:
@@ -92,7 +96,7 @@ def reflection_pool(service_names: Iterable[str], documented: dict[str, bytes]) 
         add_documented(next(iter(pending)))
     pool.Add(_v1_file())
     default = descriptor_pool.Default()
-    for name in service_names:
+    for name in (*service_names, *ERROR_DETAIL_TYPES):
         try:
             pool.FindFileContainingSymbol(name)
         except KeyError:
