@@ -261,8 +261,8 @@ def test_up_restarts_an_executor_killed_mid_request_while_the_other_serves_it(up
         reply = pending.result()
         (survivor,) = [n for n in executors if n != victim]
         assert list(reply.attempted_executor_ids) == [victim, survivor], reply.attempted_executor_ids
-        assert reply.result.executor_id == survivor
-        assert Image.open(io.BytesIO(reply.result.images[0].data)).size == (64, 64)
+        assert reply.executor_id == survivor
+        assert Image.open(io.BytesIO(reply.images[0].data)).size == (64, 64)
 
         wait_for(lambda: f"{victim} is back" in cluster.output(), "up restarts the killed executor", timeout=180)
         wait_for(lambda: serving_executors(stub) == executors, "the restarted executor rejoins the router",

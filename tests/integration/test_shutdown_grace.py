@@ -96,8 +96,8 @@ def test_through_the_router_a_request_cut_by_an_executors_shutdown_is_served_by_
             first.proc.send_signal(signal.SIGTERM)
             reply = pending.result()
         assert len(reply.attempted_executor_ids) == 2, reply.attempted_executor_ids
-        assert reply.result.executor_id == reply.attempted_executor_ids[1]
-        assert Image.open(io.BytesIO(reply.result.images[0].data)).size == (64, 64)
+        assert reply.executor_id == reply.attempted_executor_ids[1]
+        assert Image.open(io.BytesIO(reply.images[0].data)).size == (64, 64)
         assert first.proc.wait(30) == 0
     finally:
         stack.stop()
