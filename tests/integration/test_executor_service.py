@@ -36,9 +36,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_family: list[Path]):
 @pytest.fixture(scope="module")
 def executor(stack: Stack):
     """One executor whose standby tier holds one tiny model and host tier two. The family's models share their VAE
-    and text encoder, counted once in the fastest tier holding them: a model beside the active one costs the
-    standby tier its UNet (3.96 MB) alone."""
-    svc = stack.start_executor("--standby-budget-bytes", "6MB", "--host-budget-bytes", "16MB",
+    and text encoder (2.8 MB), counted once in the fastest tier holding them: a model beside the active one costs
+    the standby tier its UNet (3.96 MB) alone, so 7 MB holds one whole model (6.72 MB) or one UNet beside the
+    active model, not two."""
+    svc = stack.start_executor("--standby-budget-bytes", "7MB", "--host-budget-bytes", "16MB",
                                "--queue-capacity", "2")
     with grpc.insecure_channel(svc.address) as channel:
         yield svc, executor_stub(channel)
