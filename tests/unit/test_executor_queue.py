@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from hotslot.errors import InvalidArgument
+from hotslot.loading.preloader import Preloader
 from hotslot.services.executor.core import ExecutorCore, QueuedState
 from hotslot.services.executor.costs import CostModel, Line, fit_line, work_units
 from hotslot.services.executor.downstream import EnsuredView, ResolvedModel
 from hotslot.services.executor.generation import GenerationLimits, GenerationParams
+from hotslot.services.executor.loader import ModelLoader
+from hotslot.services.executor.ports import Loader, PreloaderHandle
 from hotslot.services.executor.queue_policy import plan_next, service_order
 from hotslot.services.executor.slots import ModelKey, SlotManager, Tier
 
@@ -58,6 +61,9 @@ class FakeLoader:
         self.gates: dict[str, threading.Event] = {}
         self.pipelines: dict[str, FakePipeline] = {}
 
+    def warmup(self) -> float:
+        return 0.0
+
     def gate(self, model_id: str) -> threading.Event:
         return self.gates.setdefault(model_id, threading.Event())
 
@@ -83,9 +89,13 @@ class FakeLoader:
 class FakePreloader:
     pid = 1
     restarts = 0
+    restarting = False
 
     def is_alive(self) -> bool:
         return True
+
+    def restart(self) -> None:
+        raise AssertionError("the fake preloader never dies")
 
 
 class FakeRegistry:
@@ -124,12 +134,17 @@ def loader() -> FakeLoader:
     return FakeLoader()
 
 
-def make_core(loader: FakeLoader, **kwargs) -> ExecutorCore:
+def make_core(loader: FakeLoader, views: FakeStorage | None = None, **kwargs) -> ExecutorCore:
     slots = SlotManager(active_budget_bytes=10 * MODEL_BYTES, standby_budget_bytes=10 * MODEL_BYTES,
                         host_budget_bytes=10 * MODEL_BYTES)
     return ExecutorCore(executor_id="x", address="x:1", device="cpu", loader=loader, preloader=FakePreloader(),
-                        slots=slots, resolver=FakeRegistry(), views=FakeStorage(), limits=LIMITS, queue_capacity=16,
-                        lookahead=False, **kwargs)
+                        slots=slots, resolver=FakeRegistry(), views=views or FakeStorage(), limits=LIMITS,
+                        queue_capacity=16, lookahead=False, **kwargs)
+
+
+def test_the_real_loader_and_preloader_and_these_fakes_are_what_the_core_expects(loader) -> None:
+    assert issubclass(ModelLoader, Loader) and isinstance(loader, Loader)
+    assert isinstance(Preloader(), PreloaderHandle) and isinstance(FakePreloader(), PreloaderHandle)
 
 
 async def until(predicate, what: str) -> None:
@@ -308,8 +323,7 @@ class LeasingStorage(FakeStorage):
 
 async def test_the_leases_of_held_adapters_are_renewed_like_models(loader) -> None:
     storage = LeasingStorage()
-    core = make_core(loader, lease_ttl_s=0.15)
-    core.views = storage
+    core = make_core(loader, views=storage, lease_ttl_s=0.15)
     await core.start()
     try:
         await core.generate("lora-x", 0, request())

@@ -45,6 +45,7 @@ from .downstream import EnsuredView, ModelResolver, ViewProvider
 from .generation import GenerationLimits, GenerationParams, run_batch, validate
 from .lora import adapter_name, loaded_adapters, loaded_weights
 from .metrics import ExecutorMetrics
+from .ports import Loader, PreloaderHandle
 from .queue_policy import Plan, plan_next, service_order
 from .slots import HeldModel, ModelKey, SlotEntry, SlotManager, Tier, TierUsage
 
@@ -263,8 +264,8 @@ class ExecutorCore:
         executor_id: str,
         address: str,
         device: str,
-        loader: Any,  # loader.ModelLoader (read/materialize/demote; blocking)
-        preloader: Any,  # hotslot.loading.preloader.Preloader, for status
+        loader: Loader,
+        preloader: PreloaderHandle,
         slots: SlotManager,
         resolver: ModelResolver,
         views: ViewProvider,
@@ -321,10 +322,8 @@ class ExecutorCore:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
-        warm = getattr(self.loader, "warmup", None)
-        if warm is not None:
-            seconds = await asyncio.to_thread(warm)
-            log.info("imported pipeline classes in %.1f s", seconds)
+        seconds = await asyncio.to_thread(self.loader.warmup)
+        log.info("imported pipeline classes in %.1f s", seconds)
         self._tasks = [
             asyncio.create_task(self._worker(), name="executor-worker"),
             asyncio.create_task(self._renew_leases(), name="executor-leases"),
@@ -381,7 +380,7 @@ class ExecutorCore:
             preloader=PreloaderState(
                 pid=self.preloader.pid or 0,
                 alive=self.preloader.is_alive(),
-                restarts=getattr(self.preloader, "restarts", 0),
+                restarts=self.preloader.restarts,
                 loading=loading,
             ),
             version=self._version,
@@ -955,7 +954,7 @@ class ExecutorCore:
         while time.monotonic() < deadline:
             if self.preloader.is_alive():
                 return
-            if getattr(self.preloader, "_restarting", False):
+            if self.preloader.restarting:
                 time.sleep(0.05)
                 continue
             try:
@@ -1072,7 +1071,7 @@ class ExecutorCore:
     async def _watch_preloader(self) -> None:
         """Publishes preloader deaths and restarts in the status; the preloader restarts itself."""
         while True:
-            seen = (self.preloader.pid, self.preloader.is_alive(), getattr(self.preloader, "restarts", 0))
+            seen = (self.preloader.pid, self.preloader.is_alive(), self.preloader.restarts)
             if seen != self._preloader_seen:
                 if self._preloader_seen and not seen[1]:
                     log.warning("preloader process died; the active model keeps serving")
