@@ -134,12 +134,13 @@ def loader() -> FakeLoader:
     return FakeLoader()
 
 
-def make_core(loader: FakeLoader, views: FakeStorage | None = None, **kwargs) -> ExecutorCore:
-    slots = SlotManager(active_budget_bytes=10 * MODEL_BYTES, standby_budget_bytes=10 * MODEL_BYTES,
+def make_core(loader: FakeLoader, views: FakeStorage | None = None, standby_budget_bytes: int = 10 * MODEL_BYTES,
+              **kwargs) -> ExecutorCore:
+    slots = SlotManager(active_budget_bytes=10 * MODEL_BYTES, standby_budget_bytes=standby_budget_bytes,
                         host_budget_bytes=10 * MODEL_BYTES)
     return ExecutorCore(executor_id="x", address="x:1", device="cpu", loader=loader, preloader=FakePreloader(),
                         slots=slots, resolver=FakeRegistry(), views=views or FakeStorage(), limits=LIMITS,
-                        queue_capacity=16, lookahead=False, **kwargs)
+                        queue_capacity=16, **{"lookahead": False, **kwargs})
 
 
 def test_the_real_loader_and_preloader_and_these_fakes_are_what_the_core_expects(loader) -> None:
@@ -433,3 +434,16 @@ def test_load_costs_seen_at_one_size_do_not_blow_up_for_a_larger_model() -> None
     costs.record_load(Tier.LOCAL_DISK, 6_735_569, 0.3)  # a tiny pipeline
     assert 0.3 < costs.load_seconds(Tier.LOCAL_DISK, 2 * 1024**3) < 3.0  # a 2 GiB model: not 96 s
     assert work_units(request(steps=25, width=512, height=512, num_images=2)) == 50
+
+
+async def test_the_lookahead_does_not_load_again_a_model_whose_load_kept_its_pipeline_for_the_waiting_request(
+    loader,
+) -> None:
+    # The standby tier cannot hold the model: its load keeps the pipeline for the request that waits for it, which
+    # then runs, instead of the lookahead starting the same load over and over.
+    core = await started(make_core(loader, lookahead=True, standby_budget_bytes=MODEL_BYTES // 2))
+    try:
+        done = await asyncio.wait_for(core.generate("a", 0, request()), 30)
+        assert done.images and done.tier in (Tier.BACKING_STORE, Tier.LOCAL_DISK)
+    finally:
+        await core.close()

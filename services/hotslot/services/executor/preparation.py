@@ -267,9 +267,10 @@ class Preparations:
         for job in self.queue.waiting:
             if job.stop.is_set() or job.key in running_keys:
                 continue
-            tier = self.slots.tier_of(job.key)
-            if tier in (Tier.ACTIVE, Tier.STANDBY):
-                continue
+            entry = self.slots.get(job.key)
+            if entry is not None and (entry.tier in (Tier.ACTIVE, Tier.STANDBY)
+                                      or self.kept_pipeline(job, entry) is not None):
+                continue  # ready; or its load kept the pipeline for it (the standby budget could not hold it)
             log.info("lookahead: preparing %s for request %s", job.key, job.request_id)
             self.start(job.key, Tier.STANDBY, job.total_bytes, job.context)
             return
