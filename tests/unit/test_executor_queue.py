@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from hotslot.errors import InvalidArgument
+from hotslot.loading.preloader import Preloader
 from hotslot.services.executor.core import ExecutorCore, QueuedState
 from hotslot.services.executor.costs import CostModel, Line, fit_line, work_units
 from hotslot.services.executor.downstream import EnsuredView, ResolvedModel
 from hotslot.services.executor.generation import GenerationLimits, GenerationParams
+from hotslot.services.executor.loader import ModelLoader
+from hotslot.services.executor.ports import Loader, PreloaderHandle
 from hotslot.services.executor.queue_policy import plan_next, service_order
 from hotslot.services.executor.slots import ModelKey, SlotManager, Tier
 
@@ -58,6 +61,9 @@ class FakeLoader:
         self.gates: dict[str, threading.Event] = {}
         self.pipelines: dict[str, FakePipeline] = {}
 
+    def warmup(self) -> float:
+        return 0.0
+
     def gate(self, model_id: str) -> threading.Event:
         return self.gates.setdefault(model_id, threading.Event())
 
@@ -83,9 +89,13 @@ class FakeLoader:
 class FakePreloader:
     pid = 1
     restarts = 0
+    restarting = False
 
     def is_alive(self) -> bool:
         return True
+
+    def restart(self) -> None:
+        raise AssertionError("the fake preloader never dies")
 
 
 class FakeRegistry:
@@ -124,12 +134,18 @@ def loader() -> FakeLoader:
     return FakeLoader()
 
 
-def make_core(loader: FakeLoader, **kwargs) -> ExecutorCore:
-    slots = SlotManager(active_budget_bytes=10 * MODEL_BYTES, standby_budget_bytes=10 * MODEL_BYTES,
+def make_core(loader: FakeLoader, views: FakeStorage | None = None, standby_budget_bytes: int = 10 * MODEL_BYTES,
+              **kwargs) -> ExecutorCore:
+    slots = SlotManager(active_budget_bytes=10 * MODEL_BYTES, standby_budget_bytes=standby_budget_bytes,
                         host_budget_bytes=10 * MODEL_BYTES)
     return ExecutorCore(executor_id="x", address="x:1", device="cpu", loader=loader, preloader=FakePreloader(),
-                        slots=slots, resolver=FakeRegistry(), views=FakeStorage(), limits=LIMITS, queue_capacity=16,
-                        lookahead=False, **kwargs)
+                        slots=slots, resolver=FakeRegistry(), views=views or FakeStorage(), limits=LIMITS,
+                        queue_capacity=16, **{"lookahead": False, **kwargs})
+
+
+def test_the_real_loader_and_preloader_and_these_fakes_are_what_the_core_expects(loader) -> None:
+    assert issubclass(ModelLoader, Loader) and isinstance(loader, Loader)
+    assert isinstance(Preloader(), PreloaderHandle) and isinstance(FakePreloader(), PreloaderHandle)
 
 
 async def until(predicate, what: str) -> None:
@@ -308,8 +324,7 @@ class LeasingStorage(FakeStorage):
 
 async def test_the_leases_of_held_adapters_are_renewed_like_models(loader) -> None:
     storage = LeasingStorage()
-    core = make_core(loader, lease_ttl_s=0.15)
-    core.views = storage
+    core = make_core(loader, views=storage, lease_ttl_s=0.15)
     await core.start()
     try:
         await core.generate("lora-x", 0, request())
@@ -419,3 +434,16 @@ def test_load_costs_seen_at_one_size_do_not_blow_up_for_a_larger_model() -> None
     costs.record_load(Tier.LOCAL_DISK, 6_735_569, 0.3)  # a tiny pipeline
     assert 0.3 < costs.load_seconds(Tier.LOCAL_DISK, 2 * 1024**3) < 3.0  # a 2 GiB model: not 96 s
     assert work_units(request(steps=25, width=512, height=512, num_images=2)) == 50
+
+
+async def test_the_lookahead_does_not_load_again_a_model_whose_load_kept_its_pipeline_for_the_waiting_request(
+    loader,
+) -> None:
+    # The standby tier cannot hold the model: its load keeps the pipeline for the request that waits for it, which
+    # then runs, instead of the lookahead starting the same load over and over.
+    core = await started(make_core(loader, lookahead=True, standby_budget_bytes=MODEL_BYTES // 2))
+    try:
+        done = await asyncio.wait_for(core.generate("a", 0, request()), 30)
+        assert done.images and done.tier in (Tier.BACKING_STORE, Tier.LOCAL_DISK)
+    finally:
+        await core.close()

@@ -3,6 +3,7 @@ reports load errors without dying, is noticed when it dies (kill -9) and can be 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import struct
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from hotslot.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from hotslot.loading import preloader as messages
 from hotslot.loading.pipeline_loader import load_pipeline
 from hotslot.loading.preloader import Preloader
 from tests.support.waiting import wait_for
@@ -31,6 +33,20 @@ def _image(pipe) -> np.ndarray:
 def preloader():
     with Preloader() as p:
         yield p
+
+
+def test_the_messages_between_the_halves_are_typed_and_survive_the_queue() -> None:
+    sent = [
+        messages.LoadRequest("r1", "m@1", "/views/m", "cpu", "float16", ("unet",), {"unet": ("norm",)},
+                             read_bytes_per_s=None, files=(("lora", "a.safetensors"),)),
+        messages.ReleaseRequest("r2", "m@1"), messages.HeldQuery("r3"), messages.InfoQuery("r4"),
+        messages.DebugFill("r5", "m@1", "unet", "w", 7.0), messages.Stop(), messages.Ready(12),
+        messages.Started("r1"), messages.Loaded("r1", b"payload", 1.5), messages.Answered("r3", {"m@1": 10}),
+        messages.Failed("r1", "NotFound", "no such file", "Traceback..."),
+    ]
+    assert [pickle.loads(pickle.dumps(m)) for m in sent] == sent
+    assert {m.kind for m in sent if isinstance(m, messages.Request)} == {"load", "release", "held", "info",
+                                                                          "debug_fill"}
 
 
 def test_child_is_a_separate_light_process(preloader: Preloader) -> None:

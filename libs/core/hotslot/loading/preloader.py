@@ -3,7 +3,9 @@ the parent without copying them.
 
 The child reads each safetensors file into ONE buffer (shared memory on CPU, device memory on CUDA) with
 `reader.read_files` (`read_concurrency` reads in flight across files and ranges), then sends (buffer, tensor
-layout) per file through a torch.multiprocessing queue.
+layout) per file through a torch.multiprocessing queue. The halves talk in small frozen dataclasses (`LoadRequest`,
+`ReleaseRequest`, `HeldQuery`, `InfoQuery`, `DebugFill`, `Stop` down; `Ready`, `Started`, `Loaded`, `Answered`,
+`Failed` up).
 torch's reductions turn each buffer into a handle (a file descriptor passed over a Unix socket for CPU shared
 memory, a CUDA IPC handle on GPU), so the message is a few kB whatever the model size, and the parent builds the
 tensors as views of the same memory (`reader.tensor_views`). One handle per file, not per tensor: a tensor-per-
@@ -39,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import connection as mp_connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.multiprocessing as torch_mp
@@ -61,6 +63,17 @@ from hotslot.loading.reader import (
 
 __all__ = [
     "DEFAULT_START_TIMEOUT_S",
+    "Answered",
+    "DebugFill",
+    "Failed",
+    "HeldQuery",
+    "InfoQuery",
+    "LoadRequest",
+    "Loaded",
+    "ReleaseRequest",
+    "Ready",
+    "Started",
+    "Stop",
     "LoadTimings",
     "LoadedWeights",
     "PreloadFailed",
@@ -162,6 +175,119 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# messages between the halves: small frozen dataclasses, pickled by the queues (a Loaded's payload is pickled by the
+# child itself so its size is known; its buffers cross as handles, not bytes)
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Parent -> child: read a model's weights (a pipeline's components, or the named `files`) onto `device`."""
+
+    kind: ClassVar[str] = "load"
+    rid: str
+    model_key: str
+    view_path: str
+    device: str
+    dtype: str | None  # a DTYPES name; None keeps the files' dtype
+    components: tuple[str, ...] | None  # None: every component with safetensors weights
+    keep_fp32: Mapping[str, tuple[str, ...]]  # per component, module names kept float32
+    read_bytes_per_s: float | None = None
+    chunk_bytes: int | None = None  # None: the preloader's
+    read_concurrency: int | None = None  # None: the preloader's
+    variant: str | None = None
+    files: tuple[tuple[str, str], ...] | None = None  # (component, path relative to view_path), e.g. a LoRA's
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """Parent -> child: drop the references to `model_key`'s buffers; answered with the bytes it held."""
+
+    kind: ClassVar[str] = "release"
+    rid: str
+    model_key: str
+
+
+@dataclass(frozen=True)
+class HeldQuery:
+    """Parent -> child: model_key -> bytes held."""
+
+    kind: ClassVar[str] = "held"
+    rid: str
+
+
+@dataclass(frozen=True)
+class InfoQuery:
+    """Parent -> child: pid, held bytes, imported libraries, sharing strategy, threads."""
+
+    kind: ClassVar[str] = "info"
+    rid: str
+
+
+@dataclass(frozen=True)
+class DebugFill:
+    """Parent -> child (diagnostics): fill one held tensor with `value`."""
+
+    kind: ClassVar[str] = "debug_fill"
+    rid: str
+    model_key: str
+    component: str
+    tensor: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Parent -> child: exit."""
+
+
+Request = LoadRequest | ReleaseRequest | HeldQuery | InfoQuery | DebugFill
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Child -> parent: started, taking requests."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """Child -> parent: began working on request `rid` (a load)."""
+
+    rid: str
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Child -> parent: a load's files and timings, pickled with ForkingPickler (buffers as handles)."""
+
+    rid: str
+    payload: bytes
+    sent_at: float  # time.time() when sent, for the hand-off time
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Child -> parent: the result of a query or release."""
+
+    rid: str
+    result: Any
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Child -> parent: request `rid` raised; the parent rebuilds the error (_rebuild_error)."""
+
+    rid: str
+    type_name: str
+    message: str
+    traceback: str
+
+
+Response = Ready | Started | Loaded | Answered | Failed
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the child
 
 
@@ -175,49 +301,51 @@ class _Child:
         # model_key -> [(component, path, buffer, specs)]: kept until `release` (see module docstring)
         self.held: dict[str, list[tuple[str, str, torch.Tensor, tuple[TensorSpec, ...]]]] = {}
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: Response) -> None:
         self.responses.put(msg)
 
-    def handle(self, msg: tuple) -> None:
-        kind, rid = msg[0], msg[1]
+    def handle(self, msg: Request) -> None:
         try:
-            if kind == "load":
-                self.send(("started", rid))
-                self.load(rid, *msg[2:])
-                return
-            if kind == "release":
-                result: Any = self.release(msg[2])
-            elif kind == "held":
-                result = {k: sum(buf.numel() for _, _, buf, _ in v) for k, v in self.held.items()}
-            elif kind == "info":
-                result = self.info()
-            elif kind == "debug_fill":
-                result = self.debug_fill(*msg[2:])
-            else:
-                raise InvalidArgument(f"unknown preloader request {kind!r}")
-            self.send(("ok", rid, result))
+            result: Any
+            match msg:
+                case LoadRequest():
+                    self.send(Started(msg.rid))
+                    self.load(msg)
+                    return
+                case ReleaseRequest():
+                    result = self.release(msg.model_key)
+                case HeldQuery():
+                    result = {k: sum(buf.numel() for _, _, buf, _ in v) for k, v in self.held.items()}
+                case InfoQuery():
+                    result = self.info()
+                case DebugFill():
+                    result = self.debug_fill(msg.model_key, msg.component, msg.tensor, msg.value)
+                case _:
+                    raise InvalidArgument(f"unknown preloader request {type(msg).__name__}")
+            self.send(Answered(msg.rid, result))
         except Exception as err:  # noqa: BLE001 - every failure goes back to the parent; the child lives on
             message = err.message if isinstance(err, HotslotError) else str(err)
-            self.send(("error", rid, type(err).__name__, message, traceback.format_exc()))
+            self.send(Failed(msg.rid, type(err).__name__, message, traceback.format_exc()))
 
-    def load(self, rid, model_key, view_path, device, dtype_name, components, keep_fp32, options) -> None:
+    def load(self, msg: LoadRequest) -> None:
         from hotslot.loading.layout import read_layout
 
         t0 = time.perf_counter()
-        dtype = DTYPES[dtype_name] if dtype_name else None
+        view_path = msg.view_path
+        dtype = DTYPES[msg.dtype] if msg.dtype else None
         requests, owners = [], []
-        if options.get("files"):  # named files (a LoRA adapter's), not a pipeline layout
-            for cname, path in options["files"]:
+        if msg.files:  # named files (a LoRA adapter's), not a pipeline layout
+            for cname, path in msg.files:
                 requests.append(ReadRequest(Path(view_path) / path, module_predicate(())))
                 owners.append(cname)
         else:
-            layout = read_layout(view_path, variant=options.get("variant"))
-            wanted = list(components) if components is not None else sorted(layout.weight_components())
+            layout = read_layout(view_path, variant=msg.variant)
+            wanted = list(msg.components) if msg.components is not None else sorted(layout.weight_components())
             for cname in wanted:
                 comp = layout.components.get(cname)
                 if comp is None or not comp.has_weights:
                     raise NotFound(f"{view_path}: component {cname!r} has no safetensors weights")
-                keep = module_predicate(keep_fp32.get(cname, ()) if keep_fp32 else ())
+                keep = module_predicate(msg.keep_fp32.get(cname, ()))
                 for path in comp.weight_files:
                     requests.append(ReadRequest(path, keep))
                     owners.append(cname)
@@ -226,12 +354,12 @@ class _Child:
         # Every file of every component in one call: `read_concurrency` reads in flight across files and ranges.
         loaded_files = read_files(
             requests,
-            device=device,
+            device=msg.device,
             dtype=dtype,
-            chunk_bytes=options.get("chunk_bytes") or self.settings["chunk_bytes"],
-            concurrency=options.get("read_concurrency") or self.settings["read_concurrency"],
+            chunk_bytes=msg.chunk_bytes or self.settings["chunk_bytes"],
+            concurrency=msg.read_concurrency or self.settings["read_concurrency"],
             shared=True,
-            read_bytes_per_s=options.get("read_bytes_per_s"),
+            read_bytes_per_s=msg.read_bytes_per_s,
             buffers=self.buffers,
             verify=self.settings.get("verify_reads", True),
         )
@@ -259,8 +387,8 @@ class _Child:
         # buffers become handles, and `wire_bytes` proves it.
         payload = bytes(ForkingPickler.dumps((files, asdict(timings))))
         # Held before sending: the parent fetches the handles after this message, from this very memory.
-        self.held.setdefault(model_key, []).extend(files)
-        self.send(("loaded", rid, payload, time.time()))
+        self.held.setdefault(msg.model_key, []).extend(files)
+        self.send(Loaded(msg.rid, payload, time.time()))
 
     def release(self, model_key: str) -> int:
         dropped = self.held.pop(model_key, [])
@@ -312,13 +440,13 @@ def _child_main(requests, responses, settings: dict[str, Any]) -> None:
     requests._writer.close()
     responses._reader.close()
     child = _Child(responses, settings)
-    child.send(("ready", os.getpid()))
+    child.send(Ready(os.getpid()))
     while True:
         try:
             msg = requests.get()
         except (EOFError, OSError):
             return  # the parent is gone
-        if msg[0] == "stop":
+        if isinstance(msg, Stop):
             return
         child.handle(msg)
 
@@ -505,7 +633,7 @@ class Preloader:
             inc.stopping = True
         if graceful and inc.process.is_alive():
             try:
-                inc.requests.put(("stop",))
+                inc.requests.put(Stop())
             except OSError:
                 pass
             inc.process.join(self.stop_timeout_s)
@@ -521,6 +649,11 @@ class Preloader:
     def is_alive(self) -> bool:
         inc = self._inc
         return inc is not None and inc.ready.is_set() and not inc.stopping and inc.process.is_alive()
+
+    @property
+    def restarting(self) -> bool:
+        """A restart (automatic, or `restart()`) is under way: wait for it instead of starting another."""
+        return self._restarting
 
     @property
     def pid(self) -> int | None:
@@ -547,8 +680,9 @@ class Preloader:
                     return None
                 self._changed.wait(min(left, 0.05))
 
-    def _submit(self, kind: str, model_key: str, rid: str, *args: Any, meta: dict | None = None) -> Future:
+    def _submit(self, request: Request, model_key: str, meta: dict | None = None) -> Future:
         future: Future = Future()
+        kind, rid = request.kind, request.rid
         inc = self._running()
         if inc is None:
             state = "closed" if self._closed else f"not running ({self.last_exit or 'not started'})"
@@ -559,7 +693,7 @@ class Preloader:
                 raise InvalidArgument.field("request_id", f"{rid!r} is already pending")
             self._pending[rid] = _Pending(future, kind, model_key, inc.generation, meta=meta or {})
         try:
-            inc.requests.put((kind, rid, *args))
+            inc.requests.put(request)
         except OSError:
             with self._lock:
                 self._pending.pop(rid, None)
@@ -603,48 +737,42 @@ class Preloader:
             raise InvalidArgument.field("device", f"{device!r} is not a device name") from None
         if device_type not in ("cpu", "cuda"):
             raise InvalidArgument.field("device", f"{device!r}: only cpu and cuda are supported")
-        options = {
-            "read_bytes_per_s": self.read_bytes_per_s if read_bytes_per_s is _UNSET else read_bytes_per_s,
-            "chunk_bytes": chunk_bytes,
-            "read_concurrency": read_concurrency,
-            "variant": variant,
-            "files": [(str(c), str(p)) for c, p in files] if files else None,
-        }
-        keep = {k: tuple(v) for k, v in (keep_fp32 or {}).items()}
-        comps = list(components) if components is not None else None
-        return self._submit(
-            "load",
-            model_key,
-            request_id,
-            model_key,
-            str(view_path),
-            str(device),
-            dtype_name,
-            comps,
-            keep,
-            options,
-            meta={"device": str(device), "dtype": DTYPES[dtype_name] if dtype_name else None},
+        request = LoadRequest(
+            rid=request_id,
+            model_key=model_key,
+            view_path=str(view_path),
+            device=str(device),
+            dtype=dtype_name,
+            components=tuple(components) if components is not None else None,
+            keep_fp32={k: tuple(v) for k, v in (keep_fp32 or {}).items()},
+            read_bytes_per_s=self.read_bytes_per_s if read_bytes_per_s is _UNSET else read_bytes_per_s,
+            chunk_bytes=chunk_bytes,
+            read_concurrency=read_concurrency,
+            variant=variant,
+            files=tuple((str(c), str(p)) for c, p in files) if files else None,
         )
+        return self._submit(request, model_key,
+                            meta={"device": str(device), "dtype": DTYPES[dtype_name] if dtype_name else None})
 
     async def load_async(self, request_id: str, model_key: str, view_path: str | Path, **kwargs: Any) -> LoadedWeights:
         return await asyncio.wrap_future(self.load(request_id, model_key, view_path, **kwargs))
 
     def release(self, model_key: str) -> Future[int]:
         """The child drops its references to `model_key`'s weights; the Future gives the bytes it held."""
-        return self._submit("release", model_key, self._next_id("release"), model_key)
+        return self._submit(ReleaseRequest(self._next_id("release"), model_key), model_key)
 
     def held(self, timeout: float | None = DEFAULT_QUERY_TIMEOUT_S) -> dict[str, int]:
         """model_key -> bytes the child holds for it."""
-        return self._submit("held", "", self._next_id("held")).result(timeout)
+        return self._submit(HeldQuery(self._next_id("held")), "").result(timeout)
 
     def info(self, timeout: float | None = DEFAULT_QUERY_TIMEOUT_S) -> dict[str, Any]:
         """The child's pid, held bytes per model, which heavy libraries it imported, sharing strategy, threads."""
-        return self._submit("info", "", self._next_id("info")).result(timeout)
+        return self._submit(InfoQuery(self._next_id("info")), "").result(timeout)
 
     def debug_fill(self, model_key: str, component: str, tensor: str, value: float) -> Future[None]:
         """Diagnostics: the child fills one tensor it holds with `value`. A parent tensor that then reads `value`
         shares the child's memory: the proof that the hand-off was zero-copy (a pickled copy would not change)."""
-        return self._submit("debug_fill", model_key, self._next_id("fill"), model_key, component, tensor, value)
+        return self._submit(DebugFill(self._next_id("fill"), model_key, component, tensor, value), model_key)
 
     def in_flight(self) -> list[str]:
         """Request ids the child has started working on and not answered yet."""
@@ -677,28 +805,27 @@ class Preloader:
         finally:
             self._on_exit(inc)
 
-    def _dispatch(self, inc: _Incarnation, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "ready":
+    def _dispatch(self, inc: _Incarnation, msg: Response) -> None:
+        if isinstance(msg, Ready):
             inc.ready.set()
             with self._lock:
                 self._changed.notify_all()
             return
-        rid = msg[1]
         with self._lock:
-            pending = self._pending.get(rid)
+            pending = self._pending.get(msg.rid)
             if pending is None:
                 return
-            if kind == "started":
+            if isinstance(msg, Started):
                 pending.started = True
                 return
-            del self._pending[rid]
-        if kind == "loaded":
-            self._deliver(pending, rid, msg[2], msg[3])
-        elif kind == "ok":
-            pending.future.set_result(msg[2])
-        elif kind == "error":
-            pending.future.set_exception(_rebuild_error(pending, *msg[2:]))
+            del self._pending[msg.rid]
+        match msg:
+            case Loaded():
+                self._deliver(pending, msg.rid, msg.payload, msg.sent_at)
+            case Answered():
+                pending.future.set_result(msg.result)
+            case Failed():
+                pending.future.set_exception(_rebuild_error(pending, msg.type_name, msg.message, msg.traceback))
 
     def _deliver(self, pending: _Pending, rid: str, payload: bytes, sent_at: float) -> None:
         try:
