@@ -165,8 +165,11 @@ def preflight(wheels: Path, site: Path) -> dict:
                 problems.append(f"{module} comes from {origin}, not from the carried {name}")
 
     env = {**default_environment(), "extra": ""}
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [("hotslot", r) for r in project["dependencies"]]
+    # Every distribution of the monorepo (run from source here, so not installed): their third-party requirements.
+    wanted = []
+    for pyproject in sorted(p for p in {ROOT / r / "pyproject.toml" for r in SOURCE_ROOTS} if p.is_file()):
+        project = tomllib.loads(pyproject.read_text())["project"]
+        wanted += [(project["name"], r) for r in project["dependencies"] if not r.startswith("hotslot-")]
     for name in present:
         wanted += [(name, r) for r in md.requires(name) or []]
     for owner, line in wanted:
