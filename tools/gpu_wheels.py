@@ -88,6 +88,9 @@ def carried(python_version: str) -> dict[str, str]:
         if name in seen or name.startswith(NEVER):
             continue
         seen.add(name)
+        if name.startswith("hotslot-"):  # this monorepo's own distributions: the device runs them from source
+            todo.extend(requirements_of(name, env))
+            continue
         if name in IMAGE and name not in FORCED:
             continue
         out[name] = md.version(name)

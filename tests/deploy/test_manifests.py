@@ -103,14 +103,23 @@ def find(objects: list[dict], kind: str, name: str) -> dict:
 
 
 def hotslot_containers(objects: list[dict]) -> list[tuple[dict, dict, str]]:
-    """(workload, container, service) for every container that runs `hotslot serve <service>`."""
+    """(workload, container, service) for every container that runs a service: its own command
+    (`command: [hotslot-<service>]`, the console script of its distribution) or `hotslot serve <service>`."""
     found = []
     for workload in workloads(objects):
         for container in workload["spec"]["template"]["spec"]["containers"]:
-            args = container.get("args", [])
-            if args[:1] == ["serve"]:
+            command, args = container.get("command", []), container.get("args", [])
+            if len(command) == 1 and command[0].removeprefix("hotslot-") in SERVICES:
+                found.append((workload, container, command[0].removeprefix("hotslot-")))
+            elif args[:1] == ["serve"]:
                 found.append((workload, container, args[1]))
     return found
+
+
+def service_flags(container: dict) -> list[str]:
+    """The flags after the service's command (`hotslot-<service>` or `hotslot serve <service>`)."""
+    args = list(container.get("args", []))
+    return args if container.get("command") else args[2:]
 
 
 def workload_of(objects: list[dict], service: str) -> tuple[dict, dict]:
@@ -165,7 +174,7 @@ def settings_of(container: dict, service: str) -> ServiceSettings:
     """The settings the service would run with in this container: its environment, then its flags on top, through
     the same settings_from() the CLI uses."""
     cls, _ = SERVICES[service]
-    params = serve_command(service).make_context(service, list(container["args"][2:])).params
+    params = serve_command(service).make_context(service, service_flags(container)).params
     flags = {name: value for name, value in params.items() if name in cls.model_fields}
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HOTSLOT_")} | env_values(container)
     with mock.patch.dict(os.environ, environment, clear=True):
@@ -314,8 +323,7 @@ def test_every_flag_exists_in_its_serve_command_and_every_value_is_accepted(rend
     # make_context parses the arguments as `hotslot serve <service>` would (unknown flags and bad values raise);
     # the settings class then validates flags and environment together.
     for workload, container, service in hotslot_containers(rendered[name]):
-        args = container["args"]
-        assert args[0] == "serve" and all(arg.startswith("--") for arg in args[2:]), args
+        assert all(arg.startswith("--") for arg in service_flags(container)), container.get("args")
         settings = settings_of(container, service)
         assert settings.host == "0.0.0.0", f"{workload['metadata']['name']}: must listen on every interface"
         assert settings.log_format == "json", f"{workload['metadata']['name']}: one JSON object per log line"
@@ -535,8 +543,20 @@ def test_every_container_has_requests_and_limits(rendered, name):
             assert quantity_bytes(resources["requests"]["memory"]) <= quantity_bytes(resources["limits"]["memory"])
 
 
+# Which image (deploy/Dockerfile target, kustomize image name) runs which service: torch only in the executor's.
+SLIM_SERVICES = ("registry", "storage-cache", "router")
+IMAGE_OF = {**dict.fromkeys(SLIM_SERVICES, "hotslot-slim"), "executor": "hotslot-executor"}
+
+
+def image_name(image: str) -> str:
+    """The image's last path component without tag or digest (registry.example.com/hotslot-slim:0.1.0 ->
+    hotslot-slim)."""
+    repository, _, _ = split_image(image)
+    return repository.rsplit("/", 1)[-1]
+
+
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_images_have_fixed_tags_and_the_hotslot_one_is_this_version(rendered, name):
+def test_images_have_fixed_tags_and_the_hotslot_ones_are_this_version(rendered, name):
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     hotslot_workloads = {id(workload) for workload, _, _ in hotslot_containers(rendered[name])}
     hotslot_images = set()
@@ -549,9 +569,30 @@ def test_images_have_fixed_tags_and_the_hotslot_one_is_this_version(rendered, na
             assert container["imagePullPolicy"] == "IfNotPresent", container["name"]
             if id(workload) in hotslot_workloads:
                 hotslot_images.add(container["image"])
-    assert len(hotslot_images) == 1, f"every hotslot container runs one image: {hotslot_images}"
-    _, tag, _ = split_image(hotslot_images.pop())
-    assert tag.startswith(f"{version}-"), f"tag {tag} is not of version {version}"
+    assert {image_name(image) for image in hotslot_images} == set(IMAGE_OF.values()), hotslot_images
+    for image in hotslot_images:
+        _, tag, _ = split_image(image)
+        # The slim image is the same on CPU and GPU nodes; the executor's tag names its torch build (-cpu, -cu124).
+        assert tag == version or tag.startswith(f"{version}-"), f"{image}: tag {tag} is not of version {version}"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_router_registry_and_storage_cache_run_the_slim_image_and_executors_the_executor_image(rendered, name):
+    for workload, container, service in hotslot_containers(rendered[name]):
+        where = f"{workload['metadata']['name']}/{container['name']}"
+        assert image_name(container["image"]) == IMAGE_OF[service], f"{where}: {container['image']}"
+        # Its own distribution's console script: the slim image has no `hotslot` command (it would need torch).
+        assert container.get("command") == [f"hotslot-{service}"], f"{where}: {container.get('command')}"
+        scripts = tomllib.loads((ROOT / "services" / service / "pyproject.toml").read_text())["project"]["scripts"]
+        assert f"hotslot-{service}" in scripts, f"services/{service}/pyproject.toml has no hotslot-{service} script"
+        for init in workload["spec"]["template"]["spec"].get("initContainers", []):
+            assert image_name(init["image"]) == IMAGE_OF[service], f"{where}: init container {init['image']}"
+    dependencies = {
+        service: tomllib.loads((ROOT / "services" / service / "pyproject.toml").read_text())["project"]["dependencies"]
+        for service in IMAGE_OF
+    }
+    for service in SLIM_SERVICES:  # what the slim image installs must not bring torch (tests/packaging proves it)
+        assert not [d for d in dependencies[service] if re.match(r"(torch|hotslot-loading|hotslot-executor)\b", d)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -598,16 +639,55 @@ def test_the_image_installs_the_makefiles_extras_without_the_dev_tools():
         return {e.strip() for e in match[1].split(",")} if match else set()
 
     make_project = re.search(r"pip install[^\n]* -e '?(\.[^\s']*)", makefile_text())
-    docker_project = [line for line in dockerfile_lines() if re.search(r"pip install \.(\[|\s|$)", line)]
+    docker_project = [line for line in dockerfile_lines() if re.search(r"pip install [^&;]*\s\.(\[|\s|$)", line)]
     assert make_project and len(docker_project) == 1
     assert extras(docker_project[0]) == extras(make_project[1]) - DEV_ONLY_EXTRAS
     assert " -e " not in docker_project[0], "the image installs the project, not a link to a source tree"
 
 
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Each `FROM ... AS name` stage's lines."""
+    stages: dict[str, list[str]] = {}
+    for line in dockerfile_lines():
+        if line.startswith("FROM "):
+            current = stages.setdefault(line.split(" AS ")[-1].strip() if " AS " in line else "", [])
+        elif stages:
+            current.append(line)
+    return stages
+
+
+def makefile_list(variable: str) -> list[str]:
+    """A `NAME := a b $(OTHER)` list of the Makefile, with $(OTHER) expanded."""
+    value = re.search(rf"^{variable} := *(.+?) *$", makefile_text(), re.MULTILINE)
+    assert value, f"the Makefile's {variable}"
+    return [w for word in value[1].split() for w in (makefile_list(word[2:-1]) if word.startswith("$(") else [word])]
+
+
+def test_each_image_installs_the_makefiles_distributions_of_its_kind():
+    stages = dockerfile_stages()
+    assert {"slim", "executor"} <= set(stages), sorted(stages)
+    assert list(stages)[-1] == "executor", "a build without --target gives the executor image (everything)"
+
+    def installed(stage: str) -> list[str]:
+        [line] = [line for line in stages[stage] if re.search(r"pip install (?!--upgrade|\$)", line)]
+        return re.search(r"pip install ([^&;]*)", line)[1].split()
+
+    assert installed("build-slim") == makefile_list("SLIM_DISTS")
+    assert installed("build-executor") == [*makefile_list("DISTS"), "."]
+    assert not [line for line in stages["build-slim"] if "TORCH_SPEC" in line], "the slim image gets no torch"
+    assert [line for line in stages["slim"] if line.startswith("COPY --from=")] == [
+        "COPY --from=build-slim /opt/hotslot /opt/hotslot"]
+    for distribution in makefile_list("DISTS"):  # each folder the Makefile installs is a distribution
+        assert (ROOT / distribution / "pyproject.toml").is_file(), distribution
+
+
 def test_the_image_runs_hotslot_as_a_fixed_non_root_user_from_python_of_the_makefile():
     lines = dockerfile_lines()
-    assert [line for line in lines if line.startswith("USER")][-1] == f"USER {IMAGE_UID}:{IMAGE_UID}"
-    assert [line for line in lines if line.startswith("ENTRYPOINT")] == ['ENTRYPOINT ["hotslot"]']
+    stages = dockerfile_stages()
+    for image in ("slim", "executor"):
+        assert [line for line in stages[image] if line.startswith("USER")] == [f"USER {IMAGE_UID}:{IMAGE_UID}"]
+    # No ENTRYPOINT: each workload names its service's command (checked above against the distributions' scripts).
+    assert not [line for line in lines if line.startswith("ENTRYPOINT")]
     assert "hotslot" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     python = re.search(r"^PYTHON \?= *python(\d+\.\d+)", makefile_text(), re.MULTILINE)[1]
     assert f"ARG PYTHON_IMAGE=python:{python}-slim" in lines
@@ -622,7 +702,8 @@ def test_the_build_context_keeps_what_the_image_copies():
         if line.startswith("COPY") and "--from=" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
-                assert source.rstrip("/") in allowed, f"{source} is excluded from the build context"
+                kept = {source.rstrip("/"), *(str(parent) for parent in PurePosixPath(source).parents)}
+                assert kept & allowed, f"{source} is excluded from the build context"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-for sub in ("libs/core", "libs/proto", "services"):
-    sys.path.insert(0, str(ROOT / sub))
+for source_root in ROOT.glob("[ls]*/*/hotslot/"):  # one per distribution (libs/<name>, services/<name>)
+    sys.path.insert(0, str(source_root.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WAIT_S = 300.0

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# hotslot is a namespace package over three roots (pyproject.toml); the repo root holds tests.support, which the
-# bench starts the services with. They go before the carried site so that nothing there can shadow them.
-SOURCE_ROOTS = ("libs/core", "libs/proto", "services", ".")
+# hotslot is a namespace package over one root per distribution (libs/<name>, services/<name>: README, "Layout");
+# the repo root holds tests.support, which the bench starts the services with. They go before the carried site so
+# that nothing there can shadow them.
+SOURCE_ROOTS = (*sorted(str(p.parent.relative_to(ROOT)) for p in ROOT.glob("[ls]*/*/hotslot/")), ".")
 CHECK = ROOT / "tests" / "gpu" / "check_cuda_loading.py"
 BENCH = ROOT / "bench" / "bench_executor.py"
 BENCH_WORK = ROOT / "bench" / ".data" / "executor-work"  # where bench_executor leaves the services' logs
@@ -164,8 +165,11 @@ def preflight(wheels: Path, site: Path) -> dict:
                 problems.append(f"{module} comes from {origin}, not from the carried {name}")
 
     env = {**default_environment(), "extra": ""}
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [("hotslot", r) for r in project["dependencies"]]
+    # Every distribution of the monorepo (run from source here, so not installed): their third-party requirements.
+    wanted = []
+    for pyproject in sorted(p for p in {ROOT / r / "pyproject.toml" for r in SOURCE_ROOTS} if p.is_file()):
+        project = tomllib.loads(pyproject.read_text())["project"]
+        wanted += [(project["name"], r) for r in project["dependencies"] if not r.startswith("hotslot-")]
     for name in present:
         wanted += [(name, r) for r in md.requires(name) or []]
     for owner, line in wanted:

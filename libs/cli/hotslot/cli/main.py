@@ -1,9 +1,6 @@
 """Entry point of the `hotslot` console command: `serve <service>`, `up`, the client commands and `dev` tools."""
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-
 import typer
 
 from hotslot.cli.dev import dev_app
@@ -24,25 +21,8 @@ def _serve_setup() -> None:
     die_with_parent()
 
 
-def _runner(module: str) -> Callable:
-    """Runs `<module>.serve(settings)`; imported only when the command runs, so `--help` stays fast."""
-
-    def run(settings) -> None:
-        import importlib
-
-        from hotslot.bootstrap.security import SecurityConfigError
-
-        try:
-            asyncio.run(importlib.import_module(module).serve(settings))
-        except (OSError, SecurityConfigError) as error:  # the port is taken, a TLS or token file is unusable, ...
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(2) from None
-
-    return run
-
-
 def _register_serve_commands() -> None:
-    from hotslot.cli.settings_command import settings_command
+    from hotslot.bootstrap.settings_command import serve_command
     from hotslot.services.executor.settings import ExecutorSettings
     from hotslot.services.registry.wiring import RegistrySettings
     from hotslot.services.router.wiring import RouterSettings
@@ -59,7 +39,7 @@ def _register_serve_commands() -> None:
          "Run the router: the public entry point that places each request on the best executor."),
     ]
     for name, settings_cls, module, doc in services:
-        serve_app.command(name)(settings_command(settings_cls, _runner(module), doc))
+        serve_app.command(name)(serve_command(settings_cls, module, doc))
 
 
 def _register_client_commands() -> None:

@@ -1,7 +1,13 @@
 """Builds a `hotslot serve <service>` command whose flags are exactly the fields of the service's settings class,
-so every setting has a flag, each flag names its environment variable, and the two cannot drift apart."""
+so every setting has a flag, each flag names its environment variable, and the two cannot drift apart.
+
+The same command is each service distribution's own console script (`hotslot-router`, `hotslot-registry`,
+`hotslot-storage-cache`, `hotslot-executor`: see `service_main`), so a service runs with only hotslot-core and
+its own distribution installed: the router, registry and storage-cache never import the executor or torch."""
 from __future__ import annotations
 
+import asyncio
+import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -57,3 +63,29 @@ def settings_command(cls: type[BaseSettings], run: Callable[[BaseSettings], None
     command.__signature__ = inspect.Signature(parameters)  # typer reads the flags from here
     command.__doc__ = doc
     return command
+
+
+def serve_command(cls: type[BaseSettings], module: str, doc: str) -> Callable[..., None]:
+    """The command that runs `<module>.serve(settings)`; the module is imported only when the command runs, so
+    `--help` stays fast."""
+
+    def run(settings: BaseSettings) -> None:
+        from hotslot.bootstrap.security import SecurityConfigError
+
+        try:
+            asyncio.run(importlib.import_module(module).serve(settings))
+        except (OSError, SecurityConfigError) as error:  # the port is taken, a TLS or token file is unusable, ...
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return settings_command(cls, run, doc)
+
+
+def service_main(cls: type[BaseSettings], module: str, doc: str) -> None:
+    """Runs one service as a console script: the flags of `hotslot serve <service>`, without the subcommand."""
+    from hotslot.bootstrap.parent import die_with_parent
+
+    die_with_parent()
+    app = typer.Typer(add_completion=False)
+    app.command()(serve_command(cls, module, doc))
+    app()

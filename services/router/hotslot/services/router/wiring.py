@@ -188,7 +188,7 @@ def registrations(core: RouterCore) -> list[ServiceRegistration]:
 
 def _version() -> str:
     try:
-        return importlib.metadata.version("hotslot")
+        return importlib.metadata.version("hotslot-router")  # its own distribution: installed without `hotslot` too
     except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
         return "0+unknown"
 

@@ -1,1 +1,0 @@
-"""hotslot's services: registry, storage_cache, executor, router."""
