@@ -22,7 +22,7 @@ import numpy as np
 try:
     import xxhash
 except ImportError:  # pragma: no cover - a declared dependency
-    xxhash = None
+    xxhash = None  # type: ignore[assignment]
 
 __all__ = ["BLOCK_BYTES", "XATTR", "BlockHasher", "available", "block_digest", "blocks", "read_recorded", "record",
            "root"]
@@ -71,7 +71,7 @@ class BlockHasher:
     def __init__(self) -> None:
         self.digests: list[int] = []
         self.size = 0
-        self._block = xxhash.xxh3_64() if xxhash is not None else None
+        self._block = xxhash.xxh3_64()
         self._filled = 0
 
     def update(self, data) -> None:
@@ -92,7 +92,10 @@ class BlockHasher:
         digests = list(self.digests)
         if self._filled or not digests:
             digests.append(self._block.intdigest())
-        return root(digests, self.size)
+        value = root(digests, self.size)
+        if value is None:  # every block is there by construction
+            raise AssertionError("a block digest is missing")
+        return value
 
 
 def record(fd_or_path: int | str | os.PathLike, value: int) -> bool:

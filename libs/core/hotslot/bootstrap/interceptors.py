@@ -8,7 +8,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -145,14 +145,20 @@ def refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcM
         def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             return behavior(_check(request), context)
 
-        return handler._replace(request_deserializer=deserialize, **{kind: checked_unary})
+        return _replaced(handler, request_deserializer=deserialize, **{kind: checked_unary})
     kind = "stream_unary" if handler.stream_unary is not None else "stream_stream"
     behavior = getattr(handler, kind)
 
     def checked_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         return behavior(_checked_stream(requests), context)
 
-    return handler._replace(request_deserializer=deserialize, **{kind: checked_stream})
+    return _replaced(handler, request_deserializer=deserialize, **{kind: checked_stream})
+
+
+def _replaced(handler: grpc.RpcMethodHandler, **changes: Any) -> grpc.RpcMethodHandler:
+    """A copy of the handler with some fields changed: grpc's handlers are namedtuples at run time, which its type
+    stubs do not say."""
+    return cast(grpc.RpcMethodHandler, cast(Any, handler)._replace(**changes))
 
 
 class _SerializingContext:
@@ -184,14 +190,15 @@ def serializing_inside(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> bytes:
             return serializer(await _call_unary_response(behavior, request, context))
 
-        return handler._replace(response_serializer=None, **{kind: unary_response})
+        return _replaced(handler, response_serializer=None, **{kind: unary_response})
     kind = "unary_stream" if handler.unary_stream is not None else "stream_stream"
     behavior = getattr(handler, kind)
 
     async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await _call_stream_response(behavior, request, _SerializingContext(context, serializer))
+        serializing = cast(grpc.aio.ServicerContext, _SerializingContext(context, serializer))
+        await _call_stream_response(behavior, request, serializing)
 
-    return handler._replace(response_serializer=None, **{kind: stream_response})
+    return _replaced(handler, response_serializer=None, **{kind: stream_response})
 
 
 _STATUS_BY_ERROR: dict[type[errors.HotslotError], grpc.StatusCode] = {

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import grpc.aio
@@ -38,7 +39,7 @@ class MetricsEndpoint:
         self.provider = MeterProvider(
             metric_readers=[reader], resource=Resource.create({SERVICE_NAME: service_name})
         )
-        self._httpd = None
+        self._httpd: WSGIServer | None = None
         self.port = 0
 
     def meter(self, name: str) -> metrics.Meter:
@@ -47,8 +48,9 @@ class MetricsEndpoint:
     def serve(self, host: str, port: int) -> int:
         """Starts answering GET http://host:port/metrics (any path, in fact) on a daemon thread; port 0 picks a
         free one. Returns the bound port. Raises OSError when the port is taken."""
-        self._httpd, _thread = start_http_server(port, host, registry=self.registry)
-        self.port = self._httpd.server_port
+        httpd, _thread = start_http_server(port, host, registry=self.registry)
+        self._httpd = httpd
+        self.port = httpd.server_port
         return self.port
 
     def url(self, host: str) -> str:

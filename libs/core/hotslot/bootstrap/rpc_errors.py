@@ -3,7 +3,7 @@ google.rpc ErrorInfo reason and BadRequest and RetryInfo details kept, so a serv
 said and the client sees the reason the peer gave."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -61,7 +61,9 @@ def reason_of(error: grpc.aio.AioRpcError) -> str | None:
 
 def _rich_details(error: grpc.aio.AioRpcError, detail_type: type) -> list[Any]:
     try:
-        status = rpc_status.from_call(error)
+        # an AioRpcError has the code(), details() and trailing_metadata() that from_call reads, though the stubs
+        # type it as a grpc.Call only
+        status = rpc_status.from_call(cast(grpc.Call, error))
     except ValueError:  # details that do not match code and message: ignore them rather than fail the call
         return []
     found = []

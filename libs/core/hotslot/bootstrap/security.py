@@ -96,7 +96,7 @@ class _WatchedFiles:
         self._lock = threading.Lock()
 
     def _read(self) -> tuple:
-        stamps = []
+        stamps: list[tuple[int, int, int] | None] = []
         for path in self.paths:
             try:
                 st = os.stat(path)
@@ -279,8 +279,10 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
         log.info("reloaded the TLS certificate from %s", tls.cert_file)
         return configuration
 
+    # grpc takes None from `fetch` as "keep the current one"; typeshed's stub does not say so
     return grpc.dynamic_ssl_server_credentials(
-        _server_configuration(tls), fetch, require_client_authentication=tls.client_ca_file is not None
+        _server_configuration(tls), fetch,  # type: ignore[arg-type]
+        require_client_authentication=tls.client_ca_file is not None,
     )
 
 

@@ -164,7 +164,7 @@ async def run_server(
             log.warning("%s received again; cancelling in-flight RPCs now", name)
             stop_now.set()
 
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     try:
         server, port, health_servicer = await create_server(
             settings.address, registrations, settings=settings, tracer_provider=tracer_provider, meter=meter

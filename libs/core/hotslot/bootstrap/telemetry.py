@@ -195,7 +195,7 @@ class _ClientTracing:
             if key in metadata:
                 metadata.delete_all(key)
             metadata.add(key, value)
-        return span, details._replace(metadata=metadata)
+        return span, details._replace(metadata=metadata)  # type: ignore[attr-defined]  # a namedtuple at run time
 
     @staticmethod
     def _fail(span: trace.Span, error: BaseException) -> None:

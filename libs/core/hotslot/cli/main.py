@@ -42,13 +42,14 @@ def _runner(module: str) -> Callable:
 
 
 def _register_serve_commands() -> None:
+    from hotslot.bootstrap.settings import ServiceSettings
     from hotslot.cli.settings_command import settings_command
     from hotslot.services.executor.settings import ExecutorSettings
     from hotslot.services.registry.wiring import RegistrySettings
     from hotslot.services.router.wiring import RouterSettings
     from hotslot.services.storage_cache.wiring import StorageCacheSettings
 
-    services = [
+    services: list[tuple[str, type[ServiceSettings], str, str]] = [
         ("registry", RegistrySettings, "hotslot.services.registry.wiring",
          "Run the model-registry: the catalogue of models with checksummed manifests."),
         ("storage-cache", StorageCacheSettings, "hotslot.services.storage_cache.wiring",

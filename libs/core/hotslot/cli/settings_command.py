@@ -9,9 +9,8 @@ from typing import Annotated, Any, get_args, get_origin
 
 import typer
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings
 
-from hotslot.bootstrap.settings import settings_from
+from hotslot.bootstrap.settings import ServiceSettings, settings_from
 
 
 def _cli_type(annotation: Any) -> type:
@@ -22,7 +21,7 @@ def _cli_type(annotation: Any) -> type:
     return base if base in (bool, int, float, Path) else str
 
 
-def settings_command(cls: type[BaseSettings], run: Callable[[BaseSettings], None], doc: str) -> Callable[..., None]:
+def settings_command(cls: type[ServiceSettings], run: Callable[[Any], None], doc: str) -> Callable[..., None]:
     prefix = cls.model_config.get("env_prefix", "")
     parameters = []
     for name, field in cls.model_fields.items():
@@ -54,6 +53,6 @@ def settings_command(cls: type[BaseSettings], run: Callable[[BaseSettings], None
             raise typer.Exit(2) from None
         run(settings)
 
-    command.__signature__ = inspect.Signature(parameters)  # typer reads the flags from here
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]  # typer reads the flags here
     command.__doc__ = doc
     return command

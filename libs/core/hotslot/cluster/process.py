@@ -147,7 +147,9 @@ def wait_serving(address: str, service: str = "", timeout: float = 30, security:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                # typeshed's HealthStub lists no methods (grpc adds them in __init__)
+                reply = stub.Check(  # type: ignore[attr-defined]
+                    health_pb2.HealthCheckRequest(service=service), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:

@@ -9,7 +9,7 @@ import enum
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -165,7 +165,7 @@ class RouterCore:
 
     async def generate_stream(
         self, call: GenerateCall, time_remaining_s: float | None
-    ) -> AsyncIterator[ProgressEvent | Routed]:
+    ) -> AsyncGenerator[ProgressEvent | Routed, None]:
         """Progress events, then one Routed. A stream that breaks before its result is retried like Generate:
         progress of the failed attempt has then already been sent, so the client sees loading and step counts
         start over on the new executor. Holding progress back until the result would make the stream useless as
@@ -289,7 +289,8 @@ class RouterCore:
         )
         # Executors holding it first, best tier first (active or standby: nothing to do; host: a cheap copy),
         # whatever their queues: a preload does not wait behind them. Then the others, soonest finish first.
-        ranked.sort(key=lambda choice: choice.tier if choice.reason in _HELD_REASONS else len(Tier))
+        ranked.sort(key=lambda choice: choice.tier
+                    if choice.reason in _HELD_REASONS and choice.tier is not None else len(Tier))
         return ranked[0] if ranked else None
 
     # -- evict -------------------------------------------------------------------------------------------------
