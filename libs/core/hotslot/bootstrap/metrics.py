@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -97,9 +98,9 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -108,7 +109,7 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
         requests, duration, in_flight = self._requests, self._duration, self._in_flight
 
         @asynccontextmanager
-        async def measured(context: grpc.aio.ServicerContext):
+        async def measured(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
             started = time.perf_counter()
             in_flight.add(1, labels)
             code: object = None

@@ -366,8 +366,9 @@ class RouterCore:
         # Its size prices the load (placement's load cost); one entry per registered model asked for.
         self._model_bytes[(model_id, revision)] = model.manifest.total_bytes
         if kind_from_proto(model.kind) == "LORA_ADAPTER" and model.base_model_id:
-            self._adapter_bases[(model_id, revision)] = model.base_model_id
-            return model.base_model_id
+            base: str = model.base_model_id
+            self._adapter_bases[(model_id, revision)] = base
+            return base
         return ""
 
     # -- cluster status ----------------------------------------------------------------------------------
