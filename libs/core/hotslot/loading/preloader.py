@@ -192,7 +192,8 @@ class _Child:
             elif kind == "info":
                 result = self.info()
             elif kind == "debug_fill":
-                result = self.debug_fill(*msg[2:])
+                self.debug_fill(*msg[2:])
+                result = None
             else:
                 raise InvalidArgument(f"unknown preloader request {kind!r}")
             self.send(("ok", rid, result))
@@ -438,13 +439,13 @@ class Preloader:
             "verify_reads": self.verify_reads,
         }
         requests, responses = self._ctx.SimpleQueue(), self._ctx.SimpleQueue()
-        process = self._ctx.Process(
+        process = self._ctx.Process(  # type: ignore[attr-defined]  # every concrete context has Process
             target=_child_main, args=(requests, responses, settings), name="hotslot-preloader", daemon=True
         )
         process.start()
         # The child has its copies now; dropping ours makes a dead child visible as EOF / EPIPE.
-        requests._reader.close()
-        responses._writer.close()
+        requests._reader.close()  # type: ignore[attr-defined]  # SimpleQueue's private ends
+        responses._writer.close()  # type: ignore[attr-defined]
         inc = _Incarnation(next(self._generations), process, requests, responses)
         inc.thread = threading.Thread(
             target=self._read_loop, args=(inc,), name=f"preloader-reader-{process.pid}", daemon=True
