@@ -54,6 +54,7 @@ lint: $(BIN)/.installed
 	npx --no-install buf lint
 	npx --no-install buf breaking --against $(RELEASED_CONTRACTS)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python tools/check_protos.py
 	$(BIN)/python tools/settings_reference.py --check
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 try:
     import xxhash
 except ImportError:  # pragma: no cover - a declared dependency
-    xxhash = None
+    xxhash = None  # type: ignore[assignment]
 
 __all__ = ["BLOCK_BYTES", "XATTR", "BlockHasher", "available", "block_digest", "blocks", "read_recorded", "record",
            "root"]
@@ -35,12 +36,12 @@ def available() -> bool:
     return xxhash is not None
 
 
-def _bytes(data):
+def _bytes(data: Any) -> Any:
     """A buffer xxhash takes without a copy (torch tensors through numpy)."""
     return data.numpy() if hasattr(data, "numpy") else data
 
 
-def block_digest(*parts) -> int:
+def block_digest(*parts: Any) -> int:
     """XXH3-64 of the parts' bytes, one after the other (one block, possibly split across buffers)."""
     h = xxhash.xxh3_64()
     for part in parts:
@@ -71,10 +72,10 @@ class BlockHasher:
     def __init__(self) -> None:
         self.digests: list[int] = []
         self.size = 0
-        self._block = xxhash.xxh3_64() if xxhash is not None else None
+        self._block = xxhash.xxh3_64()
         self._filled = 0
 
-    def update(self, data) -> None:
+    def update(self, data: Any) -> None:
         view = memoryview(_bytes(data)).cast("B")
         pos = 0
         while pos < len(view):
@@ -92,10 +93,13 @@ class BlockHasher:
         digests = list(self.digests)
         if self._filled or not digests:
             digests.append(self._block.intdigest())
-        return root(digests, self.size)
+        value = root(digests, self.size)
+        if value is None:  # every block is there by construction
+            raise AssertionError("a block digest is missing")
+        return value
 
 
-def record(fd_or_path: int | str | os.PathLike, value: int) -> bool:
+def record(fd_or_path: int | str | os.PathLike[str], value: int) -> bool:
     """Records `value` on the file as its checksum; False where the filesystem keeps no user xattrs."""
     try:
         os.setxattr(fd_or_path, XATTR, f"{BLOCK_BYTES}:{value:016x}".encode())
@@ -104,7 +108,7 @@ def record(fd_or_path: int | str | os.PathLike, value: int) -> bool:
     return True
 
 
-def read_recorded(fd_or_path: int | str | os.PathLike) -> int | None:
+def read_recorded(fd_or_path: int | str | os.PathLike[str]) -> int | None:
     """The checksum recorded on the file, or None when it has none (or one of another block size)."""
     try:
         raw = os.getxattr(fd_or_path, XATTR)

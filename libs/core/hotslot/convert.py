@@ -8,10 +8,10 @@ _KIND_TO_PROTO = {
     "DIFFUSERS_PIPELINE": common_pb2.MODEL_KIND_DIFFUSERS_PIPELINE,
     "LORA_ADAPTER": common_pb2.MODEL_KIND_LORA_ADAPTER,
 }
-_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+_KIND_FROM_PROTO: dict[int, str] = {v: k for k, v in _KIND_TO_PROTO.items()}
 
 
-def kind_to_proto(kind: str) -> int:
+def kind_to_proto(kind: str) -> common_pb2.ModelKind:
     return _KIND_TO_PROTO[kind]
 
 

@@ -209,7 +209,8 @@ def scan_model_dir(
             found.append((rel, target))
     if not found:
         raise InvalidArgument.field("source", f"{source!r} contains no files")
-    pipeline_class, components = "", ()
+    pipeline_class = ""
+    components: tuple[Component, ...] = ()
     if require_model_index:
         pipeline_class, components = parse_model_index(directory / MODEL_INDEX)
     entries = []

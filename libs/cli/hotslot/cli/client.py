@@ -93,7 +93,7 @@ def _fail(err: grpc.RpcError) -> typer.Exit:
 def _reason(err: grpc.RpcError) -> str:
     """The google.rpc.ErrorInfo reason every hotslot error carries (README, Clients); empty when there is none."""
     try:
-        status = rpc_status.from_call(err)
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]  # a failed call's RpcError is also its Call
     except ValueError:
         return ""
     for detail in status.details if status is not None else ():
@@ -223,7 +223,7 @@ def models_list(
     ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None, token: TokenOpt = None,
 ) -> None:
     """List registered models (latest revision of each)."""
-    kinds = {"": 0, "pipeline": common_pb2.MODEL_KIND_DIFFUSERS_PIPELINE, "lora": common_pb2.MODEL_KIND_LORA_ADAPTER}
+    kinds: dict[str, common_pb2.ModelKind] = {"": common_pb2.MODEL_KIND_UNSPECIFIED, "pipeline": common_pb2.MODEL_KIND_DIFFUSERS_PIPELINE, "lora": common_pb2.MODEL_KIND_LORA_ADAPTER}
     if kind not in kinds:
         raise typer.BadParameter("use pipeline or lora", param_hint="--kind")
     table = Table("model", "rev", "kind", "class", "files", "MB", "labels")
@@ -392,7 +392,7 @@ def status(
     table = Table("executor", "address", "state", "device", "queue", "active", "standby", "host", "adapters",
                   "held MB (shared saves)", "preloader")
     for e in reply.executors:
-        held = {tier: [] for tier in (common_pb2.TIER_ACTIVE, common_pb2.TIER_STANDBY, common_pb2.TIER_HOST)}
+        held: dict[int, list[str]] = {tier: [] for tier in (common_pb2.TIER_ACTIVE, common_pb2.TIER_STANDBY, common_pb2.TIER_HOST)}
         for m in e.models:
             held.setdefault(m.tier, []).append(f"{m.model.model_id}@{m.model.revision}")
         table.add_row(

@@ -22,13 +22,14 @@ def _serve_setup() -> None:
 
 
 def _register_serve_commands() -> None:
+    from hotslot.bootstrap.settings import ServiceSettings
     from hotslot.bootstrap.settings_command import serve_command
     from hotslot.services.executor.settings import ExecutorSettings
     from hotslot.services.registry.wiring import RegistrySettings
     from hotslot.services.router.wiring import RouterSettings
     from hotslot.services.storage_cache.wiring import StorageCacheSettings
 
-    services = [
+    services: list[tuple[str, type[ServiceSettings], str, str]] = [
         ("registry", RegistrySettings, "hotslot.services.registry.wiring",
          "Run the model-registry: the catalogue of models with checksummed manifests."),
         ("storage-cache", StorageCacheSettings, "hotslot.services.storage_cache.wiring",

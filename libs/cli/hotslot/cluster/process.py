@@ -161,7 +161,7 @@ def is_serving(address: str, service: str = "", timeout: float = 1.0, security: 
     """One health check: True when `address` answers SERVING within `timeout`."""
     with sync_channel(address, security) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
             return False
@@ -174,7 +174,9 @@ def wait_serving(address: str, service: str = "", timeout: float = 30, security:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                # typeshed's HealthStub lists no methods (grpc adds them in __init__)
+                reply = stub.Check(  # type: ignore[attr-defined]
+                    health_pb2.HealthCheckRequest(service=service), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:

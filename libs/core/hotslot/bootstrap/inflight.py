@@ -4,8 +4,9 @@ with CANCELLED "Cancelling all calls"."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -38,8 +39,8 @@ class InflightCalls(grpc.aio.ServerInterceptor):
     UNAVAILABLE it ends with."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task] = set()
-        self._ended: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ended: set[asyncio.Task[Any]] = set()
 
     @property
     def running(self) -> int:
@@ -48,16 +49,16 @@ class InflightCalls(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         return wrap_handler(handler, self._tracked)
 
     @asynccontextmanager
-    async def _tracked(self, context: grpc.aio.ServicerContext):
+    async def _tracked(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)

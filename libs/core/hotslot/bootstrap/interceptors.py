@@ -6,9 +6,9 @@ from __future__ import annotations
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -22,17 +22,17 @@ from hotslot import errors
 log = logging.getLogger(__name__)
 
 # Runs around one RPC, given its servicer context; for streaming responses it spans the whole stream.
-Around = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[Any]]
+Around = Callable[[grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[Any]]
 
 
-async def _call_unary_response(behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> Any:
+async def _call_unary_response(behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
     result = behavior(request, context)
     if inspect.isawaitable(result):
         result = await result
     return result
 
 
-async def _call_stream_response(behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> None:
+async def _call_stream_response(behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     # The wrapper is always a coroutine that writes through the context (gRPC's reader/writer style) rather than
     # an async generator: the server then drives everything from one coroutine, so a cancelled or failed stream
     # unwinds `around` in the task and context it was entered in, and the handler's generator is closed there too.
@@ -55,7 +55,7 @@ async def _call_stream_response(behavior: Callable[..., Any], request: Any, cont
         await context.write(response)
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandler:
+def wrap_handler(handler: grpc.RpcMethodHandler[Any, Any], around: Around) -> grpc.RpcMethodHandler[Any, Any]:
     """Returns a handler that runs `around(context)` around `handler`, whichever of the four kinds it is. The
     handler's (de)serializers are kept. Handlers may be coroutines, async generators or reader/writer style;
     a plain function is called on the event loop, so servicers must not block."""
@@ -65,7 +65,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMeth
     if handler.unary_unary is not None:
         behavior = handler.unary_unary
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with around(context):
                 return await _call_unary_response(behavior, request, context)
 
@@ -73,7 +73,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMeth
     if handler.unary_stream is not None:
         behavior = handler.unary_stream
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             async with around(context):
                 await _call_stream_response(behavior, request, context)
 
@@ -81,7 +81,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMeth
     if handler.stream_unary is not None:
         behavior = handler.stream_unary
 
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with around(context):
                 return await _call_unary_response(behavior, requests, context)
 
@@ -89,7 +89,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMeth
     if handler.stream_stream is not None:
         behavior = handler.stream_stream
 
-        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             async with around(context):
                 await _call_stream_response(behavior, requests, context)
 
@@ -120,7 +120,7 @@ async def _checked_stream(requests: Any) -> Any:
         yield _check(request)
 
 
-def refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def refusing_malformed(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
     """The handler with a deserializer that does not raise on bad bytes (invalid UTF-8 in a string field, a
     truncated or garbled message): gRPC would log an ERROR with a traceback and answer UNKNOWN "Unexpected
     DecodeError". It logs one WARNING line instead and hands the handler a marker that it refuses with
@@ -142,24 +142,30 @@ def refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcM
         kind = "unary_unary" if handler.unary_unary is not None else "unary_stream"
         behavior = getattr(handler, kind)
 
-        def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def checked_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return behavior(_check(request), context)
 
-        return handler._replace(request_deserializer=deserialize, **{kind: checked_unary})
+        return _replaced(handler, request_deserializer=deserialize, **{kind: checked_unary})
     kind = "stream_unary" if handler.stream_unary is not None else "stream_stream"
     behavior = getattr(handler, kind)
 
-    def checked_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    def checked_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return behavior(_checked_stream(requests), context)
 
-    return handler._replace(request_deserializer=deserialize, **{kind: checked_stream})
+    return _replaced(handler, request_deserializer=deserialize, **{kind: checked_stream})
+
+
+def _replaced(handler: grpc.RpcMethodHandler[Any, Any], **changes: Any) -> grpc.RpcMethodHandler[Any, Any]:
+    """A copy of the handler with some fields changed: grpc's handlers are namedtuples at run time, which its type
+    stubs do not say."""
+    return cast("grpc.RpcMethodHandler[Any, Any]", cast(Any, handler)._replace(**changes))
 
 
 class _SerializingContext:
     """The servicer context as a reader/writer-style handler sees it: `write` serializes here, so a response that
     cannot be serialized fails inside the handler (INTERNAL with a request id), not in gRPC (UNKNOWN)."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, serializer: Callable[[Any], bytes]) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], serializer: Callable[[Any], bytes]) -> None:
         self._context = context
         self._serializer = serializer
 
@@ -170,7 +176,7 @@ class _SerializingContext:
         return getattr(self._context, name)
 
 
-def serializing_inside(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def serializing_inside(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
     """The handler with its responses serialized inside it (gRPC then sends the bytes as they are): a response
     gRPC cannot serialize (a servicer returning the wrong type) would otherwise end the call UNKNOWN with an
     ERROR traceback, outside any interceptor."""
@@ -181,17 +187,18 @@ def serializing_inside(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         kind = "unary_unary" if handler.unary_unary is not None else "stream_unary"
         behavior = getattr(handler, kind)
 
-        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             return serializer(await _call_unary_response(behavior, request, context))
 
-        return handler._replace(response_serializer=None, **{kind: unary_response})
+        return _replaced(handler, response_serializer=None, **{kind: unary_response})
     kind = "unary_stream" if handler.unary_stream is not None else "stream_stream"
     behavior = getattr(handler, kind)
 
-    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await _call_stream_response(behavior, request, _SerializingContext(context, serializer))
+    async def stream_response(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        serializing = cast("grpc.aio.ServicerContext[Any, Any]", _SerializingContext(context, serializer))
+        await _call_stream_response(behavior, request, serializing)
 
-    return handler._replace(response_serializer=None, **{kind: stream_response})
+    return _replaced(handler, response_serializer=None, **{kind: stream_response})
 
 
 _STATUS_BY_ERROR: dict[type[errors.HotslotError], grpc.StatusCode] = {
@@ -279,16 +286,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
 
         @asynccontextmanager
-        async def mapping_errors(context: grpc.aio.ServicerContext):
+        async def mapping_errors(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
             try:
                 yield
             except grpc.aio.AbortError:
@@ -325,7 +332,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(serializing_inside(refusing_malformed(handler, method)), mapping_errors)
 
 
-def _chosen_status(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+def _chosen_status(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | None:
     code = context.code()
     if code is None:
         return None
@@ -336,7 +343,9 @@ def _chosen_status(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, 
     return code, context.details() or ""
 
 
-def _trailers(context: grpc.aio.ServicerContext, extra: tuple) -> tuple:
+def _trailers(
+    context: grpc.aio.ServicerContext[Any, Any], extra: tuple[tuple[str, str | bytes], ...]
+) -> tuple[tuple[str, str | bytes], ...]:
     # abort() replaces the trailing metadata the handler set before it raised; keep that metadata.
     try:
         existing = tuple(context.trailing_metadata() or ())

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import grpc.aio
@@ -38,7 +40,7 @@ class MetricsEndpoint:
         self.provider = MeterProvider(
             metric_readers=[reader], resource=Resource.create({SERVICE_NAME: service_name})
         )
-        self._httpd = None
+        self._httpd: WSGIServer | None = None
         self.port = 0
 
     def meter(self, name: str) -> metrics.Meter:
@@ -47,8 +49,9 @@ class MetricsEndpoint:
     def serve(self, host: str, port: int) -> int:
         """Starts answering GET http://host:port/metrics (any path, in fact) on a daemon thread; port 0 picks a
         free one. Returns the bound port. Raises OSError when the port is taken."""
-        self._httpd, _thread = start_http_server(port, host, registry=self.registry)
-        self.port = self._httpd.server_port
+        httpd, _thread = start_http_server(port, host, registry=self.registry)
+        self._httpd = httpd
+        self.port = httpd.server_port
         return self.port
 
     def url(self, host: str) -> str:
@@ -95,9 +98,9 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -106,7 +109,7 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
         requests, duration, in_flight = self._requests, self._duration, self._in_flight
 
         @asynccontextmanager
-        async def measured(context: grpc.aio.ServicerContext):
+        async def measured(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
             started = time.perf_counter()
             in_flight.add(1, labels)
             code: object = None

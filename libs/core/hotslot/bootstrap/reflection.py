@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -113,8 +114,14 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
 
     def __init__(self, service_names: Iterable[str], documented: dict[str, bytes]) -> None:
         names = tuple(service_names)
-        super().__init__(names, pool=reflection_pool(names, documented))
+        pool = reflection_pool(names, documented)
+        super().__init__(names, pool=pool)
         self._documented = documented
+        self._lookup_pool = pool
+
+    def _upstream(self) -> Any:
+        """grpcio-reflection's servicer, whose methods overridden here are private (typeshed does not list them)."""
+        return super()
 
     def _with_comments(self, response: v1alpha_pb2.ServerReflectionResponse) -> v1alpha_pb2.ServerReflectionResponse:
         if response.HasField("file_descriptor_response"):
@@ -125,32 +132,40 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
                     files[i] = documented
         return response
 
-    def _file_by_filename(self, request, filename):
-        return self._with_comments(super()._file_by_filename(request, filename))
+    def _file_by_filename(
+        self, request: v1alpha_pb2.ServerReflectionRequest, filename: str
+    ) -> v1alpha_pb2.ServerReflectionResponse:
+        return self._with_comments(self._upstream()._file_by_filename(request, filename))
 
-    def _file_containing_symbol(self, request, fully_qualified_name):
-        response = super()._file_containing_symbol(request, fully_qualified_name)
+    def _file_containing_symbol(
+        self, request: v1alpha_pb2.ServerReflectionRequest, fully_qualified_name: str
+    ) -> v1alpha_pb2.ServerReflectionResponse:
+        response = self._upstream()._file_containing_symbol(request, fully_qualified_name)
         if response.HasField("error_response"):
             # The upb pool finds services and messages but not methods: `grpcurl describe pkg.Service.Method`
             # asks for the method, which lives in its service's file.
             service, _, method = fully_qualified_name.rpartition(".")
             try:
-                found = method in self._pool.FindServiceByName(service).methods_by_name
+                found = method in self._lookup_pool.FindServiceByName(service).methods_by_name
             except KeyError:
                 found = False
             if found:
-                response = super()._file_containing_symbol(request, service)
+                response = self._upstream()._file_containing_symbol(request, service)
         return self._with_comments(response)
 
-    def _file_containing_extension(self, request, containing_type, extension_number):
-        return self._with_comments(super()._file_containing_extension(request, containing_type, extension_number))
+    def _file_containing_extension(
+        self, request: v1alpha_pb2.ServerReflectionRequest, containing_type: str, extension_number: int
+    ) -> v1alpha_pb2.ServerReflectionResponse:
+        return self._with_comments(
+            self._upstream()._file_containing_extension(request, containing_type, extension_number)
+        )
 
 
 def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
     """Serves reflection of `service_names` (and of reflection itself, both versions) on `server`."""
     names = [*service_names, *SERVICE_NAMES]
     servicer = DocumentedReflectionServicer(names, documented_files())
-    v1alpha_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1alpha_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     # v1 on the wire is v1alpha under another service name, so the same handler (and message classes) serve it.
     v1_handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,

@@ -3,14 +3,17 @@ google.rpc ErrorInfo reason and BadRequest and RetryInfo details kept, so a serv
 said and the client sees the reason the peer gave."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar, cast
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from hotslot import errors
+
+M = TypeVar("M", bound=Message)
 
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[errors.HotslotError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
@@ -59,12 +62,14 @@ def reason_of(error: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
-def _rich_details(error: grpc.aio.AioRpcError, detail_type: type) -> list[Any]:
+def _rich_details(error: grpc.aio.AioRpcError, detail_type: type[M]) -> list[M]:
     try:
-        status = rpc_status.from_call(error)
+        # an AioRpcError has the code(), details() and trailing_metadata() that from_call reads, though the stubs
+        # type it as a grpc.Call only
+        status = rpc_status.from_call(cast(grpc.Call, error))
     except ValueError:  # details that do not match code and message: ignore them rather than fail the call
         return []
-    found = []
+    found: list[M] = []
     for any_detail in status.details if status is not None else ():
         detail = detail_type()
         if any_detail.Unpack(detail):

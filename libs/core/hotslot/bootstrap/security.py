@@ -10,11 +10,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -95,8 +96,8 @@ class _WatchedFiles:
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
-    def _read(self) -> tuple:
-        stamps = []
+    def _read(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stamps: list[tuple[int, int, int] | None] = []
         for path in self.paths:
             try:
                 st = os.stat(path)
@@ -188,9 +189,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         needed = required_scope(method)
@@ -213,7 +214,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         log.warning("refused %s: %s", method, code.name)
 
         @asynccontextmanager
-        async def refused(context: grpc.aio.ServicerContext):
+        async def refused(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
             await context.abort(code, message)
             yield  # never reached: abort raises
 
@@ -279,8 +280,10 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
         log.info("reloaded the TLS certificate from %s", tls.cert_file)
         return configuration
 
+    # grpc takes None from `fetch` as "keep the current one"; typeshed's stub does not say so
     return grpc.dynamic_ssl_server_credentials(
-        _server_configuration(tls), fetch, require_client_authentication=tls.client_ca_file is not None
+        _server_configuration(tls), fetch,  # type: ignore[arg-type]
+        require_client_authentication=tls.client_ca_file is not None,
     )
 
 
@@ -351,22 +354,30 @@ class _TokenClientInterceptor:
 
 
 class _TokenUnaryUnary(_TokenClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await continuation(self._details(client_call_details), request)
 
 
 class _TokenUnaryStream(_TokenClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await continuation(self._details(client_call_details), request)
 
 
 class _TokenStreamUnary(_TokenClientInterceptor, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
 class _TokenStreamStream(_TokenClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
@@ -378,7 +389,7 @@ def token_interceptors(metadata: list[tuple[str, str]]) -> list[grpc.aio.ClientI
 
 
 def _build_channel(
-    target: str, security: ClientSecurity, options: list[tuple[str, Any]], interceptors: list
+    target: str, security: ClientSecurity, options: list[tuple[str, Any]], interceptors: list[grpc.aio.ClientInterceptor]
 ) -> grpc.aio.Channel:
     all_interceptors = [*interceptors, *token_interceptors(security.metadata())]
     if security.tls:
@@ -403,13 +414,13 @@ class ReloadingChannel(grpc.aio.Channel):
     Python has no client credentials that reload themselves). Calls already running finish on the old channel,
     which is closed after `old_channel_grace_s`."""
 
-    def __init__(self, target: str, security: ClientSecurity, options: list[tuple[str, Any]], interceptors: list,
+    def __init__(self, target: str, security: ClientSecurity, options: list[tuple[str, Any]], interceptors: list[grpc.aio.ClientInterceptor],
                  old_channel_grace_s: float = 600.0) -> None:
         self._target, self._security, self._options, self._interceptors = target, security, options, interceptors
         self._grace = old_channel_grace_s
         self._watch = _WatchedFiles(security.files())
         self._channel = _build_channel(target, security, options, interceptors)
-        self._retired: set[asyncio.Task] = set()
+        self._retired: set[asyncio.Task[None]] = set()
 
     def current(self) -> grpc.aio.Channel:
         if self._watch.changed():
@@ -425,22 +436,46 @@ class ReloadingChannel(grpc.aio.Channel):
             task.add_done_callback(self._retired.discard)
         return self._channel
 
-    def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool = False,
+    ) -> Any:
         return _CurrentChannelCall(self, "unary_unary", method, dict(
             request_serializer=request_serializer, response_deserializer=response_deserializer,
             _registered_method=_registered_method))
 
-    def unary_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool = False,
+    ) -> Any:
         return _CurrentChannelCall(self, "unary_stream", method, dict(
             request_serializer=request_serializer, response_deserializer=response_deserializer,
             _registered_method=_registered_method))
 
-    def stream_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool = False,
+    ) -> Any:
         return _CurrentChannelCall(self, "stream_unary", method, dict(
             request_serializer=request_serializer, response_deserializer=response_deserializer,
             _registered_method=_registered_method))
 
-    def stream_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool = False,
+    ) -> Any:
         return _CurrentChannelCall(self, "stream_stream", method, dict(
             request_serializer=request_serializer, response_deserializer=response_deserializer,
             _registered_method=_registered_method))
@@ -462,7 +497,9 @@ class ReloadingChannel(grpc.aio.Channel):
     async def __aenter__(self) -> ReloadingChannel:
         return self
 
-    async def __aexit__(self, exc_type, exc_val, exc_tb) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> None:
         await self.close(None)
 
 
@@ -471,7 +508,7 @@ def client_channel(
     security: ClientSecurity | None,
     *,
     options: list[tuple[str, Any]],
-    interceptors: list,
+    interceptors: list[grpc.aio.ClientInterceptor],
 ) -> grpc.aio.Channel:
     """A channel to `target`: plaintext without TLS settings or a token (exactly as before), else TLS and/or the
     bearer token, rebuilt when their files change."""
@@ -501,11 +538,8 @@ def service_channel(
     """The channel one service opens to another: traced calls carrying the trace context, the message-size limits,
     and `security` (TLS, client certificate, bearer token; None or empty: plaintext as before). `options` override
     the message-size limits. Must be called with the event loop running."""
-    from hotslot.bootstrap.telemetry import (
-        DEFAULT_MAX_MESSAGE_BYTES,
-        client_interceptors,
-        message_size_options,
-    )
+    from hotslot.bootstrap.settings import DEFAULT_MAX_MESSAGE_BYTES
+    from hotslot.bootstrap.telemetry import client_interceptors, message_size_options
 
     merged = dict(message_size_options(max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES))
     merged.update(dict(options or ()))

@@ -176,7 +176,7 @@ async def run_server(
             log.warning("%s received again; cancelling in-flight RPCs now", name)
             stop_now.set()
 
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     inflight = InflightCalls()
     try:
         server, port, health_servicer = await create_server(

@@ -15,9 +15,8 @@ from typing import Annotated, Any, get_args, get_origin
 
 import typer
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings
 
-from hotslot.bootstrap.settings import settings_from
+from hotslot.bootstrap.settings import ServiceSettings, settings_from
 
 
 def _cli_type(annotation: Any) -> type:
@@ -28,7 +27,7 @@ def _cli_type(annotation: Any) -> type:
     return base if base in (bool, int, float, Path) else str
 
 
-def settings_command(cls: type[BaseSettings], run: Callable[[BaseSettings], None], doc: str) -> Callable[..., None]:
+def settings_command(cls: type[ServiceSettings], run: Callable[[Any], None], doc: str) -> Callable[..., None]:
     prefix = cls.model_config.get("env_prefix", "")
     parameters = []
     for name, field in cls.model_fields.items():
@@ -60,16 +59,16 @@ def settings_command(cls: type[BaseSettings], run: Callable[[BaseSettings], None
             raise typer.Exit(2) from None
         run(settings)
 
-    command.__signature__ = inspect.Signature(parameters)  # typer reads the flags from here
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]  # typer reads the flags here
     command.__doc__ = doc
     return command
 
 
-def serve_command(cls: type[BaseSettings], module: str, doc: str) -> Callable[..., None]:
+def serve_command(cls: type[ServiceSettings], module: str, doc: str) -> Callable[..., None]:
     """The command that runs `<module>.serve(settings)`; the module is imported only when the command runs, so
     `--help` stays fast."""
 
-    def run(settings: BaseSettings) -> None:
+    def run(settings: ServiceSettings) -> None:
         from hotslot.bootstrap.security import SecurityConfigError
 
         try:
@@ -81,7 +80,7 @@ def serve_command(cls: type[BaseSettings], module: str, doc: str) -> Callable[..
     return settings_command(cls, run, doc)
 
 
-def service_main(cls: type[BaseSettings], module: str, doc: str) -> None:
+def service_main(cls: type[ServiceSettings], module: str, doc: str) -> None:
     """Runs one service as a console script: the flags of `hotslot serve <service>`, without the subcommand."""
     from hotslot.bootstrap.parent import die_with_parent
 

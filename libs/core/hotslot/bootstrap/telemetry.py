@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -138,9 +138,9 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or _split_method(method)[0] in self._untraced:
@@ -149,7 +149,7 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
         tracer = self._tracer
 
         @asynccontextmanager
-        async def server_span(context: grpc.aio.ServicerContext):
+        async def server_span(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[trace.Span]:
             parent = propagate.extract(_metadata_carrier(metadata))
             span = tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes=_rpc_attributes(method))
             token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -192,10 +192,10 @@ class _ClientTracing:
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
         for key, value in carrier.items():
-            if key in metadata:
+            if key in metadata:  # type: ignore[comparison-overlap]  # aio.Metadata looks up keys; not so in typeshed
                 metadata.delete_all(key)
             metadata.add(key, value)
-        return span, details._replace(metadata=metadata)
+        return span, details._replace(metadata=metadata)  # type: ignore[attr-defined]  # a namedtuple at run time
 
     @staticmethod
     def _fail(span: trace.Span, error: BaseException) -> None:
@@ -248,22 +248,30 @@ class _ClientTracing:
 
 
 class TracingUnaryUnaryClientInterceptor(_ClientTracing, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await self._unary_response(continuation, client_call_details, request)
 
 
 class TracingUnaryStreamClientInterceptor(_ClientTracing, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await self._stream(continuation, client_call_details, request)
 
 
 class TracingStreamUnaryClientInterceptor(_ClientTracing, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
         return await self._stream(continuation, client_call_details, request_iterator)
 
 
 class TracingStreamStreamClientInterceptor(_ClientTracing, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
         return await self._stream(continuation, client_call_details, request_iterator)
 
 

@@ -69,6 +69,13 @@ class PipelineLayout:
     def weight_components(self) -> dict[str, ComponentLayout]:
         return {n: c for n, c in self.components.items() if c is not None and c.has_weights}
 
+    def component(self, name: str) -> ComponentLayout:
+        """The component `name`, which the pipeline has (KeyError for one it leaves out)."""
+        comp = self.components[name]
+        if comp is None:
+            raise KeyError(name)
+        return comp
+
 
 def _refuse_pickles(directory: Path, rel: str) -> None:
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)

@@ -22,7 +22,7 @@ import inspect
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -157,28 +157,31 @@ def _assign(
     missing: list[str] = []
     mismatched: list[str] = []
     make = torch.Tensor._make_subclass  # what nn.Parameter(t) does for a plain tensor, minus a Python frame
-    for i, pname, key, shape, requires_grad in skeleton.params:
+    for i, pname, slot_key, shape, requires_grad in skeleton.params:
+        key = cast(str, slot_key)  # parameters are persistent: only buffers may have no state_dict key
         t = sd.get(key)
         if t is None:
             missing.append(key)
             placeholder = modules[i]._parameters[pname]  # the skeleton's own: replace it by one of our own
-            modules[i]._parameters[pname] = nn.Parameter(torch.empty_like(placeholder, device="meta"), requires_grad)
+            modules[i]._parameters[pname] = nn.Parameter(
+                torch.empty_like(placeholder, device="meta"), requires_grad  # type: ignore[arg-type]  # a slot is set
+            )
         elif t.shape != shape:
             mismatched.append(_size_mismatch(key, t.shape, shape))
         elif type(t) is torch.Tensor:
             modules[i]._parameters[pname] = make(nn.Parameter, t, requires_grad)
         elif isinstance(t, nn.Parameter):
-            modules[i]._parameters[pname] = t.requires_grad_(requires_grad)
+            modules[i]._parameters[pname] = t.requires_grad_(requires_grad)  # type: ignore[assignment]  # itself
         else:
             modules[i]._parameters[pname] = nn.Parameter(t, requires_grad)
-    for i, bname, key, shape, _ in skeleton.buffers:
-        if key is None:
+    for i, bname, buffer_key, shape, _ in skeleton.buffers:
+        if buffer_key is None:
             continue  # non-persistent: the constructor's value, copied below
-        t = sd.get(key)
+        t = sd.get(buffer_key)
         if t is None:
-            missing.append(key)
+            missing.append(buffer_key)
         elif t.shape != shape:
-            mismatched.append(_size_mismatch(key, t.shape, shape))
+            mismatched.append(_size_mismatch(buffer_key, t.shape, shape))
         else:
             modules[i]._buffers[bname] = t
     if mismatched:
@@ -251,7 +254,8 @@ def _materialize(
         _own_buffers(((modules[s.module]._buffers, s.name) for s in skeleton.buffers), device, dtype, shared)
         # nothing was missing, so only a meta tensor among the loaded ones could be left on meta
         left = [k for k, t in sd.items() if t.is_meta]
-        left += [s.key or s.name for s in skeleton.buffers if modules[s.module]._buffers[s.name].is_meta]
+        left += [s.key or s.name for s in skeleton.buffers
+                 if modules[s.module]._buffers[s.name].is_meta]  # type: ignore[union-attr]  # a slot is set
     if left:
         raise InvalidArgument(
             f"{name}: no weights for {_names(left)} of {type(root).__name__} (still on the meta device)"
@@ -290,7 +294,7 @@ def materialize_skeleton(
 
 @functools.lru_cache(maxsize=256)
 def _init_parameters(cls: type) -> Mapping[str, inspect.Parameter]:
-    return inspect.signature(cls.__init__).parameters
+    return inspect.signature(cls.__init__).parameters  # type: ignore[misc]  # the class's own constructor
 
 
 def assemble_pipeline(layout: PipelineLayout, components: Mapping[str, Any]) -> Any:

@@ -91,8 +91,8 @@ def _read_components(
     (nothing crosses a process here, and /dev/shm is often small: 64 MB in Docker). Returns (component, path,
     buffer, specs) per file and the summed stats."""
     requests = [ReadRequest(p, module_predicate(keep.get(c, ()))) for c in names
-                for p in layout.components[c].weight_files]
-    owners = [c for c in names for _ in layout.components[c].weight_files]
+                for p in layout.component(c).weight_files]
+    owners = [c for c in names for _ in layout.component(c).weight_files]
     loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
                         shared=False, verify=verify) if requests else []
     stats = ReadStats()
@@ -113,7 +113,7 @@ def mappable_components(layout: PipelineLayout, names: list[str], keep: dict[str
     out = []
     for cname in names:
         predicate = module_predicate(keep.get(cname, ()))
-        if all(keeps_dtypes(read_header(p), dtype, predicate) for p in layout.components[cname].weight_files):
+        if all(keeps_dtypes(read_header(p), dtype, predicate) for p in layout.component(cname).weight_files):
             out.append(cname)
     return out
 
@@ -173,7 +173,7 @@ def read_weights(
             variant=variant,
         )
     try:
-        mapped_files = [(c, map_safetensors(p)) for c in mapped for p in layout.components[c].weight_files]
+        mapped_files = [(c, map_safetensors(p)) for c in mapped for p in layout.component(c).weight_files]
         if verify:
             verify_mapped([f for _, f in mapped_files], read_concurrency or DEFAULT_READ_CONCURRENCY)
         files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
@@ -273,7 +273,7 @@ def load_pipeline(
     def prefetch_skeletons() -> None:
         # Overlap: build (and cache) the skeletons while the child reads.
         for cname in names:
-            comp = layout.components[cname]
+            comp = layout.component(cname)
             skeletons.prefetch(resolve_class(comp.library, comp.class_name), comp.directory)
 
     weights = read_weights(preloader, layout, key, device, dtype, chunk_bytes=chunk_bytes, timeout_s=timeout_s,

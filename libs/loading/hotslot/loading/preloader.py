@@ -319,7 +319,8 @@ class _Child:
                 case InfoQuery():
                     result = self.info()
                 case DebugFill():
-                    result = self.debug_fill(msg.model_key, msg.component, msg.tensor, msg.value)
+                    self.debug_fill(msg.model_key, msg.component, msg.tensor, msg.value)
+                    result = None
                 case _:
                     raise InvalidArgument(f"unknown preloader request {type(msg).__name__}")
             self.send(Answered(msg.rid, result))
@@ -346,8 +347,8 @@ class _Child:
                 if comp is None or not comp.has_weights:
                     raise NotFound(f"{view_path}: component {cname!r} has no safetensors weights")
                 keep = module_predicate(msg.keep_fp32.get(cname, ()))
-                for path in comp.weight_files:
-                    requests.append(ReadRequest(path, keep))
+                for weight_path in comp.weight_files:
+                    requests.append(ReadRequest(weight_path, keep))
                     owners.append(cname)
         cpu0 = time.process_time()
         t_read = time.perf_counter()
@@ -566,13 +567,13 @@ class Preloader:
             "verify_reads": self.verify_reads,
         }
         requests, responses = self._ctx.SimpleQueue(), self._ctx.SimpleQueue()
-        process = self._ctx.Process(
+        process = self._ctx.Process(  # type: ignore[attr-defined]  # every concrete context has Process
             target=_child_main, args=(requests, responses, settings), name="hotslot-preloader", daemon=True
         )
         process.start()
         # The child has its copies now; dropping ours makes a dead child visible as EOF / EPIPE.
-        requests._reader.close()
-        responses._writer.close()
+        requests._reader.close()  # type: ignore[attr-defined]  # SimpleQueue's private ends
+        responses._writer.close()  # type: ignore[attr-defined]
         inc = _Incarnation(next(self._generations), process, requests, responses)
         inc.thread = threading.Thread(
             target=self._read_loop, args=(inc,), name=f"preloader-reader-{process.pid}", daemon=True

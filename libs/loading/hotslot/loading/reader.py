@@ -431,7 +431,8 @@ def _allocate_memfd(nbytes: int) -> torch.Tensor:
         raise ResourceExhausted(f"cannot create shared memory for {nbytes} bytes ({err.strerror})") from None
     try:
         os.ftruncate(fd, nbytes)
-        storage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # dups the descriptor and maps it
+        # dups the descriptor and maps it (private to torch, so not in its type hints)
+        storage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # type: ignore[attr-defined]
     except (OSError, RuntimeError) as err:
         raise ResourceExhausted(f"cannot map {nbytes} bytes of shared memory ({err})") from None
     finally:
@@ -621,7 +622,7 @@ class _Job:
         def part(x: int, y: int):
             if data is not None:
                 return data[x - a : y - a]
-            view = memoryview(bounce.numpy())[: y - x]
+            view = memoryview(bounce.numpy())[: y - x]  # type: ignore[arg-type,union-attr]  # bounce: without data
             got = 0
             while got < len(view):
                 n = os.preadv(self.source.fd, [view[got:]], x + got)
@@ -889,17 +890,18 @@ def _run_task(task: _Task, buffers: ReadBuffers, device: torch.device, chunk: in
                         job.checksum(task.lo, task.hi, bounce=buffers.cpu(checksum.BLOCK_BYTES))
                     return
         part = job.buffer[job.shift + task.lo : job.shift + task.hi]
-        job.source.pread_into(memoryview(part.numpy()), data_start + task.lo)
+        # numpy's stubs call ndarray a buffer only on Python 3.12+
+        job.source.pread_into(memoryview(part.numpy()), data_start + task.lo)  # type: ignore[arg-type]
         job.checksum(task.lo, task.hi, part)
         return
     if device.type == "cuda":
-        stage = max(min(chunk, job.header.data_bytes), 1)
-        _read_staged_cuda(job, data_start, job.buffer, job.pieces, stage, buffers, device)
+        stage_bytes = max(min(chunk, job.header.data_bytes), 1)
+        _read_staged_cuda(job, data_start, job.buffer, job.pieces, stage_bytes, buffers, device)
         return
     stage = buffers.cpu(max(min(chunk, job.header.data_bytes), 1))
-    job.source.pread_into(memoryview(stage.numpy())[: task.hi - task.lo], data_start + task.lo)
+    job.source.pread_into(memoryview(stage.numpy())[: task.hi - task.lo], data_start + task.lo)  # type: ignore[arg-type]
     job.checksum(task.lo, task.hi, stage[: task.hi - task.lo])
-    for p in task.batch:
+    for p in task.batch or ():  # staged CPU reads always have their batch
         _convert_piece(job.buffer, stage, task.lo, p)
 
 
@@ -1004,7 +1006,7 @@ def _read_staged_cuda(
                 events[slot].synchronize()  # the copy out of this pinned buffer two batches ago must be done
             pinned = buffers.pinned(slot, chunk)
             staging = buffers.device(device, slot, chunk)
-            job.source.pread_into(memoryview(pinned.numpy())[: end - start], data_start + start)
+            job.source.pread_into(memoryview(pinned.numpy())[: end - start], data_start + start)  # type: ignore[arg-type]
             job.feed(pinned[: end - start])
             staging[: end - start].copy_(pinned[: end - start], non_blocking=True)
             for p in batch:

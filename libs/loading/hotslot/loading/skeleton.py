@@ -117,7 +117,7 @@ def is_model_class(cls: type) -> bool:
     return issubclass(cls, (ModelMixin, PreTrainedModel))
 
 
-def keep_fp32_modules(cls: type, dtype: torch.dtype | None) -> tuple[str, ...]:
+def keep_fp32_modules(cls: type[Any], dtype: torch.dtype | None) -> tuple[str, ...]:
     """Module names whose weights stay float32 when loading as `dtype`, as diffusers' and transformers' own
     from_pretrained decide it (diffusers: whenever a dtype is given; transformers: for fp16, and the `_strict`
     list for bf16 as well). A weight matches when one of these is a component of its dotted name."""
@@ -164,7 +164,7 @@ def meta_parameters() -> Iterator[None]:
     global _patch_users
     with _patch_lock:
         if _patch_users == 0:
-            nn.Module.register_parameter = _register_parameter_on_meta
+            nn.Module.register_parameter = _register_parameter_on_meta  # type: ignore[method-assign]  # the patch
         _patch_users += 1
     previous = getattr(_meta_state, "active", False)
     _meta_state.active = True
@@ -175,10 +175,10 @@ def meta_parameters() -> Iterator[None]:
         with _patch_lock:
             _patch_users -= 1
             if _patch_users == 0:
-                nn.Module.register_parameter = _original_register_parameter
+                nn.Module.register_parameter = _original_register_parameter  # type: ignore[method-assign]
 
 
-def build_skeleton(cls: type, config_dir: str | Path) -> nn.Module:
+def build_skeleton(cls: type[Any], config_dir: str | Path) -> nn.Module:
     """Builds a diffusers or transformers model of class `cls` from the config.json in `config_dir`, parameters
     on meta, buffers real, in eval mode."""
     from diffusers import ModelMixin
@@ -218,7 +218,7 @@ _COPIED_TYPES = (dict, OrderedDict, set, list)
 _OWN_ENTRIES = ("_parameters", "_buffers", "_modules")
 
 
-def _atomic(value: object) -> bool:
+def _atomic(value: Any) -> bool:
     kind = type(value)
     if kind in _ATOMIC_TYPES or isinstance(value, (type, enum.Enum)):
         return True
@@ -254,7 +254,7 @@ def _plain_values(mapping: dict) -> bool:
     return all(_atomic(v) or (type(v) is list and all(_atomic(x) for x in v)) for v in mapping.values())
 
 
-def _simple_config(value: object) -> bool:
+def _simple_config(value: Any) -> bool:
     """A diffusers model config (FrozenDict) holding only atomic values and lists of them, which `_copy_config`
     copies as deepcopy would, in a tenth of the time."""
     from diffusers.configuration_utils import FrozenDict
@@ -388,7 +388,9 @@ class Skeleton:
 
     @staticmethod
     def _plan(module: nn.Module, index: dict[int, int]) -> _ModulePlan:
-        copied, configs, deep = [], [], []
+        copied: list[str] = []
+        configs: list[str] = []
+        deep: list[str] = []
         for key, value in module.__dict__.items():
             if key in _OWN_ENTRIES or _atomic(value) or _stateless(value):
                 continue
@@ -434,10 +436,13 @@ class Skeleton:
         for slot in self.params:
             sub = modules[slot.module]
             p = sub._parameters[slot.name]
+            assert p is not None  # a slot is a parameter the module has
             sub._parameters[slot.name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
         for slot in self.buffers:
             sub = modules[slot.module]
-            sub._buffers[slot.name] = sub._buffers[slot.name].clone()
+            buffer = sub._buffers[slot.name]
+            assert buffer is not None  # a slot is a buffer the module has
+            sub._buffers[slot.name] = buffer.clone()
         return root
 
 

@@ -17,6 +17,7 @@ half-written model under `dest`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -419,7 +420,7 @@ def write_family(
             family_member_seed(seed, i), image_size=image_size, block_out_channels=unet_block_out_channels
         )
         written.append(
-            _write_atomically(dest, overwrite, lambda tmp, u=unet: _save_components(tmp, u, shared))
+            _write_atomically(dest, overwrite, functools.partial(_save_components, unet=unet, components=shared))
         )
     return written
 

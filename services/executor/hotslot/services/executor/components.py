@@ -41,7 +41,7 @@ class SharedComponent:
 
     component_id: str
     name: str  # the component name in the first pipeline that had it (vae, text_encoder, unet, ...)
-    files: list[tuple[str, str, Any, tuple]] = field(repr=False)  # (component, path, buffer, specs), as read
+    files: list[tuple[str, str, Any, tuple[Any, ...]]] = field(repr=False)  # (component, path, buffer, specs), as read
     tensors: dict[str, Any] = field(repr=False)
     nbytes: int
     users: set[str] = field(default_factory=set)  # model keys

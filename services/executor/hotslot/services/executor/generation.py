@@ -49,13 +49,22 @@ class GenerationResult:
     step_times: list[float] = field(default_factory=list)
 
 
+def _seed(params: GenerationParams) -> int:
+    """The seed of parameters that went through `validate` (which draws one where none was given)."""
+    if params.seed is None:
+        raise ValueError("generation parameters must be validated first")
+    return params.seed
+
+
 def validate(params: GenerationParams, limits: GenerationLimits) -> GenerationParams:
     """Fills defaults and checks every bound; all violations are reported at once so a user fixes them in one go."""
+    guidance = limits.default_guidance if params.guidance_scale is None else params.guidance_scale
+    seed = secrets.randbelow(2**63) if params.seed is None else params.seed
     p = replace(
         params,
         steps=params.steps or limits.default_steps,
-        guidance_scale=limits.default_guidance if params.guidance_scale is None else params.guidance_scale,
-        seed=secrets.randbelow(2**63) if params.seed is None else params.seed,
+        guidance_scale=guidance,
+        seed=seed,
         width=params.width or limits.default_width,
         height=params.height or limits.default_height,
         num_images=params.num_images or 1,
@@ -73,9 +82,9 @@ def validate(params: GenerationParams, limits: GenerationLimits) -> GenerationPa
         bad.append(FieldViolation("params.steps", f"is {p.steps}; use 1 to {limits.max_steps}"))
     if not 1 <= p.num_images <= limits.max_images:
         bad.append(FieldViolation("params.num_images", f"is {p.num_images}; use 1 to {limits.max_images}"))
-    if not 0 <= p.guidance_scale <= 50 or p.guidance_scale != p.guidance_scale:
-        bad.append(FieldViolation("params.guidance_scale", f"is {p.guidance_scale}; use 0 to 50"))
-    if not 0 <= p.seed < 2**63:
+    if not 0 <= guidance <= 50 or guidance != guidance:
+        bad.append(FieldViolation("params.guidance_scale", f"is {guidance}; use 0 to 50"))
+    if not 0 <= seed < 2**63:
         bad.append(FieldViolation("params.seed", "must be below 2^63"))
     if bad:
         raise InvalidArgument("; ".join(f"{v.field} {v.description}" for v in bad), bad)
@@ -151,7 +160,7 @@ def run_batch(
         return callback_kwargs
 
     generator_device = device if device.startswith("cuda") else "cpu"
-    generators = [torch.Generator(device=generator_device).manual_seed(p.seed + i)
+    generators = [torch.Generator(device=generator_device).manual_seed(_seed(p) + i)
                   for p in requests for i in range(p.num_images)]
     prompts = [p.prompt for p in requests for _ in range(p.num_images)]
     # An empty negative prompt is what the pipeline uses for None, so requests with and without one can share a call.
@@ -185,7 +194,7 @@ def run_batch(
             results.append(None)
             continue
         results.append(GenerationResult(
-            images=[(encode_png(arr), int(arr.shape[1]), int(arr.shape[0]), params.seed + i)
+            images=[(encode_png(arr), int(arr.shape[1]), int(arr.shape[0]), _seed(params) + i)
                     for i, arr in enumerate(mine)],
             denoise_s=denoise_end - started, encode_s=0.0, steps_done=len(step_times), step_times=step_times,
         ))

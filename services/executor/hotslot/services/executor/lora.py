@@ -203,7 +203,8 @@ def _shape_problem(module: Any, shape: tuple, down: bool) -> str:
     import torch
 
     if isinstance(module, torch.nn.Linear):
-        want_in, want_out, extra = module.in_features, module.out_features, ()
+        want_in, want_out = module.in_features, module.out_features
+        extra: tuple[int, ...] = ()
     elif isinstance(module, torch.nn.Conv2d):
         want_in, want_out = module.in_channels, module.out_channels
         extra = tuple(module.kernel_size) if down else (1, 1)

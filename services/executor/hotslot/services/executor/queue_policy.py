@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from .generation import GenerationParams, batch_key
 from .slots import ModelKey
@@ -15,20 +15,24 @@ _EPS = 1e-9
 
 class Queued(Protocol):
     key: ModelKey
-    adapters: tuple  # the LoRA adapters (and scales) it applies on `key`
+    adapters: tuple[Any, ...]  # the LoRA adapters (and scales) it applies on `key`
     params: GenerationParams
     overtaken_s: float  # budget spent so far by requests that overtook it
 
 
+Q = TypeVar("Q", bound=Queued)
+"""The queue's entries: whatever the caller queues, given back as they are."""
+
+
 @dataclass(frozen=True)
-class Plan:
+class Plan(Generic[Q]):
     """`run`: requests to serve now as one pipeline call (empty when none can run); `passed`: earlier requests they
     overtake, each to be charged the call's cost; `head`: the first request, whose model must be loading when it is
     not held (whether or not something overtakes it)."""
 
-    run: list = field(default_factory=list)
-    passed: list = field(default_factory=list)
-    head: Queued | None = None
+    run: list[Q] = field(default_factory=list)
+    passed: list[Q] = field(default_factory=list)
+    head: Q | None = None
 
 
 def same_call(a: Queued, b: Queued) -> bool:
@@ -38,13 +42,13 @@ def same_call(a: Queued, b: Queued) -> bool:
 
 
 def plan_next(
-    queue: Sequence[Queued],
+    queue: Sequence[Q],
     *,
-    ready: Callable[[Queued], bool],
+    ready: Callable[[Q], bool],
     call_seconds: Callable[[list[GenerationParams]], float | None],
     max_overtake_s: float,
     max_batch_images: int,
-) -> Plan:
+) -> Plan[Q]:
     """The next pipeline call. The head runs when its model is ready; otherwise the first ready request behind it
     runs if its call's estimated seconds fit in the remaining budget of every request it passes, none of which may
     be ready (a ready request is never overtaken). The call then takes compatible requests for the same model from
@@ -52,7 +56,7 @@ def plan_next(
     if not queue:
         return Plan()
     head = queue[0]
-    passed: list[Queued] = []
+    passed: list[Q] = []
     for index, leader in enumerate(queue):
         if ready(leader):
             if passed and not _affordable([leader.params], passed, call_seconds, max_overtake_s):
@@ -65,9 +69,18 @@ def plan_next(
     return Plan(head=head)
 
 
-def _batch(queue, index, passed, ready, call_seconds, max_overtake_s, max_batch_images) -> tuple[list, list]:
+def _batch(
+    queue: Sequence[Q],
+    index: int,
+    passed: list[Q],
+    ready: Callable[[Q], bool],
+    call_seconds: Callable[[list[GenerationParams]], float | None],
+    max_overtake_s: float,
+    max_batch_images: int,
+) -> tuple[list[Q], list[Q]]:
     leader = queue[index]
-    run, skipped = [leader], []
+    run: list[Q] = [leader]
+    skipped: list[Q] = []
     images = leader.params.num_images
     for job in queue[index + 1:]:
         if images >= max_batch_images:
@@ -87,7 +100,12 @@ def _batch(queue, index, passed, ready, call_seconds, max_overtake_s, max_batch_
     return run, [j for j in skipped if queue.index(j) < last]  # those behind the last one taken are not passed
 
 
-def _affordable(params: list[GenerationParams], passed, call_seconds, max_overtake_s: float) -> bool:
+def _affordable(
+    params: list[GenerationParams],
+    passed: Sequence[Queued],
+    call_seconds: Callable[[list[GenerationParams]], float | None],
+    max_overtake_s: float,
+) -> bool:
     seconds = call_seconds(params)
     if seconds is None:
         return False
@@ -95,29 +113,29 @@ def _affordable(params: list[GenerationParams], passed, call_seconds, max_overta
 
 
 def service_order(
-    queue: Sequence[Queued],
+    queue: Sequence[Q],
     *,
-    ready: Callable[[Queued], bool],
+    ready: Callable[[Q], bool],
     call_seconds: Callable[[list[GenerationParams]], float | None],
     max_overtake_s: float,
     max_batch_images: int,
-) -> list[Queued]:
+) -> list[Q]:
     """The queue in the order `plan_next` would serve it if nothing else arrived or finished loading meanwhile: the
     calls it would make one after another, and a head that nothing may overtake once its model has loaded."""
     left = list(queue)
     spent = {id(j): j.overtaken_s for j in left}
-    order: list[Queued] = []
+    order: list[Q] = []
 
     class _View:  # the request with the budget it would have spent by then
         __slots__ = ("key", "adapters", "params", "overtaken_s", "job")
 
-        def __init__(self, job) -> None:
+        def __init__(self, job: Q) -> None:
             self.key, self.adapters, self.params = job.key, job.adapters, job.params
             self.overtaken_s, self.job = spent[id(job)], job
 
     while left:
         views = [_View(j) for j in left]
-        plan = plan_next(views, ready=lambda v: ready(v.job), call_seconds=call_seconds,
+        plan: Plan[_View] = plan_next(views, ready=lambda v: ready(v.job), call_seconds=call_seconds,
                          max_overtake_s=max_overtake_s, max_batch_images=max_batch_images)
         taken = [v.job for v in plan.run] or [views[0].job]
         if plan.run:

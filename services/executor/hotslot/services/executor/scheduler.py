@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -26,7 +26,7 @@ from .lora import adapter_name, loaded_adapters, loaded_weights
 from .metrics import ExecutorMetrics
 from .ports import Loader, Pipeline
 from .preparation import Preparation, Preparations
-from .queue_policy import Plan, Queued, plan_next
+from .queue_policy import Plan, plan_next
 from .records import (
     PHASES,
     AdapterUse,
@@ -175,7 +175,7 @@ class Scheduler:
         while True:
             wake.clear()
             plan = self._plan()
-            head = cast(Job | None, plan.head)  # the policy hands back what it was given: Jobs
+            head = plan.head
             if head is not None and not self.preparations.ready(head) and not self._start_head_load(head):
                 continue  # the head failed (its load's error, or evicted too often) and left the queue
             if plan.run:
@@ -189,13 +189,10 @@ class Scheduler:
             finally:
                 waits[0].cancel()
 
-    def _plan(self) -> Plan:
-        return plan_next(self.queue.live(), ready=self._ready,
+    def _plan(self) -> Plan[Job]:
+        return plan_next(self.queue.live(), ready=self.preparations.ready,
                          call_seconds=self.costs.call_seconds, max_overtake_s=self.max_overtake_s,
                          max_batch_images=self.max_batch_images)
-
-    def _ready(self, queued: Queued) -> bool:
-        return self.preparations.ready(cast(Job, queued))
 
     def _start_head_load(self, head: Job) -> bool:
         """Makes sure the head's model and adapters are loading; False when the head failed instead (and was

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import cast
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -25,6 +26,12 @@ from .core import (
 from .costs import CostSnapshot
 from .generation import GenerationParams
 from .slots import Tier
+
+
+def _tier(tier: Tier) -> common_pb2.Tier:
+    """The slots' tier as the proto enum (the same numbers; the generated stubs type enum fields by their class)."""
+    return cast(common_pb2.Tier, int(tier))
+
 
 _LOAD_PHASES = {
     LoadPhase.QUEUED: common_pb2.LOAD_PHASE_QUEUED,
@@ -80,12 +87,12 @@ def outcome_to_proto(o: GenerateOutcome) -> pb.GenerateResponse:
         images=[common_pb2.Image(data=png, mime_type="image/png", width=w, height=h, seed=seed)
                 for png, w, h, seed in o.images],
         model=common_pb2.ModelRef(model_id=o.key.model_id, revision=o.key.revision),
-        tier=int(o.tier),
+        tier=_tier(o.tier),
         timings=timings_to_proto(o.timings),
         executor_id=o.executor_id,
         request_id=o.request_id,
         batch_requests=o.batch_requests,
-        adapters=[pb.AppliedAdapter(model=ref_to_proto(a.key), scale=a.scale, tier=int(a.tier)) for a in o.adapters],
+        adapters=[pb.AppliedAdapter(model=ref_to_proto(a.key), scale=a.scale, tier=_tier(a.tier)) for a in o.adapters],
     )
 
 
@@ -106,10 +113,10 @@ def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
         state=_STATES[s.state],
         device=s.device,
         models=[pb.HeldModel(model=common_pb2.ModelRef(model_id=m.key.model_id, revision=m.key.revision),
-                             tier=int(m.tier), size_bytes=m.size_bytes, ref_count=m.refs, evicting=m.evicting,
+                             tier=_tier(m.tier), size_bytes=m.size_bytes, ref_count=m.refs, evicting=m.evicting,
                              unique_bytes=m.unique_bytes, shared_bytes=m.shared_bytes)
                 for m in s.models],
-        tiers=[pb.TierUsage(tier=int(t.tier), used_bytes=t.used_bytes, budget_bytes=t.budget_bytes) for t in s.tiers],
+        tiers=[pb.TierUsage(tier=_tier(t.tier), used_bytes=t.used_bytes, budget_bytes=t.budget_bytes) for t in s.tiers],
         queue_depth=s.queue_depth,
         queue_capacity=s.queue_capacity,
         device_memory_total_bytes=s.device_memory_total,
@@ -121,7 +128,7 @@ def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
         version=s.version,
         queue=[queued_to_proto(q) for q in s.queue],
         costs=costs_to_proto(s.costs) if s.costs else None,
-        adapters=[pb.HeldAdapter(model=ref_to_proto(a.key), base=ref_to_proto(a.base), tier=int(a.tier),
+        adapters=[pb.HeldAdapter(model=ref_to_proto(a.key), base=ref_to_proto(a.base), tier=_tier(a.tier),
                                  size_bytes=a.size_bytes, ref_count=a.refs) for a in s.adapters],
         max_adapters=s.max_adapters,
     )
@@ -130,7 +137,7 @@ def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
 def queued_to_proto(q: QueueEntry) -> pb.QueuedRequest:
     return pb.QueuedRequest(
         request_id=q.request_id, model=common_pb2.ModelRef(model_id=q.key.model_id, revision=q.key.revision),
-        state=int(q.state), waited=duration(q.waited_s), overtaken=duration(q.overtaken_s), num_images=q.num_images,
+        state=cast(pb.QueuedState, int(q.state)), waited=duration(q.waited_s), overtaken=duration(q.overtaken_s), num_images=q.num_images,
         adapters=[adapter_use_to_proto(a) for a in q.adapters])
 
 
@@ -138,7 +145,7 @@ def costs_to_proto(c: CostSnapshot) -> pb.CostEstimates:
     return pb.CostEstimates(
         seconds_per_work_unit=c.seconds_per_work_unit, seconds_per_request=c.seconds_per_request,
         backlog_seconds=c.backlog_seconds,
-        load_costs=[pb.TierCost(tier=int(tier), fixed_seconds=line.fixed, seconds_per_gib=line.per_unit,
+        load_costs=[pb.TierCost(tier=_tier(tier), fixed_seconds=line.fixed, seconds_per_gib=line.per_unit,
                                 samples=line.samples) for tier, line in c.load_costs.items()],
         default_steps=c.default_steps, default_width=c.default_width, default_height=c.default_height,
     )
@@ -176,7 +183,7 @@ class ExecutorServicer(pb_grpc.ExecutorServiceServicer):
         o = await self.core.preload(request.model.model_id, request.model.revision,
                                     request.target_tier or Tier.STANDBY)
         return pb.PreloadResponse(model=common_pb2.ModelRef(model_id=o.key.model_id, revision=o.key.revision),
-                                  tier=int(o.tier), from_tier=int(o.from_tier), timings=timings_to_proto(o.timings))
+                                  tier=_tier(o.tier), from_tier=_tier(o.from_tier), timings=timings_to_proto(o.timings))
 
     async def Evict(self, request: pb.EvictRequest, context) -> pb.EvictResponse:
         evicted = await self.core.evict(request.model.model_id, request.model.revision)

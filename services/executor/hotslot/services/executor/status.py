@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from .costs import LOAD_TIERS, CostModel, CostSnapshot
 from .generation import GenerationLimits
@@ -15,7 +15,7 @@ from .jobs import Job, RequestQueue
 from .lora import adapter_name, loaded_weights
 from .metrics import ExecutorMetrics
 from .ports import PreloaderHandle
-from .queue_policy import Queued, service_order
+from .queue_policy import service_order
 from .records import ExecutorSnapshot, ExecutorState, HeldAdapter, PreloaderState, QueuedState, QueueEntry
 from .slots import ModelKey, SlotManager, Tier
 
@@ -122,12 +122,8 @@ class StatusView:
         return out
 
     def service_order(self) -> list[Job]:
-        def ready(queued: Queued) -> bool:
-            return self.preparations.ready(cast(Job, queued))
-
-        order = service_order(self.queue.live(), ready=ready, call_seconds=self.costs.call_seconds,
-                              max_overtake_s=self.max_overtake_s, max_batch_images=self.max_batch_images)
-        return cast(list[Job], order)  # the policy orders what it was given: Jobs
+        return service_order(self.queue.live(), ready=self.preparations.ready, call_seconds=self.costs.call_seconds,
+                             max_overtake_s=self.max_overtake_s, max_batch_images=self.max_batch_images)
 
     def queue_entries(self) -> list[QueueEntry]:
         now = time.perf_counter()

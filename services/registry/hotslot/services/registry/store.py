@@ -176,7 +176,7 @@ class SQLiteModelStore:
                 conn.execute("UPDATE schema_version SET version = ?", (i + 1,))
 
     def schema_version(self) -> int:
-        return self._conn().execute("SELECT version FROM schema_version").fetchone()["version"]
+        return int(self._conn().execute("SELECT version FROM schema_version").fetchone()["version"])
 
     def close(self) -> None:
         with self._lock:

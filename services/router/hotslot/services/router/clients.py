@@ -3,7 +3,7 @@ Failures come back as hotslot errors with the downstream's status code and messa
 grpc."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 import grpc.aio
@@ -117,7 +117,7 @@ class GrpcExecutorClient(ExecutorClient):
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, f"executor at {self.address}") from None
 
-    async def generate_stream(self, call: GenerateCall, timeout_s: float | None) -> AsyncIterator[StreamEvent]:
+    async def generate_stream(self, call: GenerateCall, timeout_s: float | None) -> AsyncGenerator[StreamEvent, None]:
         request = executor_pb.GenerateStreamRequest(
             model=common_pb2.ModelRef(model_id=call.model_id, revision=call.revision),
             params=call.params,

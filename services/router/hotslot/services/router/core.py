@@ -9,7 +9,7 @@ import enum
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -171,7 +171,7 @@ class RouterCore:
 
     async def generate_stream(
         self, call: GenerateCall, time_remaining_s: float | None
-    ) -> AsyncIterator[ProgressEvent | Routed]:
+    ) -> AsyncGenerator[ProgressEvent | Routed, None]:
         """Progress events, then one Routed. A stream that breaks before its result is retried like Generate:
         progress of the failed attempt has then already been sent, so the client sees loading and step counts
         start over on the new executor. Holding progress back until the result would make the stream useless as
@@ -302,7 +302,8 @@ class RouterCore:
         )
         # Executors holding it first, best tier first (active or standby: nothing to do; host: a cheap copy),
         # whatever their queues: a preload does not wait behind them. Then the others, soonest finish first.
-        ranked.sort(key=lambda choice: choice.tier if choice.reason in _HELD_REASONS else len(Tier))
+        ranked.sort(key=lambda choice: choice.tier
+                    if choice.reason in _HELD_REASONS and choice.tier is not None else len(Tier))
         return ranked[0] if ranked else None
 
     # -- evict -------------------------------------------------------------------------------------------------
@@ -378,8 +379,9 @@ class RouterCore:
         # Its size prices the load (placement's load cost); one entry per registered model asked for.
         self._model_bytes[(model_id, revision)] = model.manifest.total_bytes
         if kind_from_proto(model.kind) == "LORA_ADAPTER" and model.base_model_id:
-            self._adapter_bases[(model_id, revision)] = model.base_model_id
-            return model.base_model_id
+            base: str = model.base_model_id
+            self._adapter_bases[(model_id, revision)] = base
+            return base
         return ""
 
     # -- cluster status ----------------------------------------------------------------------------------

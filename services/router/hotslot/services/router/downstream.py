@@ -3,7 +3,7 @@ the gRPC adapters in clients.py implement them, tests subclass them with fakes."
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +81,7 @@ class ExecutorClient(ABC):
         """Runs one generation; returns the executor's GenerateResponse."""
 
     @abstractmethod
-    def generate_stream(self, call: GenerateCall, timeout_s: float | None) -> AsyncIterator[StreamEvent]:
+    def generate_stream(self, call: GenerateCall, timeout_s: float | None) -> AsyncGenerator[StreamEvent, None]:
         """Runs one generation, yielding progress and then one ResultEvent. Closing the iterator cancels the call."""
 
     @abstractmethod

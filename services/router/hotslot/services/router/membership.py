@@ -24,7 +24,7 @@ Resolve = Callable[[str, int], Awaitable[set[str]]]
 async def resolve_addresses(host: str, port: int) -> set[str]:
     """Every A/AAAA record of `host` as a target with `port`."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return {format_address(info[4][0], port) for info in infos}
+    return {format_address(str(info[4][0]), port) for info in infos}
 
 
 def split_host_port(target: str) -> tuple[str, int]:

@@ -48,8 +48,8 @@ class RouterMetrics:
                 self._placements.add(0, {"reason": reason.label})
         for call in ("generate", "preload"):
             self._retries.add(0, {"call": call})
-        for code, reason in REFUSALS:
-            self._refusals.add(0, {"code": code, "reason": reason})
+        for code, refusal in REFUSALS:
+            self._refusals.add(0, {"code": code, "reason": refusal})
 
     def placed(self, reason: PlacementReason) -> None:
         self._placements.add(1, {"reason": reason.label})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 from hotslot.common.v1 import common_pb2
@@ -244,7 +244,7 @@ class InferenceFrontend:
 
     async def infer_stream(
         self, requests: AsyncIterator[InferRequest], time_remaining: Callable[[], float | None]
-    ) -> AsyncIterator[StreamItem]:
+    ) -> AsyncGenerator[StreamItem, None]:
         """ModelStreamInfer: every request runs as it arrives (several at once), each answered by its progress
         updates (if it asked) and its image, or by a StreamFailure; the stream itself goes on. An unexpected error
         ends the stream."""

@@ -93,7 +93,7 @@ class PlacementReason(enum.IntEnum):
 
 # Tiers an executor holds a model in, in the sense of "it is there": they make a reason ACTIVE/STANDBY/HOST and
 # count for held_anywhere. Disk tiers do not: every executor reads the same storage-cache / NFS.
-_HELD_TIERS = {Tier.ACTIVE: PlacementReason.ACTIVE, Tier.STANDBY: PlacementReason.STANDBY,
+_HELD_TIERS: dict[Tier | None, PlacementReason] = {Tier.ACTIVE: PlacementReason.ACTIVE, Tier.STANDBY: PlacementReason.STANDBY,
                Tier.HOST: PlacementReason.HOST}
 _FREE_TIERS = (Tier.ACTIVE, Tier.STANDBY)
 _UNHELD_TIER = Tier.LOCAL_DISK
@@ -166,19 +166,20 @@ class CostEstimates:
     def filled_from(self, peers: CostEstimates) -> CostEstimates:
         """These costs with what this executor has not measured taken from `peers` (see `peer_costs`): the service
         time, and the load cost of each tier without samples (ahead of this executor's own unmeasured values)."""
-        service = {}
-        if not self.measured_service and peers.measured_service:
-            service = dict(seconds_per_work_unit=peers.seconds_per_work_unit,
-                           seconds_per_request=peers.seconds_per_request)
+        take_service = not self.measured_service and peers.measured_service
         own = {cost.tier for cost in self.load_costs if cost.samples > 0}
-        if not service and not any(cost.tier not in own for cost in peers.load_costs):
+        if not take_service and not any(cost.tier not in own for cost in peers.load_costs):
             return self
         load_costs = (
             *(cost for cost in self.load_costs if cost.samples > 0),
             *(cost for cost in peers.load_costs if cost.tier not in own),
             *(cost for cost in self.load_costs if cost.samples <= 0),
         )
-        return replace(self, load_costs=load_costs, **service)
+        filled = replace(self, load_costs=load_costs)
+        if take_service:
+            filled = replace(filled, seconds_per_work_unit=peers.seconds_per_work_unit,
+                             seconds_per_request=peers.seconds_per_request)
+        return filled
 
 
 def peer_costs(candidates: Iterable[Candidate]) -> CostEstimates:
@@ -471,7 +472,7 @@ class Placement:
             estimate = self.estimate(candidate, model_id, revision, work, size, now, peers, adapter_sizes)
             tier = snapshot.best_tier(model_id, revision)
             if tier in _HELD_TIERS:
-                reason = _HELD_TIERS[tier]  # type: ignore[index]
+                reason = _HELD_TIERS[tier]
             elif held_elsewhere or loading - {snapshot.executor_id}:
                 reason = PlacementReason.SPREAD
             else:
@@ -518,6 +519,7 @@ def adapter_bytes(model_id: str, revision: int, candidates: Iterable[Candidate])
 def held_anywhere(model_id: str, revision: int, candidates: Iterable[Candidate]) -> bool:
     """Whether a live executor holds the model active, standby or in host memory (so it is known to exist)."""
     return any(
-        candidate.live and candidate.snapshot.best_tier(model_id, revision) in _HELD_TIERS  # type: ignore[union-attr]
+        candidate.live and candidate.snapshot is not None
+        and candidate.snapshot.best_tier(model_id, revision) in _HELD_TIERS
         for candidate in candidates
     )

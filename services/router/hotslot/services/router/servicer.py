@@ -41,7 +41,7 @@ def routed_to_proto(routed: Routed) -> pb.GenerateResponse:
         batch_requests=result.batch_requests,
         adapters=[pb.AppliedAdapter(model=a.model, scale=a.scale, tier=a.tier) for a in result.adapters],
         attempted_executor_ids=routed.attempted_executor_ids,
-        placement_reason=pb.PlacementReason.Value(f"PLACEMENT_REASON_{routed.placement_reason.name}"),
+        placement_reason=f"PLACEMENT_REASON_{routed.placement_reason.name}",
     )
     if routed.router_queue_s > 0:
         queue = response.timings.queue

@@ -195,9 +195,10 @@ class BlobStore:
                         return None
                 else:
                     st = path.lstat()
-                    digest = inodes.get((st.st_dev, st.st_ino))
-                    if digest is None:
+                    known = inodes.get((st.st_dev, st.st_ino))
+                    if known is None:
                         return None
+                    digest = known
                 digests.add(digest)
         return frozenset(digests) if digests else None
 

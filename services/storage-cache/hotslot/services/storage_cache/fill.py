@@ -129,7 +129,9 @@ class HashingCopy:
                 self._hash_written(out.fileno(), total, n)
             else:
                 buffer = self._free_buffer()
-                n = reader.readinto(buffer[:want])
+                # The backing stores open files in binary mode: io.BufferedReader has readinto, which
+                # typing.BinaryIO does not declare.
+                n = reader.readinto(buffer[:want])  # type: ignore[attr-defined]
                 if not n:
                     break
                 write_all(out, buffer[:n])
