@@ -170,6 +170,19 @@ async def started(core: ExecutorCore):
     return core
 
 
+async def test_the_id_and_address_given_once_the_port_is_bound_are_what_status_and_answers_name(loader) -> None:
+    core = make_core(loader)
+    core.identify("host-cpu-41071", "host:41071")  # what wiring does when the server has bound its port
+    await core.start()
+    try:
+        done = await core.generate("a", 0, request())
+        status = core.status()
+        assert (status.executor_id, status.address, done.executor_id) == ("host-cpu-41071", "host:41071",
+                                                                          "host-cpu-41071")
+    finally:
+        await core.close()
+
+
 async def test_a_request_for_the_active_model_is_not_stuck_behind_another_models_load(loader) -> None:
     core = await started(make_core(loader, costs=FixedCosts(1.0)))
     try:

@@ -147,6 +147,11 @@ class ExecutorCore:
         self.slots.on_evict = self.leases.on_evict  # a model that leaves releases its storage-cache lease
         self.slots.on_demote = lambda entry: self.loader.demote(entry.weights)
 
+    def identify(self, executor_id: str, address: str) -> None:
+        """Names this executor and the address routers dial, once its port is bound: in its answers and status."""
+        self.executor_id = self.scheduler.executor_id = self.view.executor_id = executor_id
+        self.address = self.view.address = address
+
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         seconds = await asyncio.to_thread(self.loader.warmup)

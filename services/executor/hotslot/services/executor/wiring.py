@@ -148,7 +148,7 @@ async def serve(settings: ExecutorSettings) -> None:
 
     async def started(port: int) -> None:
         # The id and advertised address name the bound port, known only now (port 0 picks one).
-        core.executor_id, core.address = identity(settings, port)
+        core.identify(*identity(settings, port))
         await core.start()
 
     async def stopping() -> None:
