@@ -351,8 +351,9 @@ def test_reflection_lists_the_router_and_grpcurl_generates(stub, router: Service
     reply = json.loads(grpcurl("-d", '{"model": {"modelId": "alpha"}, "params": {"prompt": "a cat"}}',
                                router.address, "hotslot.router.v1.RouterService/Generate"))
     # This grpcurl prints the .proto field names.
-    assert reply["placement_reason"] == "PLACEMENT_REASON_ACTIVE" and reply["attempted_executor_ids"] == ["exec-a"]
-    assert reply["images"][0]["mime_type"] == "image/png"
+    # grpcurl prints JSON names (lowerCamelCase), as protojson does
+    assert reply["placementReason"] == "PLACEMENT_REASON_ACTIVE" and reply["attemptedExecutorIds"] == ["exec-a"]
+    assert reply["images"][0]["mimeType"] == "image/png"
 
 
 def test_placement_prefers_the_executor_holding_the_model_and_follows_status(stub, executors) -> None:

@@ -656,7 +656,10 @@ def test_text_logs_escape_control_characters_in_messages_and_fields(capsys) -> N
 
 
 def test_the_pipelines_truncation_warning_keeps_the_fact_but_not_the_prompt(capsys) -> None:
+    from hotslot.services.executor.wiring import log_libraries_through_root
+
     configure_logging("svc", "INFO", "text")
+    log_libraries_through_root()  # as the executor does: diffusers' own stderr handler would print the prompt
     library = logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
     library.warning("The following part of your input was truncated because CLIP can only handle sequences up to"
                     " 77 tokens: ['my secret prompt']")
