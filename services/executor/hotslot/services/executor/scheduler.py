@@ -103,7 +103,7 @@ class Scheduler:
         """Queues one request and waits for it (ExecutorCore.generate)."""
         state = self.board.state
         if state != ExecutorState.READY:
-            raise Unavailable(f"executor {self.executor_id} is {state.lower()}; retry on another executor")
+            raise Unavailable(f"executor {self.executor_id} is {state.label}; retry on another executor")
         validate_model_id(model_id, "model.model_id")
         validate_request_id(request_id)
         if revision < 0:
