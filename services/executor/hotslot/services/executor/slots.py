@@ -21,8 +21,8 @@ from typing import Any
 from hotslot.errors import NotFound, Reason, ResourceExhausted
 from hotslot.tiers import Tier
 
-__all__ = ["ADAPTER_TRANSITIONS", "NOT_HELD", "TRANSITIONS", "HeldModel", "IllegalTransition", "ModelKey", "Move", "SlotEntry",
-           "SlotManager", "Tier", "TierUsage", "check_transition"]
+__all__ = ["ADAPTER_TRANSITIONS", "NOT_HELD", "TRANSITIONS", "HeldModel", "IllegalTransition", "ModelKey", "Move",
+           "SlotEntry", "SlotManager", "Tier", "TierUsage", "check_transition"]
 
 
 NOT_HELD = None
@@ -47,16 +47,16 @@ class Move(enum.StrEnum):
 
 
 TRANSITIONS: Mapping[tuple[Tier | None, Tier | None], Move] = {
-    # (from,           to):             by
-    (NOT_HELD, Tier.HOST): Move.LOAD,
-    (Tier.HOST, Tier.STANDBY): Move.MATERIALIZE,
-    (Tier.HOST, Tier.ACTIVE): Move.ACTIVATE,  # materialized straight into the active slot (no standby room)
-    (Tier.STANDBY, Tier.ACTIVE): Move.ACTIVATE,  # the swap: a pointer assignment, no I/O, no copy
-    (Tier.ACTIVE, Tier.STANDBY): Move.SWAP_OUT,
-    (Tier.STANDBY, Tier.HOST): Move.DEMOTE,
-    (Tier.HOST, NOT_HELD): Move.DROP,
-    (Tier.STANDBY, NOT_HELD): Move.DROP,
-    (Tier.ACTIVE, NOT_HELD): Move.DROP,  # evict or clear only: budgets never drop the active model
+    # from          to                 by
+    (NOT_HELD,      Tier.HOST):        Move.LOAD,
+    (Tier.HOST,     Tier.STANDBY):     Move.MATERIALIZE,
+    (Tier.HOST,     Tier.ACTIVE):      Move.ACTIVATE,     # materialized straight into the active slot (no standby room)
+    (Tier.STANDBY,  Tier.ACTIVE):      Move.ACTIVATE,     # the swap: a pointer assignment, no I/O, no copy
+    (Tier.ACTIVE,   Tier.STANDBY):     Move.SWAP_OUT,
+    (Tier.STANDBY,  Tier.HOST):        Move.DEMOTE,
+    (Tier.HOST,     NOT_HELD):         Move.DROP,
+    (Tier.STANDBY,  NOT_HELD):         Move.DROP,
+    (Tier.ACTIVE,   NOT_HELD):         Move.DROP,         # evict or clear only: budgets never drop the active model
 }
 """The executor's tier machine for pipelines: (from, to) -> the move that makes it; any other change raises
 `IllegalTransition`. A tier it does not name is not held by an executor (LOCAL_DISK and BACKING_STORE are where a
