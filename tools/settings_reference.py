@@ -13,9 +13,9 @@ BEGIN, END = "<!-- settings-reference:begin -->", "<!-- settings-reference:end -
 
 def services():
     from hotslot.services.executor.settings import ExecutorSettings
-    from hotslot.services.registry.wiring import RegistrySettings
-    from hotslot.services.router.wiring import RouterSettings
-    from hotslot.services.storage_cache.wiring import StorageCacheSettings
+    from hotslot.services.registry.settings import RegistrySettings
+    from hotslot.services.router.settings import RouterSettings
+    from hotslot.services.storage_cache.settings import StorageCacheSettings
 
     return [("registry", RegistrySettings), ("storage-cache", StorageCacheSettings), ("executor", ExecutorSettings),
             ("router", RouterSettings)]

@@ -29,9 +29,9 @@ from hotslot.executor.v1 import executor_service_pb2
 from hotslot.registry.v1 import registry_service_pb2
 from hotslot.router.v1 import router_service_pb2
 from hotslot.services.executor.settings import ExecutorSettings
-from hotslot.services.registry.wiring import RegistrySettings
-from hotslot.services.router.wiring import RouterSettings
-from hotslot.services.storage_cache.wiring import StorageCacheSettings
+from hotslot.services.registry.settings import RegistrySettings
+from hotslot.services.router.settings import RouterSettings
+from hotslot.services.storage_cache.settings import StorageCacheSettings
 from hotslot.storage.v1 import storage_cache_service_pb2
 
 from .render import render, split_image

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from hotslot.errors import InvalidArgument
+from hotslot.errors import InvalidArgument, ResourceExhausted, Unavailable
 from hotslot.loading.preloader import Preloader
 from hotslot.services.executor.core import ExecutorCore, QueuedState
 from hotslot.services.executor.costs import CostModel, Line, fit_line, work_units
@@ -458,5 +458,33 @@ async def test_the_lookahead_does_not_load_again_a_model_whose_load_kept_its_pip
     try:
         done = await asyncio.wait_for(core.generate("a", 0, request()), 30)
         assert done.images and done.tier in (Tier.BACKING_STORE, Tier.LOCAL_DISK)
+    finally:
+        await core.close()
+
+
+class DeadPreloader(FakePreloader):
+    """A preloader that died and cannot be started again."""
+
+    def is_alive(self) -> bool:
+        return False
+
+    def restart(self) -> None:
+        raise RuntimeError("still dead")
+
+
+def test_a_dead_preloader_is_waited_for_as_long_as_the_setting_says_then_the_load_is_unavailable(loader) -> None:
+    core = make_core(loader, preloader_restart_wait_s=0.2)
+    core.preparations.preloader = DeadPreloader()
+    with pytest.raises(Unavailable, match=r"within 0\.2 s \(HOTSLOT_EXECUTOR_PRELOADER_RESTART_WAIT_S\)"):
+        core.preparations._ensure_preloader()
+
+
+async def test_a_full_queue_suggests_the_configured_retry_delay(loader) -> None:
+    core = await started(make_core(loader, retry_after_s=7.0))
+    core.scheduler.queue_capacity = 0
+    try:
+        with pytest.raises(ResourceExhausted) as refused:
+            await core.generate("m", 1, request())
+        assert refused.value.retry_after_s == 7.0
     finally:
         await core.close()

@@ -137,3 +137,46 @@ def test_evict_unknown_is_not_found_and_held_lists_tiers() -> None:
         slots.evict(key("zzz"))
     assert {u.tier: u.used_bytes for u in slots.usage()} == {Tier.ACTIVE: 6 * MB, Tier.STANDBY: 6 * MB, Tier.HOST: 0}
     assert a.tier == Tier.STANDBY
+
+
+# -- the tier machine (slots.TRANSITIONS) -----------------------------------------------------------------------------
+def test_tier_machine_table_lists_the_documented_transitions() -> None:
+    from hotslot.services.executor.slots import ADAPTER_TRANSITIONS, NOT_HELD, TRANSITIONS, Move
+
+    assert TRANSITIONS == {
+        (NOT_HELD, Tier.HOST): Move.LOAD, (Tier.HOST, Tier.STANDBY): Move.MATERIALIZE,
+        (Tier.HOST, Tier.ACTIVE): Move.ACTIVATE, (Tier.STANDBY, Tier.ACTIVE): Move.ACTIVATE,
+        (Tier.ACTIVE, Tier.STANDBY): Move.SWAP_OUT, (Tier.STANDBY, Tier.HOST): Move.DEMOTE,
+        (Tier.HOST, NOT_HELD): Move.DROP, (Tier.STANDBY, NOT_HELD): Move.DROP, (Tier.ACTIVE, NOT_HELD): Move.DROP,
+    }
+    assert ADAPTER_TRANSITIONS == {(NOT_HELD, Tier.HOST): Move.LOAD, (Tier.HOST, NOT_HELD): Move.DROP}
+    # No executor holds a model on disk: those tiers are where loads come from.
+    held = {t for pair in TRANSITIONS for t in pair if t is not None}
+    assert held == {Tier.ACTIVE, Tier.STANDBY, Tier.HOST}
+
+
+def test_a_transition_the_table_lacks_raises_and_changes_nothing() -> None:
+    from hotslot.services.executor.slots import IllegalTransition, Move, check_transition
+
+    slots, _, _ = manager()
+    entry = standby(slots, "a")
+    slots.activate(entry)
+    with pytest.raises(IllegalTransition, match="from ACTIVE to STANDBY by materialize"):
+        slots.set_standby(entry, pipeline="other")  # ACTIVE -> STANDBY only when another model is swapped in
+    assert slots.tier_of(key("a")) == Tier.ACTIVE and slots.active is entry and entry.pipeline == "pipe-a"
+    with pytest.raises(IllegalTransition):
+        check_transition(Tier.HOST, Tier.LOCAL_DISK, Move.DEMOTE)
+    with pytest.raises(IllegalTransition):
+        check_transition(None, Tier.ACTIVE, Move.LOAD)  # a load lands in HOST first
+
+
+def test_an_adapter_stays_in_the_host_tier() -> None:
+    from hotslot.services.executor.slots import IllegalTransition
+
+    slots, _, evicted = manager()
+    adapter = slots.add_host(key("lora"), weights=object(), size_bytes=MB, base=key("base"))
+    with pytest.raises(IllegalTransition, match="adapters stay in the host tier"):
+        slots.set_standby(adapter, pipeline="p")
+    assert slots.tier_of(key("lora")) == Tier.HOST and adapter.pipeline is None
+    slots.release(adapter)
+    assert slots.evict(key("lora")) and evicted == ["lora"]

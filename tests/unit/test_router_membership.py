@@ -11,7 +11,7 @@ import pytest
 from hotslot.services.router.downstream import ExecutorClient, ExecutorConnector, ExecutorUnavailable
 from hotslot.services.router.membership import ExecutorMembership, resolve_addresses, split_host_port
 from hotslot.services.router.placement import ExecutorSnapshot
-from hotslot.services.router.wiring import RouterSettings
+from hotslot.services.router.settings import RouterSettings
 
 
 class StatusOnlyExecutor(ExecutorClient):

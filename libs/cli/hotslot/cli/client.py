@@ -136,7 +136,8 @@ def generate(
     negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
     steps: Annotated[int, typer.Option(help="Denoising steps; 0 = executor default.")] = 0,
     guidance: Annotated[float | None, typer.Option(
-        help="Guidance scale, 0 to 50; 0 turns guidance off (distilled models); unset = executor default.")] = None,
+        help="Guidance scale, 0 to the executor's max_guidance (50 by default); 0 turns guidance off "
+             "(distilled models); unset = executor default.")] = None,
     width: Annotated[int, typer.Option(help="Width, multiple of 8; 0 = executor default.")] = 0,
     height: Annotated[int, typer.Option(help="Height, multiple of 8; 0 = executor default.")] = 0,
     seed: Annotated[int | None, typer.Option(

@@ -25,9 +25,9 @@ def _register_serve_commands() -> None:
     from hotslot.bootstrap.settings import ServiceSettings
     from hotslot.bootstrap.settings_command import serve_command
     from hotslot.services.executor.settings import ExecutorSettings
-    from hotslot.services.registry.wiring import RegistrySettings
-    from hotslot.services.router.wiring import RouterSettings
-    from hotslot.services.storage_cache.wiring import StorageCacheSettings
+    from hotslot.services.registry.settings import RegistrySettings
+    from hotslot.services.router.settings import RouterSettings
+    from hotslot.services.storage_cache.settings import StorageCacheSettings
 
     services: list[tuple[str, type[ServiceSettings], str, str]] = [
         ("registry", RegistrySettings, "hotslot.services.registry.wiring",

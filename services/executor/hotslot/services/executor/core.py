@@ -31,7 +31,7 @@ from .jobs import Emit, RequestQueue
 from .leases import Leases
 from .metrics import ExecutorMetrics
 from .ports import Loader, PreloaderHandle
-from .preparation import Preparations
+from .preparation import DEFAULT_PRELOADER_RESTART_WAIT_S, Preparations
 from .records import (
     LOAD_PHASES,
     PHASES,
@@ -52,7 +52,7 @@ from .records import (
     StepEvent,
 )
 from .resolver import KIND_LORA, KIND_PIPELINE, AdapterRef, CachingResolver
-from .scheduler import MAX_LOAD_ATTEMPTS, Scheduler
+from .scheduler import DEFAULT_MAX_LOAD_ATTEMPTS, Scheduler
 from .slots import ModelKey, SlotManager, Tier
 from .spans import SpanRecorder
 from .status import StatusBoard, StatusView
@@ -61,7 +61,7 @@ __all__ = [
     "KIND_LORA",
     "KIND_PIPELINE",
     "LOAD_PHASES",
-    "MAX_LOAD_ATTEMPTS",
+    "DEFAULT_MAX_LOAD_ATTEMPTS",
     "PHASES",
     "AdapterUse",
     "AppliedAdapter",
@@ -107,6 +107,8 @@ class ExecutorCore:
         max_overtake_s: float = 10.0,
         max_batch_images: int = 1,
         max_adapters: int = 4,
+        preloader_restart_wait_s: float = DEFAULT_PRELOADER_RESTART_WAIT_S,
+        max_load_attempts: int = DEFAULT_MAX_LOAD_ATTEMPTS,
         costs: CostModel | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         metrics: ExecutorMetrics | None = None,
@@ -128,14 +130,14 @@ class ExecutorCore:
         self.preparations = Preparations(
             slots=slots, loader=loader, preloader=preloader, views=views, leases=self.leases, queue=self.queue,
             board=self.board, costs=self.costs, metrics=self.metrics, spans=spans, lookahead=lookahead,
-            lease_ttl_s=lease_ttl_s, load_timeout_s=load_timeout_s,
+            lease_ttl_s=lease_ttl_s, load_timeout_s=load_timeout_s, preloader_restart_wait_s=preloader_restart_wait_s,
         )
         self.scheduler = Scheduler(
             executor_id=executor_id, device=device, queue=self.queue, board=self.board,
             preparations=self.preparations, resolver=self.resolver, slots=slots, loader=loader, costs=self.costs,
             metrics=self.metrics, spans=spans, limits=limits, queue_capacity=queue_capacity,
             retry_after_s=retry_after_s, max_overtake_s=max_overtake_s, max_batch_images=max(1, max_batch_images),
-            max_adapters=max_adapters,
+            max_adapters=max_adapters, max_load_attempts=max_load_attempts,
         )
         self.view = StatusView(
             executor_id=executor_id, address=address, device=device, board=self.board, queue=self.queue,

@@ -24,6 +24,7 @@ class GenerationLimits:
     default_guidance: float = 7.5
     default_width: int = 512
     default_height: int = 512
+    max_guidance: float = 50.0
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ def validate(params: GenerationParams, limits: GenerationLimits) -> GenerationPa
         bad.append(FieldViolation("params.steps", f"is {p.steps}; use 1 to {limits.max_steps}"))
     if not 1 <= p.num_images <= limits.max_images:
         bad.append(FieldViolation("params.num_images", f"is {p.num_images}; use 1 to {limits.max_images}"))
-    if not 0 <= guidance <= 50 or guidance != guidance:
-        bad.append(FieldViolation("params.guidance_scale", f"is {guidance}; use 0 to 50"))
+    if not 0 <= guidance <= limits.max_guidance or guidance != guidance:
+        bad.append(FieldViolation("params.guidance_scale", f"is {guidance}; use 0 to {limits.max_guidance:g}"))
     if not 0 <= seed < 2**63:
         bad.append(FieldViolation("params.seed", "must be below 2^63"))
     if bad:

@@ -56,7 +56,8 @@ class ExecutorMetrics:
         # Counters start at 0 for every label value, so rate() and increase() see them before the first event.
         self._preloader_restarts.add(0)
         for tier in Tier:
-            self._requests.add(0, {"tier": tier.name})
+            if tier is not Tier.UNSPECIFIED:
+                self._requests.add(0, {"tier": tier.name})
 
     def state(self, queue_depth: int, tiers: Iterable[TierUsage]) -> None:
         """The queue and the tiers after a change."""

@@ -32,8 +32,8 @@ from .status import StatusBoard
 
 log = logging.getLogger(__name__)
 
-# How long a read waits for a dead preloader to come back before it gives up.
-PRELOADER_RESTART_WAIT_S = 60
+DEFAULT_PRELOADER_RESTART_WAIT_S = 60.0
+"""How long a read waits for a dead preloader to come back before it gives up (setting preloader_restart_wait_s)."""
 
 
 @dataclass(eq=False)
@@ -69,6 +69,7 @@ class Preparations:
         lookahead: bool,
         lease_ttl_s: float,
         load_timeout_s: float,
+        preloader_restart_wait_s: float = DEFAULT_PRELOADER_RESTART_WAIT_S,
     ) -> None:
         self.slots = slots
         self.loader = loader
@@ -83,6 +84,7 @@ class Preparations:
         self.lookahead = lookahead
         self.lease_ttl_s = lease_ttl_s
         self.load_timeout_s = load_timeout_s
+        self.preloader_restart_wait_s = preloader_restart_wait_s
         self.preparing: dict[ModelKey, Preparation] = {}
 
     def get(self, key: ModelKey) -> Preparation | None:
@@ -242,7 +244,7 @@ class Preparations:
             log.warning("could not report the corrupt blob to the storage-cache: %s", report_error.message)
 
     def _ensure_preloader(self) -> None:
-        deadline = time.monotonic() + PRELOADER_RESTART_WAIT_S
+        deadline = time.monotonic() + self.preloader_restart_wait_s
         while time.monotonic() < deadline:
             if self.preloader.is_alive():
                 return
@@ -254,7 +256,8 @@ class Preparations:
                 return
             except Exception:  # noqa: BLE001 - raced with the automatic restart; check again
                 time.sleep(0.1)
-        raise Unavailable(f"the preloader subprocess could not be restarted within {PRELOADER_RESTART_WAIT_S} s")
+        raise Unavailable(f"the preloader subprocess could not be restarted within {self.preloader_restart_wait_s:g} s "
+                          "(HOTSLOT_EXECUTOR_PRELOADER_RESTART_WAIT_S)")
 
     # -- lookahead ---------------------------------------------------------------------------------------
     def kick_lookahead(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from enum import StrEnum
+
+from hotslot.tiers import ExecutorState as ExecutorState
+from hotslot.tiers import LoadPhase as LoadPhase
 
 from .costs import CostSnapshot
 from .slots import HeldModel, ModelKey, Tier, TierUsage
@@ -67,24 +69,6 @@ class PhaseTimes:
     denoise: float = 0.0
     encode: float = 0.0
     total: float = 0.0
-
-
-class ExecutorState(StrEnum):
-    """Lifecycle of an executor (hotslot.common.v1.ExecutorState)."""
-
-    STARTING = "STARTING"
-    READY = "READY"
-    DRAINING = "DRAINING"
-
-
-class LoadPhase(StrEnum):
-    """Phase of a load as LoadProgress reports it (hotslot.common.v1.LoadPhase); the values are the span names."""
-
-    QUEUED = "queued"
-    ENSURE = "ensure"
-    READ = "read"
-    MATERIALIZE = "materialize"
-    SWAP = "swap"
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ from .status import StatusBoard
 
 log = logging.getLogger(__name__)
 
-# Loads one request may start for its model before it gives up: a model evicted between its load and its turn
-# (the tier budgets too small for the traffic) is loaded again, but not forever.
-MAX_LOAD_ATTEMPTS = 3
+DEFAULT_MAX_LOAD_ATTEMPTS = 3
+"""Loads one request may start for its model before it gives up (setting max_load_attempts): a model evicted
+between its load and its turn (the tier budgets too small for the traffic) is loaded again, but not forever."""
 
 
 class Scheduler:
@@ -71,6 +71,7 @@ class Scheduler:
         max_overtake_s: float,
         max_batch_images: int,
         max_adapters: int,
+        max_load_attempts: int = DEFAULT_MAX_LOAD_ATTEMPTS,
     ) -> None:
         self.executor_id = executor_id
         self.device = device
@@ -89,6 +90,7 @@ class Scheduler:
         self.max_overtake_s = max_overtake_s
         self.max_batch_images = max_batch_images
         self.max_adapters = max_adapters
+        self.max_load_attempts = max_load_attempts
 
     # -- taking requests ---------------------------------------------------------------------------------
     async def generate(
@@ -103,7 +105,7 @@ class Scheduler:
         """Queues one request and waits for it (ExecutorCore.generate)."""
         state = self.board.state
         if state != ExecutorState.READY:
-            raise Unavailable(f"executor {self.executor_id} is {state.lower()}; retry on another executor")
+            raise Unavailable(f"executor {self.executor_id} is {state.label}; retry on another executor")
         validate_model_id(model_id, "model.model_id")
         validate_request_id(request_id)
         if revision < 0:
@@ -208,9 +210,9 @@ class Scheduler:
         if not preparations.base_ready(head):
             prep = preparations.get(head.key)
             if prep is None:
-                if sum(p.target == Tier.STANDBY for p in head.preps) >= MAX_LOAD_ATTEMPTS:
-                    self._fail(head, Unavailable(f"model {head.key} was evicted while loading, {MAX_LOAD_ATTEMPTS} "
-                                                 "times; the tier budgets are too small"))
+                if sum(p.target == Tier.STANDBY for p in head.preps) >= self.max_load_attempts:
+                    self._fail(head, Unavailable(f"model {head.key} was evicted while loading, "
+                                                 f"{self.max_load_attempts} times; the tier budgets are too small"))
                     return False
                 prep = preparations.start(head.key, Tier.STANDBY, head.total_bytes, head.context)
             loads.append(prep)
@@ -219,9 +221,9 @@ class Scheduler:
                 continue
             prep = preparations.get(adapter.key)
             if prep is None:
-                if sum(p.key == adapter.key for p in head.preps) >= MAX_LOAD_ATTEMPTS:
+                if sum(p.key == adapter.key for p in head.preps) >= self.max_load_attempts:
                     self._fail(head, Unavailable(f"LoRA adapter {adapter.key} was evicted while loading, "
-                                                 f"{MAX_LOAD_ATTEMPTS} times; the host budget is too small"))
+                                                 f"{self.max_load_attempts} times; the host budget is too small"))
                     return False
                 prep = preparations.start(adapter.key, Tier.HOST, 0, head.context, base=head.key)
             loads.append(prep)

@@ -33,18 +33,14 @@ def _tier(tier: Tier) -> common_pb2.Tier:
     return cast(common_pb2.Tier, int(tier))
 
 
-_LOAD_PHASES = {
-    LoadPhase.QUEUED: common_pb2.LOAD_PHASE_QUEUED,
-    LoadPhase.ENSURE: common_pb2.LOAD_PHASE_ENSURE,
-    LoadPhase.READ: common_pb2.LOAD_PHASE_READ,
-    LoadPhase.MATERIALIZE: common_pb2.LOAD_PHASE_MATERIALIZE,
-    LoadPhase.SWAP: common_pb2.LOAD_PHASE_SWAP,
-}
-_STATES = {
-    ExecutorState.STARTING: common_pb2.EXECUTOR_STATE_STARTING,
-    ExecutorState.READY: common_pb2.EXECUTOR_STATE_READY,
-    ExecutorState.DRAINING: common_pb2.EXECUTOR_STATE_DRAINING,
-}
+def _load_phase(phase: LoadPhase) -> common_pb2.LoadPhase:
+    """hotslot.tiers.LoadPhase as the proto enum (the same numbers)."""
+    return cast(common_pb2.LoadPhase, int(phase))
+
+
+def _state(state: ExecutorState) -> common_pb2.ExecutorState:
+    """hotslot.tiers.ExecutorState as the proto enum (the same numbers)."""
+    return cast(common_pb2.ExecutorState, int(state))
 
 
 def duration(seconds: float) -> Duration:
@@ -99,7 +95,7 @@ def outcome_to_proto(o: GenerateOutcome) -> pb.GenerateResponse:
 def event_to_proto(event) -> pb.GenerateStreamResponse:
     if isinstance(event, LoadEvent):
         return pb.GenerateStreamResponse(load=pb.LoadProgress(
-            phase=_LOAD_PHASES[event.phase], bytes_done=event.bytes_done, bytes_total=event.bytes_total,
+            phase=_load_phase(event.phase), bytes_done=event.bytes_done, bytes_total=event.bytes_total,
             queue_position=event.queue_position))
     assert isinstance(event, StepEvent)
     return pb.GenerateStreamResponse(step=pb.StepProgress(
@@ -110,7 +106,7 @@ def status_to_proto(s: ExecutorSnapshot) -> pb.ExecutorStatus:
     return pb.ExecutorStatus(
         executor_id=s.executor_id,
         address=s.address,
-        state=_STATES[s.state],
+        state=_state(s.state),
         device=s.device,
         models=[pb.HeldModel(model=common_pb2.ModelRef(model_id=m.key.model_id, revision=m.key.revision),
                              tier=_tier(m.tier), size_bytes=m.size_bytes, ref_count=m.refs, evicting=m.evicting,

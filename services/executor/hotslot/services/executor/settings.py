@@ -42,14 +42,16 @@ class ExecutorSettings(ServiceSettings):
     )
     rpc_timeout_s: float = Field(600.0, gt=0, description="Deadline of each call to the registry and storage-cache.")
     active_budget_bytes: ByteSize = Field(
-        ByteSize(16 * GiB), description="Largest model the active slot may hold (device memory)."
+        ByteSize(16 * GiB), gt=0, description="Largest model the active slot may hold (device memory)."
     )
     standby_budget_bytes: ByteSize = Field(
         ByteSize(16 * GiB),
+        ge=0,
         description="Bytes of materialized pipelines kept ready to swap in beside the active one (device memory).",
     )
     host_budget_bytes: ByteSize = Field(
         ByteSize(32 * GiB),
+        gt=0,
         description="Bytes of weights kept in host memory (shared memory; pinned on CUDA), least recently used first.",
     )
     queue_capacity: int = Field(64, gt=0, description="Requests waiting beyond the running one; more are refused.")
@@ -98,10 +100,13 @@ class ExecutorSettings(ServiceSettings):
     )
     preload_read_bytes_per_s: ByteSize = Field(
         ByteSize(0),
+        ge=0,
         description="Cap on the preloader's read rate in bytes/s, so preloading beside inference does not starve "
         "other I/O on the node; 0 = no cap.",
     )
-    read_chunk_bytes: ByteSize = Field(ByteSize(16 * 1024 * 1024), description="Read size when loading weights.")
+    read_chunk_bytes: ByteSize = Field(
+        ByteSize(16 * 1024 * 1024), ge=4096, le=GiB, description="Read size when loading weights (4 KiB to 1 GiB)."
+    )
     read_concurrency: int = Field(
         DEFAULT_READ_CONCURRENCY,
         ge=1,
@@ -139,3 +144,22 @@ class ExecutorSettings(ServiceSettings):
     default_guidance: float = Field(7.5, ge=0, description="Guidance scale when a request gives none.")
     default_width: int = Field(512, gt=0, description="Width when a request gives none.")
     default_height: int = Field(512, gt=0, description="Height when a request gives none.")
+    max_guidance: float = Field(
+        50.0, gt=0, le=1000, description="Largest classifier-free guidance scale a request may ask for (0 to this)."
+    )
+    load_timeout_s: float = Field(
+        1800.0, gt=0, description="Longest a model's read into host memory may take before the load fails "
+        "(UNAVAILABLE); raise it for very large models on slow storage."
+    )
+    retry_after_s: float = Field(
+        1.0, ge=0, description="Delay suggested to clients (google.rpc.RetryInfo) when the queue is full."
+    )
+    preloader_restart_wait_s: float = Field(
+        60.0, gt=0, description="Longest a load waits for a dead preloader subprocess to be restarted before it "
+        "fails (UNAVAILABLE)."
+    )
+    max_load_attempts: int = Field(
+        3, ge=1, le=100, description="Loads one request may start for its model (or adapter) before it fails: a "
+        "model evicted between its load and its turn (tier budgets too small for the traffic) is loaded again, but "
+        "not forever."
+    )

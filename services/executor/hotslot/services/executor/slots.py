@@ -1,37 +1,76 @@
 """The hot-swap slot: which models an executor holds in which tier (active, standby, host), measured in bytes
 against a budget per tier, with reference counts so nothing a request uses is ever demoted or evicted.
 
-Transitions (all under the manager's lock, between requests):
-  load      -> HOST      weights arrived from the preloader (shared memory / device)
-  HOST      -> STANDBY   pipeline materialized around those weights
-  STANDBY   -> ACTIVE    swap: a pointer assignment, no I/O, no copy
-  ACTIVE    -> STANDBY   the previous active model when another is swapped in
-  STANDBY   -> HOST      over the standby budget: least recently used unreferenced pipeline dropped, weights kept
-  HOST      -> evicted   over the host budget: least recently used unreferenced weights dropped, view unpinned
+The tier machine is `TRANSITIONS` below (adapters: `ADAPTER_TRANSITIONS`): every change of an entry's tier goes
+through `SlotManager._move`, which refuses a move the table lacks (`IllegalTransition`). All moves happen under the
+manager's lock, between requests.
 Models may share parts (components equal byte for byte: `components.ComponentPool`): an entry lists them with their
 bytes, and a part is counted once, in the fastest tier of the entries that hold it.
 LoRA adapters are entries too, always in HOST (their weights; the base's pipeline loads them when a request uses
 them), counted in the host budget and evicted least recently used like the rest.
 This module holds no torch code: what a tier change does to memory is the loader's business (`demote`, `drop`
-callbacks)."""
+callbacks). The `Tier` enum is hotslot-core's (`hotslot.tiers`, equal to hotslot.common.v1.Tier)."""
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hotslot.errors import NotFound, Reason, ResourceExhausted
+from hotslot.tiers import Tier
+
+__all__ = ["ADAPTER_TRANSITIONS", "NOT_HELD", "TRANSITIONS", "HeldModel", "IllegalTransition", "ModelKey", "Move",
+           "SlotEntry", "SlotManager", "Tier", "TierUsage", "check_transition"]
 
 
-class Tier(enum.IntEnum):
-    # Values match hotslot.common.v1.Tier so converters stay trivial.
-    ACTIVE = 1
-    STANDBY = 2
-    HOST = 3
-    LOCAL_DISK = 4
-    BACKING_STORE = 5
+NOT_HELD = None
+"""The "tier" of a model before it is loaded and after it is evicted, in `TRANSITIONS`."""
+
+
+class Move(enum.StrEnum):
+    """What moves an entry between tiers: each `SlotManager` method that changes a tier names its move."""
+
+    LOAD = "load"
+    """`add_host`: weights arrived from the preloader (shared memory / device)."""
+    MATERIALIZE = "materialize"
+    """`set_standby`: a pipeline built around the host weights."""
+    ACTIVATE = "activate"
+    """`activate`: the model becomes the one inference runs on."""
+    SWAP_OUT = "swap out"
+    """`activate` of another model: the previous active one steps back."""
+    DEMOTE = "demote"
+    """Over the standby budget (or no room for a new standby pipeline): the pipeline dropped, the weights kept."""
+    DROP = "drop"
+    """Over the host budget (least recently used, unreferenced), `evict` or `clear`: everything dropped, view unpinned."""
+
+
+TRANSITIONS: Mapping[tuple[Tier | None, Tier | None], Move] = {
+    # from          to                 by
+    (NOT_HELD,      Tier.HOST):        Move.LOAD,
+    (Tier.HOST,     Tier.STANDBY):     Move.MATERIALIZE,
+    (Tier.HOST,     Tier.ACTIVE):      Move.ACTIVATE,     # materialized straight into the active slot (no standby room)
+    (Tier.STANDBY,  Tier.ACTIVE):      Move.ACTIVATE,     # the swap: a pointer assignment, no I/O, no copy
+    (Tier.ACTIVE,   Tier.STANDBY):     Move.SWAP_OUT,
+    (Tier.STANDBY,  Tier.HOST):        Move.DEMOTE,
+    (Tier.HOST,     NOT_HELD):         Move.DROP,
+    (Tier.STANDBY,  NOT_HELD):         Move.DROP,
+    (Tier.ACTIVE,   NOT_HELD):         Move.DROP,         # evict or clear only: budgets never drop the active model
+}
+"""The executor's tier machine for pipelines: (from, to) -> the move that makes it; any other change raises
+`IllegalTransition`. A tier it does not name is not held by an executor (LOCAL_DISK and BACKING_STORE are where a
+load comes from: `costs.LOAD_TIERS`). To add a tier: README "Adding a tier"."""
+
+ADAPTER_TRANSITIONS: Mapping[tuple[Tier | None, Tier | None], Move] = {
+    (NOT_HELD, Tier.HOST): Move.LOAD,
+    (Tier.HOST, NOT_HELD): Move.DROP,
+}
+"""LoRA adapters stay in HOST from load to eviction (the base pipeline loads them when a request uses them)."""
+
+
+class IllegalTransition(ValueError):
+    """A tier change `TRANSITIONS` does not allow: a bug in the caller."""
 
 
 @dataclass(frozen=True, order=True)
@@ -79,6 +118,22 @@ class TierUsage:
     tier: Tier
     used_bytes: int
     budget_bytes: int
+
+
+def check_transition(source: Tier | None, to: Tier | None, move: Move, *, adapter: bool = False,
+                     key: ModelKey | None = None) -> None:
+    """Raises `IllegalTransition` unless `TRANSITIONS` (for an adapter `ADAPTER_TRANSITIONS`) has source -> to by
+    `move`."""
+    table = ADAPTER_TRANSITIONS if adapter else TRANSITIONS
+    if table.get((source, to)) != move:
+        what = f"{'LoRA adapter' if adapter else 'model'}{f' {key}' if key else ''}"
+        allowed = ", ".join(f"{_name(a)} -> {_name(b)} ({m})" for (a, b), m in table.items())
+        raise IllegalTransition(f"{what} cannot move from {_name(source)} to {_name(to)} by {move}; the tier machine "
+                                f"allows {allowed}" + ("; adapters stay in the host tier" if adapter else ""))
+
+
+def _name(tier: Tier | None) -> str:
+    return "not held" if tier is None else tier.name
 
 
 class SlotManager:
@@ -172,6 +227,7 @@ class SlotManager:
         are what it may share with other entries."""
         if key in self._entries:
             raise ValueError(f"{key} is already held")
+        check_transition(NOT_HELD, Tier.HOST, Move.LOAD, adapter=base is not None)
         entry = SlotEntry(key, size_bytes, weights, Tier.HOST, lease_id=lease_id, view_path=view_path,
                           last_used=self._clock(), refs=1, base=base, parts=dict(parts or {}))
         self._entries[key] = entry
@@ -182,10 +238,8 @@ class SlotManager:
         """HOST -> STANDBY. Returns False (and stays HOST, pipeline dropped) when the standby budget cannot make
         room for it; the caller may still activate it directly."""
         self._require(entry)
-        if entry.is_adapter:
-            raise ValueError(f"{entry.key} is a LoRA adapter; adapters stay in the host tier")
+        self._move(entry, Tier.STANDBY, Move.MATERIALIZE)
         entry.pipeline = pipeline
-        entry.tier = Tier.STANDBY
         entry.last_used = self._clock()
         entry.refs += 1
         try:
@@ -209,11 +263,11 @@ class SlotManager:
         if previous is entry:
             entry.last_used = self._clock()
             return previous
+        self._move(entry, Tier.ACTIVE, Move.ACTIVATE)
         self.active = entry
-        entry.tier = Tier.ACTIVE
         entry.last_used = self._clock()
         if previous is not None:
-            previous.tier = Tier.STANDBY
+            self._move(previous, Tier.STANDBY, Move.SWAP_OUT)
             self._enforce(Tier.STANDBY)
         return previous
 
@@ -258,6 +312,13 @@ class SlotManager:
         return dropped
 
     # -- internals ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _move(entry: SlotEntry, to: Tier | None, move: Move) -> None:
+        """The one place an entry's tier changes (NOT_HELD: it is being dropped; its `tier` keeps the last one)."""
+        check_transition(entry.tier, to, move, adapter=entry.is_adapter, key=entry.key)
+        if to is not None:
+            entry.tier = to
+
     def _require(self, entry: SlotEntry) -> None:
         if self._entries.get(entry.key) is not entry:
             raise NotFound(f"model {entry.key} is no longer held by this executor")
@@ -278,12 +339,13 @@ class SlotManager:
                 self._drop(victim)
 
     def _demote(self, entry: SlotEntry) -> None:
+        self._move(entry, Tier.HOST, Move.DEMOTE)
         entry.pipeline = None
-        entry.tier = Tier.HOST
         self.on_demote(entry)
         self._enforce(Tier.HOST)
 
     def _drop(self, entry: SlotEntry) -> None:
+        self._move(entry, NOT_HELD, Move.DROP)
         self._entries.pop(entry.key, None)
         entry.pipeline = None
         self.on_evict(entry)

@@ -34,6 +34,7 @@ def limits_from(settings: ExecutorSettings) -> GenerationLimits:
         max_images=settings.max_images, max_prompt_chars=settings.max_prompt_chars,
         default_steps=settings.default_steps, default_guidance=settings.default_guidance,
         default_width=settings.default_width, default_height=settings.default_height,
+        max_guidance=settings.max_guidance,
     )
 
 
@@ -117,6 +118,10 @@ def build_core(
         max_overtake_s=settings.max_overtake_s,
         max_batch_images=batch_images(settings),
         max_adapters=settings.max_adapters,
+        load_timeout_s=settings.load_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        preloader_restart_wait_s=settings.preloader_restart_wait_s,
+        max_load_attempts=settings.max_load_attempts,
         tracer_provider=tracer_provider,
         metrics=metrics,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hotslot.bootstrap.settings_command import service_main
-from hotslot.services.registry.wiring import RegistrySettings
+from hotslot.services.registry.settings import RegistrySettings
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hotslot.bootstrap.settings_command import service_main
-from hotslot.services.router.wiring import RouterSettings
+from hotslot.services.router.settings import RouterSettings
 
 
 def main() -> None:

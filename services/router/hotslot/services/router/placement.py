@@ -42,6 +42,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hotslot.tiers import Tier as Tier  # re-exported: residency tiers, fastest first (hotslot.common.v1.Tier)
+
 GIB = 1024**3
 WORK_UNIT_PIXELS = 512 * 512
 
@@ -57,17 +59,6 @@ DEFAULT_MODEL_BYTES = 2 * GIB
 """Size of a model neither an executor nor the registry has given a size for (an SD 1.5 pipeline in fp16)."""
 DEFAULT_ADAPTER_BYTES = 64 * 1024**2
 """Size of a LoRA adapter no executor reports (an SD 1.5 rank-64 adapter in fp16 is ~75 MB)."""
-
-
-class Tier(enum.IntEnum):
-    """Residency tiers, fastest first; the values are hotslot.common.v1.Tier's."""
-
-    UNSPECIFIED = 0
-    ACTIVE = 1
-    STANDBY = 2
-    HOST = 3
-    LOCAL_DISK = 4
-    BACKING_STORE = 5
 
 
 class PlacementReason(enum.IntEnum):

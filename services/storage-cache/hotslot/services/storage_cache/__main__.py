@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hotslot.bootstrap.settings_command import service_main
-from hotslot.services.storage_cache.wiring import StorageCacheSettings
+from hotslot.services.storage_cache.settings import StorageCacheSettings
 
 
 def main() -> None:
