@@ -9,7 +9,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import typer
@@ -76,6 +76,16 @@ def _security(ca: Path | None, cert: Path | None, key: Path | None, token: str |
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     return security
+
+
+def _router_call(router: str, security: ClientSecurity, method: str, request: Any, timeout: float) -> Any:
+    """One unary call of the router's `method`; an error is printed (code, reason, message) and exits."""
+    with sync_channel(router, security) as channel:
+        try:
+            return getattr(pb_grpc.RouterServiceStub(channel), method)(request, timeout=timeout,
+                                                                       metadata=security.metadata())
+        except grpc.RpcError as err:
+            raise _fail(err) from None
 
 
 def _fail(err: grpc.RpcError) -> typer.Exit:
@@ -258,12 +268,7 @@ def models_show(
 ) -> None:
     """Show one model with every file's size and sha256."""
     security = _security(ca, cert, key, token)
-    with sync_channel(router, security) as channel:
-        try:
-            m = pb_grpc.RouterServiceStub(channel).GetModel(pb.GetModelRequest(model_id=model_id, revision=revision),
-                                                            timeout=30, metadata=security.metadata()).model
-        except grpc.RpcError as err:
-            raise _fail(err) from None
+    m = _router_call(router, security, "GetModel", pb.GetModelRequest(model_id=model_id, revision=revision), 30).model
     console.print(f"[bold]{m.model_id}[/bold] revision {m.revision}  {common_pb2.ModelKind.Name(m.kind)}  "
                   f"{m.manifest.pipeline_class}  digest={m.manifest.digest[:16]}")
     table = Table("path", "bytes", "sha256")
@@ -367,11 +372,7 @@ def preload(
     """Load a model into standby on one or more executors ahead of a known burst (router Preload)."""
     security = _security(ca, cert, key, token)
     request = pb.PreloadRequest(model=common_pb2.ModelRef(model_id=model, revision=revision), replicas=replicas)
-    with sync_channel(router, security) as channel:
-        try:
-            reply = pb_grpc.RouterServiceStub(channel).Preload(request, timeout=timeout, metadata=security.metadata())
-        except grpc.RpcError as err:
-            raise _fail(err) from None
+    reply = _router_call(router, security, "Preload", request, timeout)
     for r in reply.replicas:
         console.print(f"{r.model.model_id}@{r.model.revision} on {r.executor_id}: {TIER_NAMES.get(r.tier, '?')}")
     if len(reply.replicas) < replicas:
@@ -384,12 +385,7 @@ def status(
 ) -> None:
     """Show every executor the router knows: state, what it holds in which tier (LoRA adapters too), queue depth."""
     security = _security(ca, cert, key, token)
-    with sync_channel(router, security) as channel:
-        try:
-            reply = pb_grpc.RouterServiceStub(channel).GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30,
-                                                                        metadata=security.metadata())
-        except grpc.RpcError as err:
-            raise _fail(err) from None
+    reply = _router_call(router, security, "GetClusterStatus", pb.GetClusterStatusRequest(), 30)
     table = Table("executor", "address", "state", "device", "queue", "active", "standby", "host", "adapters",
                   "held MB (shared saves)", "preloader")
     for e in reply.executors:
@@ -428,11 +424,7 @@ def evict(
     """Drop a model from the executors holding it (router Evict); one in use is dropped when its requests end."""
     security = _security(ca, cert, key, token)
     request = pb.EvictRequest(model=common_pb2.ModelRef(model_id=model, revision=revision), executor_id=executor)
-    with sync_channel(router, security) as channel:
-        try:
-            reply = pb_grpc.RouterServiceStub(channel).Evict(request, timeout=timeout, metadata=security.metadata())
-        except grpc.RpcError as err:
-            raise _fail(err) from None
+    reply = _router_call(router, security, "Evict", request, timeout)
     if not reply.results:
         console.print(f"no executor holds {model}")
     for r in reply.results:
