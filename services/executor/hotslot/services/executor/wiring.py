@@ -128,11 +128,7 @@ def build_core(
 
 def registrations(core: ExecutorCore, status_min_interval_s: float = 0.0) -> list[ServiceRegistration]:
     return [
-        ServiceRegistration(
-            full_name=pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
-            servicer=ExecutorServicer(core, status_min_interval_s),
-            add_to_server=pb_grpc.add_ExecutorServiceServicer_to_server,
-        )
+        ServiceRegistration.of(pb.DESCRIPTOR, "ExecutorService", ExecutorServicer(core, status_min_interval_s), pb_grpc.add_ExecutorServiceServicer_to_server)
     ]
 
 
