@@ -2,6 +2,7 @@
 registry's failures into hotslot errors that keep the code, message, ErrorInfo reason and BadRequest violations."""
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import grpc
@@ -26,6 +27,8 @@ class FakeRegistry(registry_grpc.RegistryServiceServicer):
     async def GetModel(self, request, context):
         if self.fail is not None:
             await context.abort_with_status(to_grpc_status(self.fail))
+        if request.model_id == "slow":
+            await asyncio.sleep(30)
         if request.model_id != "m":
             await context.abort_with_status(to_grpc_status(
                 errors.NotFound(f"model {request.model_id!r} is not registered", reason=errors.Reason.MODEL_NOT_FOUND)
@@ -135,3 +138,12 @@ async def test_other_codes_name_the_registry_and_keep_its_message(client, regist
 async def test_all_models_walks_every_page(client, registry) -> None:
     assert [model.model_id async for model in client.all_models(page_size=2)] == ["a", "b", "c"]
     assert [(r.page_size, r.page_token) for r in registry[0].list_requests] == [(2, ""), (2, "2")]
+
+
+async def test_a_registry_that_does_not_answer_within_the_timeout_is_unavailable(registry) -> None:
+    client = RegistryClient(registry[1], channel_factory=grpc.aio.insecure_channel, timeout_s=0.2)
+    try:
+        with pytest.raises(errors.Unavailable, match=r"unreachable \(DEADLINE_EXCEEDED\)"):
+            await client.get_model("slow")
+    finally:
+        await client.close()

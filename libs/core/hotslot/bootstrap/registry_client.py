@@ -29,6 +29,9 @@ LIST_PAGE_SIZE = 1000
 class DownstreamPeer:
     """A lazily connected channel to one hotslot service this one calls, with the error mapping of its failures."""
 
+    unreachable_codes: frozenset[grpc.StatusCode] = UNREACHABLE_CODES
+    """Codes of this peer's failures that mean it is not there (Unavailable naming it)."""
+
     def __init__(self, what: str, address: str, *, channel_factory: ChannelFactory, timeout_s: float) -> None:
         self.what = what
         self.address = address
@@ -47,12 +50,12 @@ class DownstreamPeer:
         return self._channel
 
     def error(self, error: grpc.aio.AioRpcError) -> errors.HotslotError:
-        """The hotslot error for a failed call to this peer. Unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, or an
-        UNKNOWN with no message, as a broken connection may give) is Unavailable naming the peer and its address,
+        """The hotslot error for a failed call to this peer. Unreachable (unreachable_codes, or an UNKNOWN with no
+        message, as a broken connection may give) is Unavailable naming the peer and its address,
         with the peer's reason kept; every other code keeps the peer's code, message and rich details."""
         code = error.code()
         details = error.details() or ""
-        if code in UNREACHABLE_CODES or (code == grpc.StatusCode.UNKNOWN and not details):
+        if code in self.unreachable_codes or (code == grpc.StatusCode.UNKNOWN and not details):
             said = f": {details}" if details else ""
             return errors.Unavailable(f"{self.what} at {self.address} unreachable ({code.name}){said}",
                                       reason=reason_of(error))

@@ -3,6 +3,7 @@ continues into the registry and storage-cache: the registry through the shared R
 the same DownstreamPeer base. Failures come back as hotslot errors with the peer's code, message and details."""
 from __future__ import annotations
 
+import grpc
 import grpc.aio
 from google.protobuf.duration_pb2 import Duration
 
@@ -32,6 +33,9 @@ class RegistryResolver:
 
 
 class StorageClient(DownstreamPeer):
+    # An Ensure that outlives its timeout is slow, not gone: DEADLINE_EXCEEDED stays DeadlineExceeded.
+    unreachable_codes = frozenset({grpc.StatusCode.UNAVAILABLE})
+
     def __init__(self, address: str, *, channel_factory: ChannelFactory, timeout_s: float) -> None:
         super().__init__("storage-cache", address, channel_factory=channel_factory, timeout_s=timeout_s)
 
