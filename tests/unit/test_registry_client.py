@@ -10,6 +10,7 @@ import grpc.aio
 import pytest
 
 from hotslot import errors
+from hotslot.bootstrap.channels import retry_options
 from hotslot.bootstrap.interceptors import to_grpc_status
 from hotslot.bootstrap.registry_client import RegistryClient
 from hotslot.registry.v1 import registry_service_pb2 as registry_pb
@@ -22,9 +23,13 @@ class FakeRegistry(registry_grpc.RegistryServiceServicer):
 
     def __init__(self) -> None:
         self.fail: errors.HotslotError | None = None
+        self.unavailable_first = 0  # GetModel calls answered UNAVAILABLE before it answers
         self.list_requests: list[registry_pb.ListModelsRequest] = []
 
     async def GetModel(self, request, context):
+        if self.unavailable_first > 0:
+            self.unavailable_first -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "starting up")
         if self.fail is not None:
             await context.abort_with_status(to_grpc_status(self.fail))
         if request.model_id == "slow":
@@ -145,5 +150,16 @@ async def test_a_registry_that_does_not_answer_within_the_timeout_is_unavailable
     try:
         with pytest.raises(errors.Unavailable, match=r"unreachable \(DEADLINE_EXCEEDED\)"):
             await client.get_model("slow")
+    finally:
+        await client.close()
+
+
+async def test_a_channel_with_the_downstream_retry_policy_rides_out_a_brief_outage(registry) -> None:
+    registry[0].unavailable_first = 2
+    client = RegistryClient(registry[1], timeout_s=10,
+                            channel_factory=lambda address: grpc.aio.insecure_channel(address, options=retry_options(3)))
+    try:
+        assert (await client.get_model("m")).model_id == "m"
+        assert registry[0].unavailable_first == 0
     finally:
         await client.close()
