@@ -665,3 +665,10 @@ def test_the_pipelines_truncation_warning_keeps_the_fact_but_not_the_prompt(caps
                     " 77 tokens: ['my secret prompt']")
     err = capsys.readouterr().err
     assert "77 tokens" in err and "truncated" in err and "secret" not in err
+
+
+def test_a_registration_named_by_its_short_name_gets_the_full_name_health_reports() -> None:
+    servicer = FakeRegistry()
+    reg = ServiceRegistration.of(registry_service_pb2.DESCRIPTOR, "RegistryService", servicer,
+                                 registry_service_pb2_grpc.add_RegistryServiceServicer_to_server)
+    assert (reg.full_name, reg.servicer) == (REGISTRY, servicer) == ("hotslot.registry.v1.RegistryService", servicer)

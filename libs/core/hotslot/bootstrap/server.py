@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from opentelemetry import metrics, trace
@@ -50,6 +51,15 @@ class ServiceRegistration:
     servicer: object
     add_to_server: Callable[[object, grpc.aio.Server], None]
     """The generated add_<Service>Servicer_to_server."""
+
+    @classmethod
+    def of(
+        cls, file: FileDescriptor, service: str, servicer: object,
+        add_to_server: Callable[[object, grpc.aio.Server], None],
+    ) -> ServiceRegistration:
+        """The registration of `service` (its short name) declared in a generated module's file, e.g.
+        ServiceRegistration.of(pb.DESCRIPTOR, "RegistryService", servicer, pb_grpc.add_RegistryServiceServicer_to_server)."""
+        return cls(file.services_by_name[service].full_name, servicer, add_to_server)
 
 
 async def create_server(

@@ -1,74 +1,43 @@
 """gRPC implementations of the executor's downstream interfaces, over traced channels so the request's trace
-continues into the registry and storage-cache. Failures come back as hotslot errors with the peer's code and
-message."""
+continues into the registry and storage-cache: the registry through the shared RegistryClient, the storage-cache on
+the same DownstreamPeer base. Failures come back as hotslot errors with the peer's code, message and details."""
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import grpc
 import grpc.aio
 from google.protobuf.duration_pb2 import Duration
 
-from hotslot.bootstrap.rpc_errors import error_from_rpc
+from hotslot.bootstrap.registry_client import ChannelFactory, DownstreamPeer, RegistryClient
 from hotslot.common.v1 import common_pb2
 from hotslot.convert import kind_from_proto
-from hotslot.errors import NotFound, Unavailable
-from hotslot.registry.v1 import registry_service_pb2 as registry_pb
-from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from hotslot.errors import NotFound
 from hotslot.storage.v1 import storage_cache_service_pb2 as storage_pb
 from hotslot.storage.v1 import storage_cache_service_pb2_grpc as storage_grpc
 
 from .downstream import EnsuredView, ResolvedModel
 
-ChannelFactory = Callable[[str], grpc.aio.Channel]
 
+class RegistryResolver:
+    """The core's resolver port over the shared registry client: the registered model as a ResolvedModel."""
 
-class _Peer:
-    def __init__(self, what: str, address: str, channel_factory: ChannelFactory, timeout_s: float) -> None:
-        self.what = what
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel_factory = channel_factory
-        self._channel: grpc.aio.Channel | None = None
-
-    def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:  # made on first use: an aio channel needs the running loop
-            self._channel = self._channel_factory(self.address)
-        return self._channel
-
-    def error(self, error: grpc.aio.AioRpcError):
-        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and not error.details():
-            return Unavailable(f"{self.what} at {self.address} is unreachable")
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(f"{self.what} at {self.address} is unavailable: {error.details()}")
-        return error_from_rpc(error, f"{self.what} at {self.address}")
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-
-
-class RegistryClient(_Peer):
-    def __init__(self, address: str, *, channel_factory: ChannelFactory, timeout_s: float) -> None:
-        super().__init__("registry", address, channel_factory, timeout_s)
+    def __init__(self, registry: RegistryClient) -> None:
+        self.registry = registry
 
     async def resolve(self, model_id: str, revision: int) -> ResolvedModel:
-        stub = registry_grpc.RegistryServiceStub(self.channel())
-        try:
-            reply = await stub.GetModel(
-                registry_pb.GetModelRequest(model_id=model_id, revision=revision), timeout=self.timeout_s
-            )
-        except grpc.aio.AioRpcError as error:
-            raise self.error(error) from None
-        m = reply.model
+        m = await self.registry.get_model(model_id, revision)
         return ResolvedModel(m.model_id, m.revision, kind_from_proto(m.kind) or "", m.manifest.total_bytes,
                              m.manifest.pipeline_class, m.base_model_id)
 
+    async def close(self) -> None:
+        await self.registry.close()
 
-class StorageClient(_Peer):
+
+class StorageClient(DownstreamPeer):
+    # An Ensure that outlives its timeout is slow, not gone: DEADLINE_EXCEEDED stays DeadlineExceeded.
+    unreachable_codes = frozenset({grpc.StatusCode.UNAVAILABLE})
+
     def __init__(self, address: str, *, channel_factory: ChannelFactory, timeout_s: float) -> None:
-        super().__init__("storage-cache", address, channel_factory, timeout_s)
+        super().__init__("storage-cache", address, channel_factory=channel_factory, timeout_s=timeout_s)
 
     async def ensure(self, model_id: str, revision: int, lease_ttl_s: float) -> EnsuredView:
         stub = storage_grpc.StorageCacheServiceStub(self.channel())

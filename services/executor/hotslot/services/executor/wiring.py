@@ -9,13 +9,14 @@ from opentelemetry import trace
 
 from hotslot.bootstrap.channels import downstream_options
 from hotslot.bootstrap.metrics import MetricsEndpoint
+from hotslot.bootstrap.registry_client import RegistryClient
 from hotslot.bootstrap.security import service_channel
 from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
 from hotslot.executor.v1 import executor_service_pb2 as pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
 from hotslot.loading.preloader import Preloader
 
-from .clients import RegistryClient, StorageClient
+from .clients import RegistryResolver, StorageClient
 from .core import ExecutorCore
 from .generation import GenerationLimits
 from .loader import ModelLoader, device_memory, resolve_dtype
@@ -92,7 +93,9 @@ def build_core(
         return service_channel(address, security=security, tracer_provider=tracer_provider,
                                max_message_bytes=settings.max_message_bytes, options=downstream_options(settings))
 
-    registry = RegistryClient(settings.registry_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
+    registry = RegistryResolver(
+        RegistryClient(settings.registry_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
+    )
     storage = StorageClient(settings.storage_address, channel_factory=channel, timeout_s=settings.rpc_timeout_s)
     slots = SlotManager(
         active_budget_bytes=int(settings.active_budget_bytes),
@@ -130,11 +133,7 @@ def build_core(
 
 def registrations(core: ExecutorCore, status_min_interval_s: float = 0.0) -> list[ServiceRegistration]:
     return [
-        ServiceRegistration(
-            full_name=pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
-            servicer=ExecutorServicer(core, status_min_interval_s),
-            add_to_server=pb_grpc.add_ExecutorServiceServicer_to_server,
-        )
+        ServiceRegistration.of(pb.DESCRIPTOR, "ExecutorService", ExecutorServicer(core, status_min_interval_s), pb_grpc.add_ExecutorServiceServicer_to_server)
     ]
 
 

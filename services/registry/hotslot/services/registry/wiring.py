@@ -28,11 +28,7 @@ def build_core(settings: RegistrySettings) -> RegistryCore:
 
 def registrations(core: RegistryCore) -> list[ServiceRegistration]:
     return [
-        ServiceRegistration(
-            full_name=pb.DESCRIPTOR.services_by_name["RegistryService"].full_name,
-            servicer=RegistryServicer(core),
-            add_to_server=pb_grpc.add_RegistryServiceServicer_to_server,
-        )
+        ServiceRegistration.of(pb.DESCRIPTOR, "RegistryService", RegistryServicer(core), pb_grpc.add_RegistryServiceServicer_to_server)
     ]
 
 

@@ -3,18 +3,17 @@ Failures come back as hotslot errors with the downstream's status code and messa
 grpc."""
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 import grpc.aio
 
 from hotslot import errors
+from hotslot.bootstrap.registry_client import ChannelFactory, RegistryClient
 from hotslot.bootstrap.rpc_errors import error_from_rpc as _error_from_rpc
 from hotslot.common.v1 import common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as executor_pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as executor_grpc
-from hotslot.registry.v1 import registry_service_pb2 as registry_pb
-from hotslot.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 from .downstream import (
     Evicted,
@@ -29,7 +28,6 @@ from .downstream import (
 )
 from .placement import CostEstimates, ExecutorSnapshot, HeldModel, QueuedRequest, Tier, TierCost
 
-ChannelFactory = Callable[[str], grpc.aio.Channel]
 
 def error_from_rpc(error: grpc.aio.AioRpcError, peer: str) -> errors.HotslotError:
     """A failed executor or registry call as a hotslot error; UNAVAILABLE becomes ExecutorUnavailable, the one
@@ -164,44 +162,7 @@ class GrpcExecutorConnector(ExecutorConnector):
         return GrpcExecutorClient(address, self._channel_factory(address))
 
 
-# Codes that mean "the registry is not there right now".
-_REGISTRY_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-class GrpcModelCatalog(ModelCatalog):
-    def __init__(self, address: str, *, timeout_s: float, channel_factory: ChannelFactory) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel_factory = channel_factory
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: registry_grpc.RegistryServiceStub | None = None
-
-    def _registry(self) -> registry_grpc.RegistryServiceStub:
-        if self._stub is None:
-            # Created on first use: a grpc.aio channel must be made with the event loop running.
-            self._channel = self._channel_factory(self.address)
-            self._stub = registry_grpc.RegistryServiceStub(self._channel)
-        return self._stub
-
-    async def list_models(self, request: registry_pb.ListModelsRequest) -> registry_pb.ListModelsResponse:
-        try:
-            return await self._registry().ListModels(request, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as error:
-            raise self._error(error) from None
-
-    async def get_model(self, model_id: str, revision: int) -> registry_pb.Model:
-        request = registry_pb.GetModelRequest(model_id=model_id, revision=revision)
-        try:
-            return (await self._registry().GetModel(request, timeout=self.timeout_s)).model
-        except grpc.aio.AioRpcError as error:
-            raise self._error(error) from None
-
-    def _error(self, error: grpc.aio.AioRpcError) -> errors.HotslotError:
-        if error.code() in _REGISTRY_UNREACHABLE:
-            # Not ExecutorUnavailable: a registry outage is no reason to try another executor.
-            return errors.Unavailable(f"registry at {self.address} unreachable ({error.code().name})")
-        return error_from_rpc(error, f"registry at {self.address}")
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+class GrpcModelCatalog(RegistryClient, ModelCatalog):
+    """The router's catalog port is the shared registry client as is: get_model and list_models return the
+    registry's messages, and a registry outage is errors.Unavailable (not ExecutorUnavailable: it is no reason to
+    try another executor)."""

@@ -79,11 +79,7 @@ def build(
 
 def registrations(core: RouterCore) -> list[ServiceRegistration]:
     return [
-        ServiceRegistration(
-            full_name=pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
-            servicer=RouterServicer(core),
-            add_to_server=pb_grpc.add_RouterServiceServicer_to_server,
-        ),
+        ServiceRegistration.of(pb.DESCRIPTOR, "RouterService", RouterServicer(core), pb_grpc.add_RouterServiceServicer_to_server),
         # The Open Inference Protocol (KServe v2 / Triton clients) on the same port.
         ServiceRegistration(
             full_name=OIP_SERVICE_NAME,

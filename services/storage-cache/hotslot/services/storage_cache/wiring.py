@@ -59,11 +59,7 @@ def build_core(
 
 def registrations(core: StorageCacheCore) -> list[ServiceRegistration]:
     return [
-        ServiceRegistration(
-            full_name=pb.DESCRIPTOR.services_by_name["StorageCacheService"].full_name,
-            servicer=StorageCacheServicer(core),
-            add_to_server=pb_grpc.add_StorageCacheServiceServicer_to_server,
-        )
+        ServiceRegistration.of(pb.DESCRIPTOR, "StorageCacheService", StorageCacheServicer(core), pb_grpc.add_StorageCacheServiceServicer_to_server)
     ]
 
 
