@@ -16,6 +16,7 @@ from hotslot.registry.v1 import registry_service_pb2_grpc as rgrpc
 from tests.support.metrics import Scrape
 from tests.support.procs import HOTSLOT, ServiceProcess
 from tests.support.stack import running_cluster
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +52,17 @@ def test_every_service_serves_prometheus_metrics_that_move_with_real_traffic(tmp
             listed = rgrpc.RegistryServiceStub(channel).ListModels(rpb.ListModelsRequest(), timeout=10)
         assert [m.model_id for m in listed.models] == [model]
 
+        requests = "hotslot_grpc_server_requests_total"
         registry = Scrape(stack.registry)
         storage = Scrape(stack.storage)
-        executor = Scrape(stack.executors[0])
-        router = Scrape(stack.router)
+        # A stream's call is counted when the server side finishes it, which may come just after the client has
+        # its last message: scrape until both generates are counted.
+        executor = wait_for(lambda: (s := Scrape(stack.executors[0])).value(
+            requests, grpc_service=EXECUTOR, grpc_code="OK") >= 2 and s, "the executor to count both generates", 10)
+        router = wait_for(lambda: (s := Scrape(stack.router)).value(
+            requests, grpc_service=ROUTER, grpc_code="OK") >= 2 and s, "the router to count both generates", 10)
 
     # Every service: its RPCs by method and status code, with their latency.
-    requests = "hotslot_grpc_server_requests_total"
     assert registry.value(requests, grpc_service=REGISTRY, grpc_method="ListModels", grpc_code="OK") == 1
     assert registry.value(requests, grpc_service=REGISTRY, grpc_method="GetModel", grpc_code="NOT_FOUND") >= 1
     assert registry.value(requests, grpc_service=REGISTRY, grpc_method="GetModel", grpc_code="OK") >= 1
