@@ -11,6 +11,7 @@ from hotslot.common.v1 import common_pb2
 from hotslot.convert import kind_from_proto
 from hotslot.errors import FailedPrecondition, HotslotError, InvalidArgument, NotFound
 from hotslot.registry.v1 import registry_service_pb2 as registry_pb
+from hotslot.tiers import LoadPhase
 
 from .core import EvictOutcome, Routed, RouterCore
 from .downstream import GenerateCall, ProgressEvent
@@ -36,9 +37,6 @@ from .oip import (
     type_name,
 )
 from .placement import RequestWork, Tier
-
-_LOAD_PHASES = {v: k.removeprefix("LOAD_PHASE_").lower() for k, v in common_pb2.LoadPhase.items()}
-"""hotslot's LoadPhase values (stable across its protos) as the `load_phase` progress parameter."""
 
 _HELD_TIERS = frozenset({Tier.ACTIVE, Tier.STANDBY, Tier.HOST})
 
@@ -106,7 +104,7 @@ def progress_outcome(request: InferRequest, event: ProgressEvent) -> InferOutcom
     else:
         parameters = {
             "progress": event.kind,
-            "load_phase": _LOAD_PHASES.get(int(payload.phase), "unspecified"),
+            "load_phase": _label(LoadPhase, int(payload.phase)),
             "bytes_done": int(payload.bytes_done),
             "bytes_total": int(payload.bytes_total),
             "queue_position": int(payload.queue_position),
@@ -115,8 +113,13 @@ def progress_outcome(request: InferRequest, event: ProgressEvent) -> InferOutcom
 
 
 def _tier_name(value: int) -> str:
+    return _label(Tier, value)
+
+
+def _label(enum_type: type[Tier] | type[LoadPhase], value: int) -> str:
+    """The value's lower-case name (hotslot.tiers), "unspecified" for a value this router does not know."""
     try:
-        return Tier(value).name.lower()
+        return enum_type(value).label
     except ValueError:
         return "unspecified"
 
