@@ -68,6 +68,8 @@ def test_every_service_serves_prometheus_metrics_that_move_with_real_traffic(tmp
     assert registry.value(requests, grpc_service=REGISTRY, grpc_method="GetModel", grpc_code="OK") >= 1
     assert storage.value(requests, grpc_service=STORAGE, grpc_code="OK") >= 1
     assert executor.value(requests, grpc_service=EXECUTOR, grpc_code="OK") >= 2
+    # The router waits for the executor's status before closing its stream: no served request counts as cancelled.
+    assert executor.value(requests, grpc_service=EXECUTOR, grpc_code="CANCELLED") == 0
     assert router.value(requests, grpc_service=ROUTER, grpc_code="OK") >= 2
     assert router.value(requests, grpc_service=ROUTER, grpc_code="NOT_FOUND") == 1
     for scrape in (registry, storage, executor, router):

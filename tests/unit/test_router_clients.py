@@ -2,6 +2,9 @@
 details; an ExecutorStatus becomes placement's snapshot."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import grpc
 import grpc.aio
 import pytest
@@ -12,8 +15,9 @@ from hotslot import errors
 from hotslot.bootstrap.interceptors import status_code_of
 from hotslot.common.v1 import common_pb2
 from hotslot.executor.v1 import executor_service_pb2 as executor_pb
-from hotslot.services.router.clients import error_from_rpc, snapshot_from_proto
-from hotslot.services.router.downstream import ExecutorUnavailable
+from hotslot.executor.v1 import executor_service_pb2_grpc as executor_grpc
+from hotslot.services.router.clients import GrpcExecutorClient, error_from_rpc, snapshot_from_proto
+from hotslot.services.router.downstream import ExecutorUnavailable, GenerateCall, ResultEvent
 from hotslot.services.router.placement import HeldModel, Tier
 
 
@@ -98,3 +102,44 @@ def test_status_becomes_a_snapshot_and_keeps_the_message() -> None:
     assert snapshot.raw is status and status.address == "10.0.0.5:50053"
     draining = snapshot_from_proto(executor_pb.ExecutorStatus(state=common_pb2.EXECUTOR_STATE_DRAINING), "h:1")
     assert not draining.ready and draining.executor_id == "h:1"
+
+
+class _StreamingExecutor(executor_grpc.ExecutorServiceServicer):
+    """GenerateStream sends a step and the result, then has a little work left before its call ends (as the real
+    servicer does: it cancels its finished task and returns). Records how its call ended."""
+
+    def __init__(self) -> None:
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def GenerateStream(self, request, context):
+        try:
+            yield executor_pb.GenerateStreamResponse(step=executor_pb.StepProgress(step=1, total_steps=1))
+            yield executor_pb.GenerateStreamResponse(result=executor_pb.GenerateResponse(executor_id="exec-a"))
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            self.ended.set_result("cancelled")
+            raise
+        self.ended.set_result("finished")
+
+
+async def test_a_streamed_result_lets_the_executor_finish_its_call_before_the_router_closes_the_stream() -> None:
+    # The router closes the executor's stream as soon as it has the result. Closing it before the executor's status
+    # arrived cancelled the executor's call, which then counted and logged a served request as CANCELLED.
+    executor = _StreamingExecutor()
+    server = grpc.aio.server()
+    executor_grpc.add_ExecutorServiceServicer_to_server(executor, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = GrpcExecutorClient(f"127.0.0.1:{port}", channel).generate_stream(
+                GenerateCall(model_id="m", revision=1, params=common_pb2.GenerationParams(prompt="p"),
+                             request_id="r1"), timeout_s=10)
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    if isinstance(event, ResultEvent):
+                        assert event.payload.executor_id == "exec-a"
+                        break
+            assert await asyncio.wait_for(executor.ended, 10) == "finished"
+    finally:
+        await server.stop(None)

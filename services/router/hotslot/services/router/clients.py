@@ -127,6 +127,10 @@ class GrpcExecutorClient(ExecutorClient):
             async for response in rpc:
                 kind = response.WhichOneof("event")
                 if kind == "result":
+                    # The result is the last message, and the caller closes this stream as soon as it has it: wait
+                    # for the executor's status first, or the cancel in `finally` can overtake it and the executor
+                    # ends (and counts, and logs) a served request as CANCELLED.
+                    await rpc.code()
                     yield ResultEvent(response.result)
                 elif kind is not None:
                     yield ProgressEvent(kind, getattr(response, kind))
