@@ -226,6 +226,42 @@ def test_parallel_reads_are_bit_identical_to_a_sequential_read(
         assert _same_bits(ours[name], one[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_converting_from_a_mapping_of_the_file_is_bit_identical_and_copies_nothing_through_staging(
+    mixed_file: Path, tmp_path: Path, dtype: torch.dtype, concurrency: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The misaligned file puts a float32 tensor at an odd offset of the mapping: it is realigned, not rejected.
+    odd = _write_raw(tmp_path / "odd.safetensors", {
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "b": {"dtype": "F32", "shape": [3], "data_offsets": [3, 15]},
+    }, bytes([7, 8, 9]) + torch.tensor([1.5, -2.25, 3.0]).numpy().tobytes())
+    staged = read_files([mixed_file, odd], dtype=dtype, chunk_bytes=4096, concurrency=concurrency, shared=False)
+    preads = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, views, offset: preads.append(offset) or real(fd, views, offset))
+    mapped = read_files([mixed_file, odd], dtype=dtype, chunk_bytes=4096, concurrency=concurrency, shared=False,
+                        map_source=True)
+    assert preads == []  # every byte was converted where the page cache holds it
+    for a, b in zip(staged, mapped, strict=True):
+        ours, ref = b.tensors(), a.tensors()
+        assert ours.keys() == ref.keys()
+        for name in ref:
+            assert _same_bits(ours[name], ref[name]), name
+        assert b.stats.bytes_read == a.stats.bytes_read
+
+
+def test_a_rate_cap_reads_through_staging_even_when_mapping_is_allowed(mixed_file: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    preads = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, views, offset: preads.append(offset) or real(fd, views, offset))
+    loaded = read_files([mixed_file], dtype=torch.float16, shared=False, map_source=True,
+                        read_bytes_per_s=1e12)
+    assert preads  # paced reads, not page faults the cap cannot see
+    assert _same_bits(loaded[0].tensors()["w32"], reference_load(str(mixed_file))["w32"].half())
+
+
 @pytest.fixture(scope="module")
 def big_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three files of ~1-3 MB each: many 64 kB ranges per file, tensors larger than one range."""

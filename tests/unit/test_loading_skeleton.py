@@ -138,6 +138,32 @@ def test_meta_parameters_only_affects_the_calling_thread() -> None:
     assert not torch.nn.Linear(2, 2).weight.is_meta  # and the patch is gone afterwards
 
 
+def test_initialisers_skip_meta_tensors_while_building_and_still_initialise_real_ones() -> None:
+    # A skeleton's parameters are meta: initialising them is skipped (it cost half the build). A real tensor, in
+    # this thread or another (a LoRA layer created during a skeleton build), is initialised as before, through
+    # torch.nn.init and through transformers' own table of it.
+    from transformers import initialization as hf_init
+
+    original = torch.nn.init.normal_
+    real = torch.zeros(64, 64)
+    torch.manual_seed(0)
+    expected = torch.nn.init.kaiming_uniform_(torch.zeros(64, 64), a=5 ** 0.5)
+    with meta_parameters():
+        meta = torch.empty(4, 4, device="meta")
+        assert torch.nn.init.normal_(meta) is meta
+        assert hf_init.TORCH_INIT_FUNCTIONS["normal_"](meta) is meta
+        torch.manual_seed(0)
+        seen = {}
+        t = threading.Thread(target=lambda: seen.update(w=torch.nn.init.kaiming_uniform_(real, a=5 ** 0.5)))
+        t.start()
+        t.join()
+        assert torch.equal(seen["w"], expected)
+        assert hf_init.TORCH_INIT_FUNCTIONS["ones_"](torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+        assert torch.nn.init.normal_ is not original
+    assert torch.nn.init.normal_ is original  # restored once no build is running
+    assert hf_init.TORCH_INIT_FUNCTIONS["normal_"] is torch.nn.init.normal_
+
+
 def test_cache_hit_returns_an_equivalent_fresh_module_without_rebuilding(
     tiny_family: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

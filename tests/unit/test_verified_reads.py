@@ -1,5 +1,6 @@
 """Verified reads: a file carrying the CRC-32C recorded when it was cached is checked while the reader reads it, on
-every read path (shared memory by sendfile, private memory, converted through staging chunks, mapped, CUDA), and
+every read path (shared memory by sendfile, private memory, converted through staging chunks or from a mapping of
+the file, mapped, CUDA), and
 a flipped byte fails the read with CorruptRead naming the file; a file without a checksum, or verify=False, reads
 as before."""
 from __future__ import annotations
@@ -22,6 +23,7 @@ MODES = {
     "shared, unconverted (sendfile)": {"shared": True},
     "private, unconverted (pread)": {"shared": False},
     "converted through staging chunks": {"shared": True, "dtype": torch.float16},
+    "converted from a mapping of the file": {"shared": False, "dtype": torch.float16, "map_source": True},
 }
 
 

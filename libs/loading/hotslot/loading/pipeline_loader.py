@@ -86,6 +86,7 @@ def _read_components(
     chunk_bytes: int,
     concurrency: int,
     verify: bool = True,
+    map_source: bool = False,
 ) -> tuple[list[tuple[str, str, torch.Tensor, tuple]], ReadStats]:
     """Every weight file of `names` read in this process, `concurrency` reads at a time, into private memory
     (nothing crosses a process here, and /dev/shm is often small: 64 MB in Docker). Returns (component, path,
@@ -94,7 +95,7 @@ def _read_components(
                 for p in layout.component(c).weight_files]
     owners = [c for c in names for _ in layout.component(c).weight_files]
     loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
-                        shared=False, verify=verify) if requests else []
+                        shared=False, verify=verify, map_source=map_source) if requests else []
     stats = ReadStats()
     for f in loaded:
         stats.add(f.stats)
@@ -145,9 +146,12 @@ def read_weights(
     go through the preloader. The mapped files are part of the returned weights like the read ones.
 
     `convert_here` (CPU only): the components that need a conversion are read and converted in this process
-    instead of the preloader, `read_concurrency` threads at once, into private memory (`meanwhile` runs in
-    another thread beside them): a private page costs ~30 % less to fill than a shared one (measured on an SD 1.5 fp16 -> fp32 load),
-    and nothing has to cross a process. With both, the preloader is not used at all on CPU.
+    instead of the preloader, `read_concurrency` threads at once, into private memory: a private page costs ~30 %
+    less to fill than a shared one (measured on an SD 1.5 fp16 -> fp32 load), and nothing has to cross a process.
+    With `map_files` too they are converted from a mapping of the file, without a staging copy (`read_files`'
+    `map_source`). With both, the preloader is not used at all on CPU.
+
+    `meanwhile` runs in a thread of its own beside everything this does here (mapping, verifying, converting).
 
     `verify`: files that carry a recorded checksum are checked (the preloader's by its own `verify_reads`; mapped
     and converted-here files here); a mismatch raises CorruptRead naming the file."""
@@ -172,17 +176,22 @@ def read_weights(
             read_concurrency=read_concurrency,
             variant=variant,
         )
+    beside = threading.Thread(target=meanwhile, name="hotslot-prefetch", daemon=True) if meanwhile else None
     try:
-        mapped_files = [(c, map_safetensors(p)) for c in mapped for p in layout.component(c).weight_files]
-        if verify:
-            verify_mapped([f for _, f in mapped_files], read_concurrency or DEFAULT_READ_CONCURRENCY)
-        files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
-        if here:
-            converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
-                                      read_concurrency or DEFAULT_READ_CONCURRENCY, meanwhile, verify)
-            files += converted.files
-        elif meanwhile is not None:
-            meanwhile()
+        if beside is not None:
+            beside.start()
+        try:
+            mapped_files = [(c, map_safetensors(p)) for c in mapped for p in layout.component(c).weight_files]
+            if verify:
+                verify_mapped([f for _, f in mapped_files], read_concurrency or DEFAULT_READ_CONCURRENCY)
+            files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
+            if here:
+                converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
+                                          read_concurrency or DEFAULT_READ_CONCURRENCY, verify, map_files)
+                files += converted.files
+        finally:
+            if beside is not None:
+                beside.join()
         if future is None:
             timings = converted.timings if here else LoadTimings(files=len(files), reader="executor")
             return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(
@@ -204,18 +213,11 @@ def _convert_here(
     keep: dict[str, tuple[str, ...]],
     chunk_bytes: int,
     concurrency: int,
-    meanwhile: Callable[[], None] | None,
     verify: bool = True,
+    map_source: bool = False,
 ) -> LoadedWeights:
-    beside = threading.Thread(target=meanwhile, name="hotslot-prefetch", daemon=True) if meanwhile else None
-    if beside is not None:
-        beside.start()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    try:
-        files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency, verify)
-    finally:
-        if beside is not None:
-            beside.join()
+    files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency, verify, map_source)
     timings = LoadTimings(read_s=time.perf_counter() - t0, bytes_read=stats.bytes_read, bytes=stats.bytes_out,
                           files=stats.files, cpu_s=time.process_time() - cpu0, reader="executor")
     return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(files)

@@ -38,6 +38,7 @@ import struct
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,6 +478,16 @@ class _Source:
             pos += k
         self._account(pos, t0)
 
+    def mapped_range(self, mapping: torch.Tensor, offset: int, nbytes: int) -> torch.Tensor:
+        """The file's bytes [offset, offset + nbytes) as a view of `mapping` (the whole file, mapped), faulted in
+        first in one call (read from disk if they are not in the page cache): the bytes are then read where they
+        are, with no copy into a staging buffer."""
+        t0 = time.perf_counter()
+        view = mapping[offset : offset + nbytes]
+        _madvise_populate(view)
+        self._account(nbytes, t0)
+        return view
+
     def _truncated(self) -> DataLoss:
         return _corrupt(self.path, "file ended before its data section did (truncated or changed)")
 
@@ -598,6 +609,7 @@ class _Job:
     head: bytes = b""  # the file's bytes before the data section (verified files)
     digests: dict[int, int] = field(default_factory=dict)  # block index -> XXH3-64, from the reading threads
     stream: checksum.BlockHasher | None = None  # CUDA: one thread reads the file in order and hashes it so
+    mapping: torch.Tensor | None = None  # map_source: the whole file mapped; conversions read from it in place
 
     def expect(self, value: int | None, head: bytes) -> None:
         """Verify this file against `value`; hashes the blocks that lie wholly in `head` (the header) now."""
@@ -691,6 +703,7 @@ def read_files(
     buffers: ReadBuffers | None = None,
     shm: str = "memfd",
     verify: bool = True,
+    map_source: bool = False,
 ) -> list[LoadedFile]:
     """Reads several safetensors files, `concurrency` reads at a time, each into a single buffer on `device`;
     returns them in order. On CPU a file is cut into `chunk_bytes` ranges that different threads read (and
@@ -701,6 +714,9 @@ def read_files(
     `_allocate_memfd`) or "torch" (`UntypedStorage._new_shared`: /dev/shm, pages reserved and zero-filled).
     `verify`: check the files that carry a recorded checksum while reading them (module docstring); a mismatch
     raises CorruptRead (a DataLoss) naming the file.
+    `map_source` (CPU; files on a local disk only, as for `map_safetensors`): files that need a conversion are
+    mapped and converted from the page cache's pages where they are, instead of being read into a staging buffer
+    first: one copy of the file's bytes fewer (without a rate cap; with one, the reads are staged and paced).
 
     The other arguments and the errors are those of `read_safetensors`; `keep_fp32` applies to files given as
     plain paths."""
@@ -721,7 +737,7 @@ def read_files(
     try:
         for request in requests:
             jobs.append(_open_job(Path(request.path), request.keep_fp32, device, dtype, chunk_bytes, shared, cap,
-                                  shm, verify))
+                                  shm, verify, map_source=map_source and device.type == "cpu" and not cap.rate))
         tasks = _interleave([_tasks(job, device, chunk_bytes) for job in jobs])
         _run(tasks, min(concurrency, max(len(tasks), 1)), buffers, device, chunk_bytes)
         for job in jobs:
@@ -729,6 +745,7 @@ def read_files(
     finally:
         for job in jobs:
             job.source.f.close()
+            job.mapping = None  # unmapped once no view is left
     out = []
     for job in jobs:
         job.stats.bytes_out = sum(spec.nbytes for spec in job.specs)
@@ -749,6 +766,7 @@ def _open_job(
     cap: _RateCap,
     shm: str,
     verify: bool = False,
+    map_source: bool = False,
 ) -> _Job:
     stats = ReadStats(files=1)
     f = _open(path)
@@ -757,6 +775,8 @@ def _open_job(
         expected = checksum.read_recorded(f.fileno()) if verify and checksum.available() else None
         job = _open_source(path, f, header, keep_fp32, device, dtype, chunk, shared, cap, shm, stats,
                            checksum.BLOCK_BYTES if expected is not None else 0)
+        if map_source and job.staged and header.data_bytes:
+            job.mapping = _map_whole(path, f)
         if expected is not None:
             job.expect(expected, os.pread(f.fileno(), header.data_start, 0))
         return job
@@ -790,6 +810,20 @@ def _open_source(path: Path, f, header: SafetensorsHeader, keep_fp32: Callable[[
     stage = max(min(chunk, header.data_bytes), 1)
     return _Job(path, source, header, buffer, specs, stats, True,
                 pieces=_pieces(header.tensors, specs, stage, block, header.data_start))
+
+
+def _map_whole(path: Path, f) -> torch.Tensor | None:
+    """The whole file as a read-only mapping (a uint8 tensor over it); None where it cannot be mapped (then it is
+    read through staging buffers). The header check has seen the file hold its whole data section."""
+    try:
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+    with warnings.catch_warnings():  # read-only on purpose: nothing writes to the source
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mapped, dtype=torch.uint8)
 
 
 def _tasks(job: _Job, device: torch.device, chunk: int) -> list[_Task]:
@@ -898,11 +932,26 @@ def _run_task(task: _Task, buffers: ReadBuffers, device: torch.device, chunk: in
         stage_bytes = max(min(chunk, job.header.data_bytes), 1)
         _read_staged_cuda(job, data_start, job.buffer, job.pieces, stage_bytes, buffers, device)
         return
-    stage = buffers.cpu(max(min(chunk, job.header.data_bytes), 1))
-    job.source.pread_into(memoryview(stage.numpy())[: task.hi - task.lo], data_start + task.lo)  # type: ignore[arg-type]
-    job.checksum(task.lo, task.hi, stage[: task.hi - task.lo])
-    for p in task.batch or ():  # staged CPU reads always have their batch
+    if job.mapping is not None:
+        stage = job.source.mapped_range(job.mapping, data_start + task.lo, task.hi - task.lo)
+    else:
+        stage = buffers.cpu(max(min(chunk, job.header.data_bytes), 1))
+        job.source.pread_into(memoryview(stage.numpy())[: task.hi - task.lo], data_start + task.lo)  # type: ignore[arg-type]
+    if job.expected is None:
+        for p in task.batch or ():  # staged CPU reads always have their batch
+            _convert_piece(job.buffer, stage, task.lo, p)
+        return
+    # Hash a checksum block, then convert the pieces in it while its bytes are still in the CPU's cache (pieces of a
+    # verified file end on block boundaries), rather than hash the whole range and then read it from memory again.
+    block, hashed = checksum.BLOCK_BYTES, task.lo
+    for p in task.batch or ():
+        if p.hi > hashed:
+            end = min(task.hi, -(-(data_start + p.hi) // block) * block - data_start)
+            job.checksum(hashed, end, stage[hashed - task.lo : end - task.lo])
+            hashed = end
         _convert_piece(job.buffer, stage, task.lo, p)
+    if hashed < task.hi:
+        job.checksum(hashed, task.hi, stage[hashed - task.lo : task.hi - task.lo])
 
 
 def read_safetensors(
@@ -979,7 +1028,7 @@ def _convert_piece(out: torch.Tensor, stage: torch.Tensor, start: int, p: _Piece
     """Copies (converting) one piece from the staging chunk (which holds the file from byte `start`) to `out`."""
     src_item, dst_item = p.entry.dtype.itemsize, p.spec.dtype.itemsize
     src = stage[p.lo - start : p.hi - start]
-    if (p.lo - start) % src_item:
+    if src.data_ptr() % src_item or src.storage_offset() % src_item:
         src = src.clone()  # a tensor misaligned in the file: realign before reinterpreting the bytes
     first = (p.lo - p.entry.begin) // src_item
     count = (p.hi - p.lo) // src_item

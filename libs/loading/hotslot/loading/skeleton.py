@@ -22,13 +22,14 @@ from __future__ import annotations
 import copy
 import copyreg
 import enum
+import functools
 import hashlib
 import os
 import threading
 import time
 import types
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,57 @@ def _register_parameter_on_meta(self: nn.Module, name: str, param: nn.Parameter 
         self._parameters[name] = type(registered)(registered.to("meta"), requires_grad=registered.requires_grad)
 
 
+# torch.nn.init's initialisers (and transformers' table of them), which a module constructor runs on its parameters:
+# on a meta tensor they change nothing, yet each costs Python-level meta kernels (about half of building an SD 1.5
+# skeleton). While `meta_parameters()` is in use they return a meta tensor untouched; any other tensor (in any
+# thread) is initialised as before. (diffusers' `no_init_weights` skips them for every tensor, process-wide.)
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+_original_inits: dict[str, Callable[..., Any]] = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS
+                                                  if hasattr(nn.init, name)}
+
+
+def _skipping_on_meta(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+            return tensor
+        return original(tensor, *args, **kwargs)
+
+    return init
+
+
+_meta_inits = {name: _skipping_on_meta(name, fn) for name, fn in _original_inits.items()}
+_hf_originals: dict[str, Callable[..., Any]] = {}
+
+
+def _hf_init_table() -> dict[str, Callable[..., Any]] | None:
+    """transformers' own table of torch's initialisers (recent versions call through it, not through nn.init)."""
+    try:
+        from transformers import initialization
+    except ImportError:
+        return None
+    table = getattr(initialization, "TORCH_INIT_FUNCTIONS", None)
+    return table if isinstance(table, dict) else None
+
+
+def _install_meta_inits(on: bool) -> None:
+    for name, fn in (_meta_inits if on else _original_inits).items():
+        setattr(nn.init, name, fn)
+    table = _hf_init_table()
+    if table is None:
+        return
+    if on:
+        for name, fn in list(table.items()):
+            if callable(fn):
+                _hf_originals[name] = fn
+                table[name] = _skipping_on_meta(name, fn)
+    else:
+        table.update(_hf_originals)
+        _hf_originals.clear()
+
+
 @contextmanager
 def meta_parameters() -> Iterator[None]:
     """Within the block (in this thread), every parameter a module registers moves to the meta device; buffers
@@ -165,6 +217,7 @@ def meta_parameters() -> Iterator[None]:
     with _patch_lock:
         if _patch_users == 0:
             nn.Module.register_parameter = _register_parameter_on_meta  # type: ignore[method-assign]  # the patch
+            _install_meta_inits(True)
         _patch_users += 1
     previous = getattr(_meta_state, "active", False)
     _meta_state.active = True
@@ -176,6 +229,7 @@ def meta_parameters() -> Iterator[None]:
             _patch_users -= 1
             if _patch_users == 0:
                 nn.Module.register_parameter = _original_register_parameter  # type: ignore[method-assign]
+                _install_meta_inits(False)
 
 
 def build_skeleton(cls: type[Any], config_dir: str | Path) -> nn.Module:

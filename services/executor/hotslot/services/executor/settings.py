@@ -118,8 +118,9 @@ class ExecutorSettings(ServiceSettings):
         True,
         description="On CPU, map weight files that need no dtype conversion straight from the storage-cache's view "
         "(copy-on-write, the page cache's pages, as from_pretrained does) instead of copying them into shared "
-        "memory; only files that are converted go through the preloader. Turn off if the node cache is on a network "
-        "file system.",
+        "memory; only files that are converted go through the preloader. With convert_in_executor, converted files "
+        "are also converted from a mapping of the view, without a staging copy. Turn off if the node cache is on a "
+        "network file system.",
     )
     convert_in_executor: bool = Field(
         True,
