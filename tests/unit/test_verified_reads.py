@@ -165,3 +165,25 @@ def test_the_preloader_child_checks_what_it_reads_unless_told_not_to(model_file:
         with pytest.raises(CorruptRead) as caught:
             future.result(120)
     assert caught.value.path == str(model_file)  # rebuilt in the parent with the file it names
+
+
+@needs_xxhash
+def test_only_buffers_this_process_has_not_touched_are_left_to_populate(model_file: Path, tmp_path: Path) -> None:
+    # Hashing a mapped file and converting into private memory fault every page in already; a second populate would
+    # only walk the page tables again. A mapped file nobody hashed, or shared memory filled by sendfile, is not.
+    from hotslot.loading.preloader import LoadedWeights
+
+    unverified = tmp_path / "vae.safetensors"
+    save_file({"w": torch.ones(1000)}, str(unverified))
+    verified, plain = map_safetensors(model_file), map_safetensors(unverified)
+    verify_mapped([verified, plain], 2)
+    assert verified.resident and not plain.resident
+    converted = read_files([model_file], dtype=torch.float16, shared=False)[0]
+    by_sendfile = read_files([model_file], shared=True)[0]
+    assert converted.resident and not by_sendfile.resident
+    files = {"unet": verified, "vae": plain, "text_encoder": converted, "extra": by_sendfile}
+    weights = LoadedWeights("r", "m", "cpu", None, {}, []).with_files(
+        [(c, f"{c}/{Path(f.path).name}", f.buffer, f.specs) for c, f in files.items()],
+        [f"{c}/{Path(f.path).name}" for c, f in files.items() if f.resident])
+    left = {id(b) for b in weights.to_populate}
+    assert left == {id(plain.buffer), id(by_sendfile.buffer)}

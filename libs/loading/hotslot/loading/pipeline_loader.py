@@ -185,23 +185,25 @@ def read_weights(
             if verify:
                 verify_mapped([f for _, f in mapped_files], read_concurrency or DEFAULT_READ_CONCURRENCY)
             files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
+            resident = {f.path for _, f in mapped_files if f.resident}  # verified: hashing faulted them in
             if here:
                 converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
                                           read_concurrency or DEFAULT_READ_CONCURRENCY, verify, map_files)
                 files += converted.files
+                resident |= converted.resident  # written by this process's threads
         finally:
             if beside is not None:
                 beside.join()
         if future is None:
             timings = converted.timings if here else LoadTimings(files=len(files), reader="executor")
             return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(
-                files)
+                files, resident)
         weights = future.result(timeout_s)
     except BaseException:
         if future is not None:
             future.add_done_callback(lambda f: _release_if_loaded(preloader, model_key, f))
         raise
-    return weights.with_files(files) if files else weights
+    return weights.with_files(files, resident) if files else weights
 
 
 def _convert_here(
@@ -220,7 +222,8 @@ def _convert_here(
     files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency, verify, map_source)
     timings = LoadTimings(read_s=time.perf_counter() - t0, bytes_read=stats.bytes_read, bytes=stats.bytes_out,
                           files=stats.files, cpu_s=time.process_time() - cpu0, reader="executor")
-    return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(files)
+    return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(
+        files, [path for _, path, _, _ in files])  # written by this process's threads: resident
 
 
 def load_pipeline(

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from multiprocessing import connection as mp_connection
@@ -132,10 +132,16 @@ class LoadedWeights:
     components: dict[str, dict[str, torch.Tensor]] = field(repr=False)
     files: list[tuple[str, str, torch.Tensor, tuple[TensorSpec, ...]]] = field(repr=False)  # component, path, ...
     timings: LoadTimings = field(default_factory=LoadTimings)
+    resident: frozenset[str] = frozenset()  # paths of files already in this process's page tables (no populate)
 
     @property
     def buffers(self) -> list[torch.Tensor]:
         return [buf for _, _, buf, _ in self.files]
+
+    @property
+    def to_populate(self) -> list[torch.Tensor]:
+        """The buffers whose pages this process has not touched yet (handed over, or mapped and not verified)."""
+        return [buf for _, path, buf, _ in self.files if path not in self.resident]
 
     @property
     def nbytes(self) -> int:
@@ -146,10 +152,14 @@ class LoadedWeights:
         preloader may release or lose them: IPC memory belongs to the child and dies with it."""
         return self.with_buffers([buf.clone() for buf in self.buffers])
 
-    def with_files(self, files: Sequence[tuple[str, str, torch.Tensor, tuple[TensorSpec, ...]]]) -> LoadedWeights:
-        """These weights plus more files (component, path, buffer, specs), e.g. files mapped in this process."""
-        return _weights(self.request_id, self.model_key, self.device, self.dtype, [*self.files, *files],
-                        self.timings)
+    def with_files(self, files: Sequence[tuple[str, str, torch.Tensor, tuple[TensorSpec, ...]]],
+                   resident: Collection[str] = ()) -> LoadedWeights:
+        """These weights plus more files (component, path, buffer, specs), e.g. files mapped in this process;
+        `resident`: those of their paths whose pages this process has touched already."""
+        weights = _weights(self.request_id, self.model_key, self.device, self.dtype, [*self.files, *files],
+                           self.timings)
+        weights.resident = self.resident | frozenset(resident)
+        return weights
 
     def with_buffers(self, buffers: Sequence[torch.Tensor]) -> LoadedWeights:
         """The same weights over other buffers (one per file, same layout): a copy, or the files moved to another

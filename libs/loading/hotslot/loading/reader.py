@@ -196,6 +196,7 @@ class LoadedFile:
     metadata: dict[str, str] = field(default_factory=dict)
     stats: ReadStats = field(default_factory=ReadStats)
     data_start: int = 0  # where the buffer's bytes start in the file (mapped files: their data section)
+    resident: bool = False  # every page is already in this process's page tables: `populate` would add nothing
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return tensor_views(self.buffer, self.specs)
@@ -749,7 +750,10 @@ def read_files(
     out = []
     for job in jobs:
         job.stats.bytes_out = sum(spec.nbytes for spec in job.specs)
-        out.append(LoadedFile(str(job.path), job.buffer, job.specs, job.header.metadata, job.stats))
+        # written through this process's mapping (converted, or read in place without sendfile): resident
+        resident = device.type == "cpu" and (job.staged or job.out_fd is None)
+        out.append(LoadedFile(str(job.path), job.buffer, job.specs, job.header.metadata, job.stats,
+                              resident=resident))
     if len(jobs) == 1:
         s = jobs[0].stats  # one file read alone: what is not reading, allocating or sleeping is conversion
         s.convert_s = max(time.perf_counter() - started - s.read_s - s.throttle_s - s.alloc_s, 0.0)
@@ -1204,6 +1208,7 @@ def verify_mapped(files: Sequence[LoadedFile], concurrency: int = DEFAULT_READ_C
     for (f, expected), found in zip(checked, digests, strict=True):
         if checksum.root(found, f.data_start + f.buffer.numel()) != expected:
             raise CorruptRead.of(f.path)
+        f.resident = True  # hashing faulted every page in
     return sum(f.data_start + f.buffer.numel() for f, _ in checked)
 
 

@@ -187,7 +187,7 @@ class ModelLoader:
             weights = weights.owned_copy()
         t_populate = time.perf_counter()
         if not self.is_cuda:
-            populate(weights.buffers, self.read_concurrency)
+            populate(weights.to_populate, self.read_concurrency)  # verified or converted here: touched already
         populate_s = time.perf_counter() - t_populate
         # On CPU the parent's mapping keeps the shared memory alive, so the child can drop its reference now.
         self.preloader.release(key)
@@ -230,8 +230,8 @@ class ModelLoader:
                 verify_mapped([mapped], 1)
             weights = LoadedWeights(f"here-{uuid.uuid4().hex}", key, self.device, self.dtype, {}, [],
                                     LoadTimings(files=1, reader="executor")).with_files(
-                [(ADAPTER_COMPONENT, str(path), mapped.buffer, mapped.specs)])
-            populate(weights.buffers, 1)
+                [(ADAPTER_COMPONENT, str(path), mapped.buffer, mapped.specs)], [str(path)] if mapped.resident else [])
+            populate(weights.to_populate, 1)
         else:
             future = self.preloader.load(f"adapter-{uuid.uuid4().hex}", key, view_path, self.device, self.dtype,
                                          files=[(ADAPTER_COMPONENT, name)], chunk_bytes=self.chunk_bytes)
