@@ -16,8 +16,9 @@ from hotslot.services.executor.core import ExecutorCore, QueuedState
 from hotslot.services.executor.costs import CostModel, Line, fit_line, work_units
 from hotslot.services.executor.downstream import EnsuredView, ResolvedModel
 from hotslot.services.executor.generation import GenerationLimits, GenerationParams
-from hotslot.services.executor.loader import ModelLoader
-from hotslot.services.executor.ports import Loader, PreloaderHandle
+from hotslot.services.executor.loader import HostWeights, ModelLoader
+from hotslot.services.executor.lora import AdapterWeights
+from hotslot.services.executor.ports import Loader, PreloaderHandle, SharedParts
 from hotslot.services.executor.queue_policy import plan_next, service_order
 from hotslot.services.executor.slots import ModelKey, SlotManager, Tier
 
@@ -146,6 +147,8 @@ def make_core(loader: FakeLoader, views: FakeStorage | None = None, standby_budg
 def test_the_real_loader_and_preloader_and_these_fakes_are_what_the_core_expects(loader) -> None:
     assert issubclass(ModelLoader, Loader) and isinstance(loader, Loader)
     assert isinstance(Preloader(), PreloaderHandle) and isinstance(FakePreloader(), PreloaderHandle)
+    # a pipeline's held weights may share components with other models; an adapter's never do
+    assert issubclass(HostWeights, SharedParts) and not issubclass(AdapterWeights, SharedParts)
 
 
 async def until(predicate, what: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from .downstream import ViewProvider
+from .ports import SharedParts
 from .slots import SlotEntry, SlotManager
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,8 @@ class Leases:
     def on_evict(self, entry: SlotEntry) -> None:
         """A model (or adapter) left the slot manager: its weights and its lease go."""
         log.info("evicted %s (%d bytes)", entry.key, entry.size_bytes)
-        release = getattr(entry.weights, "release", None)  # shared components lose a user; the last frees them
-        if release is not None:
-            release()
+        if isinstance(entry.weights, SharedParts):
+            entry.weights.release()  # shared components lose a user; the last frees them
         if entry.lease_id:
             task = asyncio.get_running_loop().create_task(self.unpin(entry.lease_id))
             self.tasks.append(task)

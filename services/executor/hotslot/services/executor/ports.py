@@ -18,11 +18,24 @@ Pipeline = Any
 
 class Weights(Protocol):
     """A model's or a LoRA adapter's weights as the host tier holds them (`loader.HostWeights`,
-    `lora.AdapterWeights`). Optional: `part_sizes()` (component id -> bytes, for shared components) and `release()`
-    (the model left the executor); the core calls them where present."""
+    `lora.AdapterWeights`). Those made of components other models may share are `SharedParts` too."""
 
     @property
     def nbytes(self) -> int: ...
+
+
+@runtime_checkable
+class SharedParts(Protocol):
+    """Weights made of components that other held models may have byte for byte (`loader.HostWeights`): the
+    budgets count each shared component once, and the last model to leave frees it."""
+
+    def part_sizes(self) -> dict[str, int]:
+        """Component id -> bytes, for every component these weights hold."""
+        ...
+
+    def release(self) -> None:
+        """These weights left the executor: each component loses a user."""
+        ...
 
 
 class ReadOutcome(Protocol):

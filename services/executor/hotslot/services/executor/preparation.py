@@ -24,7 +24,7 @@ from .downstream import EnsuredView, ViewProvider
 from .jobs import Job, RequestQueue
 from .leases import Leases
 from .metrics import ExecutorMetrics
-from .ports import Loader, Pipeline, PreloaderHandle, ReadOutcome
+from .ports import Loader, Pipeline, PreloaderHandle, ReadOutcome, SharedParts
 from .records import ExecutorState, LoadPhase, PhaseTimes, PreloadOutcome
 from .slots import ModelKey, SlotEntry, SlotManager, Tier
 from .spans import SpanRecorder
@@ -186,7 +186,8 @@ class Preparations:
                 self.spans.record("read", t0_ns, time.time_ns(), ctx,
                                   {"hotslot.model": str(key), "hotslot.bytes": read.weights.nbytes,
                                    "hotslot.handoff_s": read.handoff_s})
-                parts: dict[str, int] = getattr(read.weights, "part_sizes", dict)()  # components it may share with others
+                weights = read.weights  # components it may share with others are counted once
+                parts = weights.part_sizes() if isinstance(weights, SharedParts) else {}
                 entry = self.slots.add_host(key, read.weights, read.weights.nbytes, lease_id=view.lease_id,
                                             view_path=view.view_path, base=prep.base, parts=parts)  # acquired
                 self.board.changed()
