@@ -251,6 +251,20 @@ def test_converting_from_a_mapping_of_the_file_is_bit_identical_and_copies_nothi
         assert b.stats.bytes_read == a.stats.bytes_read
 
 
+def test_a_mapped_range_that_cannot_be_faulted_in_is_read_with_pread_instead(mixed_file: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # An old kernel, an I/O error or a file cut short: touching the mapping would be SIGBUS, so pread reads it.
+    monkeypatch.setattr(reader_mod, "_madvise_populate", lambda part: False)
+    preads = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, views, offset: preads.append(offset) or real(fd, views, offset))
+    loaded = read_files([mixed_file], dtype=torch.float16, shared=False, map_source=True, chunk_bytes=4096)[0]
+    assert preads
+    ref = reference_load(str(mixed_file))
+    assert _same_bits(loaded.tensors()["w32"], ref["w32"].half())
+    assert _same_bits(loaded.tensors()["ids"], ref["ids"])
+
+
 def test_a_rate_cap_reads_through_staging_even_when_mapping_is_allowed(mixed_file: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     preads = []

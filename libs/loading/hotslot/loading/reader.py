@@ -479,13 +479,16 @@ class _Source:
             pos += k
         self._account(pos, t0)
 
-    def mapped_range(self, mapping: torch.Tensor, offset: int, nbytes: int) -> torch.Tensor:
+    def mapped_range(self, mapping: torch.Tensor, offset: int, nbytes: int) -> torch.Tensor | None:
         """The file's bytes [offset, offset + nbytes) as a view of `mapping` (the whole file, mapped), faulted in
         first in one call (read from disk if they are not in the page cache): the bytes are then read where they
-        are, with no copy into a staging buffer."""
+        are, with no copy into a staging buffer. None when they could not be faulted in (a kernel without
+        MADV_POPULATE_READ, an I/O error, a file cut short since it was opened): the caller reads them with pread,
+        which reports such errors, where touching the mapping would kill the process with SIGBUS."""
         t0 = time.perf_counter()
         view = mapping[offset : offset + nbytes]
-        _madvise_populate(view)
+        if not _madvise_populate(view):
+            return None
         self._account(nbytes, t0)
         return view
 
@@ -936,8 +939,10 @@ def _run_task(task: _Task, buffers: ReadBuffers, device: torch.device, chunk: in
         stage_bytes = max(min(chunk, job.header.data_bytes), 1)
         _read_staged_cuda(job, data_start, job.buffer, job.pieces, stage_bytes, buffers, device)
         return
-    if job.mapping is not None:
-        stage = job.source.mapped_range(job.mapping, data_start + task.lo, task.hi - task.lo)
+    mapped = None if job.mapping is None else job.source.mapped_range(job.mapping, data_start + task.lo,
+                                                                       task.hi - task.lo)
+    if mapped is not None:
+        stage = mapped
     else:
         stage = buffers.cpu(max(min(chunk, job.header.data_bytes), 1))
         job.source.pread_into(memoryview(stage.numpy())[: task.hi - task.lo], data_start + task.lo)  # type: ignore[arg-type]
