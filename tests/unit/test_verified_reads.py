@@ -187,3 +187,25 @@ def test_only_buffers_this_process_has_not_touched_are_left_to_populate(model_fi
         [f"{c}/{Path(f.path).name}" for c, f in files.items() if f.resident])
     left = {id(b) for b in weights.to_populate}
     assert left == {id(plain.buffer), id(by_sendfile.buffer)}
+
+
+@needs_xxhash
+def test_an_error_in_a_verifying_thread_is_raised_not_taken_for_a_corrupt_file(model_file: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failure in a helper thread used to leave its blocks unhashed, which then read as a checksum mismatch.
+    import threading
+
+    real = checksum.block_digest
+    helper_ran = threading.Event()
+
+    def failing_in_helpers(*parts):
+        if threading.current_thread().name.startswith("hotslot-verify-"):
+            helper_ran.set()
+            raise MemoryError("no memory for the digest")
+        helper_ran.wait(10)  # the calling thread leaves work for the helpers
+        return real(*parts)
+
+    monkeypatch.setattr(checksum, "block_digest", failing_in_helpers)
+    monkeypatch.setattr("hotslot.loading.reader._POPULATE_RANGE_BYTES", checksum.BLOCK_BYTES)  # many work items
+    with pytest.raises(MemoryError):
+        verify_mapped([map_safetensors(model_file)], 4)

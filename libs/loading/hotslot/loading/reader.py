@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch.multiprocessing import get_sharing_strategy
@@ -860,36 +860,36 @@ def _interleave(per_file: list[list[_Task]]) -> list[_Task]:
     return out
 
 
-def _run(tasks: list[_Task], threads: int, buffers: ReadBuffers, device: torch.device, chunk: int) -> None:
-    """Runs the tasks in order on `threads` threads (this one included); the first error stops the others and
-    is raised here."""
-    if not tasks:
-        return
-    queue = iter(tasks)
+T = TypeVar("T")
+
+
+def _on_threads(items: Sequence[T], threads: int, name: str, handle: Callable[[int, T], None],
+                done: Callable[[int], None] | None = None) -> None:
+    """Calls `handle(thread index, item)` for every item, in order, on up to `threads` threads (this one is index
+    0); the first error stops the others and is raised here. `done(index)` runs as each thread ends."""
+    queue = iter(items)
     lock = threading.Lock()
     failed: list[BaseException] = []
 
     def work(index: int) -> None:
-        mine = buffers.worker(index)
-        out_fds: dict[int, int] = {}  # job id -> this thread's own descriptor of the job's memory file
         try:
             while True:
                 with lock:
                     if failed:
                         return
-                    task = next(queue, None)
-                if task is None:
+                    item = next(queue, None)
+                if item is None:
                     return
-                _run_task(task, mine, device, chunk, out_fds)
+                handle(index, item)
         except BaseException as err:  # noqa: BLE001 - handed to the calling thread
             with lock:
                 failed.append(err)
         finally:
-            for fd in out_fds.values():
-                os.close(fd)
+            if done is not None:
+                done(index)
 
-    others = [threading.Thread(target=work, args=(i,), name=f"hotslot-read-{i}", daemon=True)
-              for i in range(1, threads)]
+    others = [threading.Thread(target=work, args=(i,), name=f"{name}-{i}", daemon=True)
+              for i in range(1, min(threads, len(items)))]
     for t in others:
         t.start()
     work(0)
@@ -897,6 +897,19 @@ def _run(tasks: list[_Task], threads: int, buffers: ReadBuffers, device: torch.d
         t.join()
     if failed:
         raise failed[0]
+
+
+def _run(tasks: list[_Task], threads: int, buffers: ReadBuffers, device: torch.device, chunk: int) -> None:
+    """Runs the tasks in order on `threads` threads (this one included); the first error stops the others and
+    is raised here."""
+    out_fds: dict[int, dict[int, int]] = {i: {} for i in range(threads)}  # per thread: job id -> own descriptor
+
+    def close_fds(index: int) -> None:
+        for fd in out_fds[index].values():
+            os.close(fd)
+
+    _on_threads(tasks, threads, "hotslot-read",
+                lambda i, task: _run_task(task, buffers.worker(i), device, chunk, out_fds[i]), close_fds)
 
 
 def _private_fd(job: _Job, out_fds: dict[int, int]) -> int | None:
@@ -1140,27 +1153,12 @@ def populate(buffers: Sequence[torch.Tensor], concurrency: int = DEFAULT_READ_CO
         flat = buf.view(torch.uint8) if buf.dtype != torch.uint8 else buf
         n = flat.numel() * flat.element_size()
         ranges += [flat[lo : lo + _POPULATE_RANGE_BYTES] for lo in range(0, n, _POPULATE_RANGE_BYTES)]
-    if not ranges:
-        return 0
-    queue = iter(ranges)
-    lock = threading.Lock()
 
-    def work() -> None:
-        while True:
-            with lock:
-                part = next(queue, None)
-            if part is None:
-                return
-            if not _madvise_populate(part):
-                part[::PAGE_BYTES].sum()  # an older kernel: touch one byte per page
+    def fault_in(_: int, part: torch.Tensor) -> None:
+        if not _madvise_populate(part):
+            part[::PAGE_BYTES].sum()  # an older kernel: touch one byte per page
 
-    threads = [threading.Thread(target=work, name=f"hotslot-populate-{i}", daemon=True)
-               for i in range(1, min(concurrency, len(ranges)))]
-    for t in threads:
-        t.start()
-    work()
-    for t in threads:
-        t.join()
+    _on_threads(ranges, concurrency, "hotslot-populate", fault_in)
     return sum(r.numel() for r in ranges)
 
 
@@ -1179,37 +1177,22 @@ def verify_mapped(files: Sequence[LoadedFile], concurrency: int = DEFAULT_READ_C
         digests.append({})
         n = checksum.blocks(f.data_start + f.buffer.numel())
         work_items += [(i, head, k, min(k + per_item, n)) for k in range(0, n, per_item)]
-    if not work_items:
-        return 0
-    queue = iter(work_items)
-    lock = threading.Lock()
+    block = checksum.BLOCK_BYTES
 
-    def work() -> None:
-        block = checksum.BLOCK_BYTES
-        while True:
-            with lock:
-                item = next(queue, None)
-            if item is None:
-                return
-            i, head, first, last = item
-            f = checked[i][0]
-            start, size = f.data_start, f.data_start + f.buffer.numel()
-            lo, hi = max(first * block - start, 0), max(min(last * block, size) - start, 0)
-            if hi > lo:
-                _madvise_populate(f.buffer[lo:hi])
-            for k in range(first, last):
-                a, b = k * block, min((k + 1) * block, size)
-                parts = [head[a:b]] if a < start else []
-                parts.append(f.buffer[max(a - start, 0) : max(b - start, 0)])
-                digests[i][k] = checksum.block_digest(*parts)
+    def hash_blocks(_: int, item: tuple[int, bytes, int, int]) -> None:
+        i, head, first, last = item
+        f = checked[i][0]
+        start, size = f.data_start, f.data_start + f.buffer.numel()
+        lo, hi = max(first * block - start, 0), max(min(last * block, size) - start, 0)
+        if hi > lo:
+            _madvise_populate(f.buffer[lo:hi])
+        for k in range(first, last):
+            a, b = k * block, min((k + 1) * block, size)
+            parts: list[bytes | torch.Tensor] = [head[a:b]] if a < start else []
+            parts.append(f.buffer[max(a - start, 0) : max(b - start, 0)])
+            digests[i][k] = checksum.block_digest(*parts)
 
-    threads = [threading.Thread(target=work, name=f"hotslot-verify-{i}", daemon=True)
-               for i in range(1, min(concurrency, len(work_items)))]
-    for t in threads:
-        t.start()
-    work()
-    for t in threads:
-        t.join()
+    _on_threads(work_items, concurrency, "hotslot-verify", hash_blocks)
     for (f, expected), found in zip(checked, digests, strict=True):
         if checksum.root(found, f.data_start + f.buffer.numel()) != expected:
             raise CorruptRead.of(f.path)
