@@ -156,10 +156,8 @@ class LoadedWeights:
                    resident: Collection[str] = ()) -> LoadedWeights:
         """These weights plus more files (component, path, buffer, specs), e.g. files mapped in this process;
         `resident`: those of their paths whose pages this process has touched already."""
-        weights = _weights(self.request_id, self.model_key, self.device, self.dtype, [*self.files, *files],
-                           self.timings)
-        weights.resident = self.resident | frozenset(resident)
-        return weights
+        return _weights(self.request_id, self.model_key, self.device, self.dtype, [*self.files, *files],
+                        self.timings, self.resident | frozenset(resident))
 
     def with_buffers(self, buffers: Sequence[torch.Tensor]) -> LoadedWeights:
         """The same weights over other buffers (one per file, same layout): a copy, or the files moved to another
@@ -168,11 +166,11 @@ class LoadedWeights:
         return _weights(self.request_id, self.model_key, self.device, self.dtype, files, self.timings)
 
 
-def _weights(rid, key, device, dtype, files, timings) -> LoadedWeights:
+def _weights(rid, key, device, dtype, files, timings, resident: frozenset[str] = frozenset()) -> LoadedWeights:
     components: dict[str, dict[str, torch.Tensor]] = {}
     for component, _path, buf, specs in files:
         components.setdefault(component, {}).update(tensor_views(buf, specs))
-    return LoadedWeights(rid, key, device, dtype, components, list(files), timings)
+    return LoadedWeights(rid, key, device, dtype, components, list(files), timings, resident)
 
 
 def _dtype_name(dtype: torch.dtype | str | None) -> str | None:

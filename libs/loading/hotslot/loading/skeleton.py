@@ -168,7 +168,7 @@ _original_inits: dict[str, Callable[..., Any]] = {name: getattr(nn.init, name) f
                                                   if hasattr(nn.init, name)}
 
 
-def _skipping_on_meta(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+def _skipping_on_meta(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
@@ -178,7 +178,7 @@ def _skipping_on_meta(name: str, original: Callable[..., Any]) -> Callable[..., 
     return init
 
 
-_meta_inits = {name: _skipping_on_meta(name, fn) for name, fn in _original_inits.items()}
+_meta_inits = {name: _skipping_on_meta(fn) for name, fn in _original_inits.items()}
 _hf_originals: dict[str, Callable[..., Any]] = {}
 
 
@@ -202,7 +202,7 @@ def _install_meta_inits(on: bool) -> None:
         for name, fn in list(table.items()):
             if callable(fn):
                 _hf_originals[name] = fn
-                table[name] = _skipping_on_meta(name, fn)
+                table[name] = _skipping_on_meta(fn)
     else:
         table.update(_hf_originals)
         _hf_originals.clear()
