@@ -23,6 +23,7 @@ recorded checksum first (as the storage-cache records one), so hotslot's rows ve
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -85,6 +86,8 @@ def child(case: str, path: Path, dtype_name: str, concurrency: int) -> dict:
     from hotslot.loading.reader import ReadRequest, read_files
 
     dtype = getattr(torch, dtype_name)
+    gc.collect()
+    gc.freeze()  # as the executor does after its imports (ModelLoader.warmup); the same for every case
     t0 = time.perf_counter()
     c0 = time.process_time()
     if case == "diffusers":

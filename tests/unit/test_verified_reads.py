@@ -209,3 +209,50 @@ def test_an_error_in_a_verifying_thread_is_raised_not_taken_for_a_corrupt_file(m
     monkeypatch.setattr("hotslot.loading.reader._POPULATE_RANGE_BYTES", checksum.BLOCK_BYTES)  # many work items
     with pytest.raises(MemoryError):
         verify_mapped([map_safetensors(model_file)], 4)
+
+
+@needs_xxhash
+@pytest.mark.parametrize("flipped", [False, True])
+def test_a_mapped_conversion_leaves_blocks_it_cannot_fault_in_to_pread_and_still_checks_them(
+        model_file: Path, flipped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Converted from a mapping, a range hashes the blocks that start in it to their ends, past the range: ranges
+    # and blocks need not line up. Where the pages past the range cannot be faulted in (an I/O error from some
+    # offset on), that block is read with pread at the end instead of touched (a SIGBUS), and is still checked.
+    from hotslot.loading import reader as reader_mod
+
+    bad_from = int(2.5 * checksum.BLOCK_BYTES)  # inside the third block
+    bases: list[int] = []
+    real_map, real_populate = reader_mod._map_whole, reader_mod._madvise_populate
+
+    def mapping(path, f):
+        whole = real_map(path, f)
+        bases.append(whole.data_ptr())
+        return whole
+
+    def populate(part):
+        start = part.data_ptr() - bases[-1]
+        return start + part.numel() <= bad_from and real_populate(part)
+
+    expected = read_files([model_file], dtype=torch.float16, shared=False, verify=False)[0].tensors()
+    if flipped:
+        _flip(model_file, model_file.stat().st_size - bad_from - 100)  # just past where faulting in fails
+    monkeypatch.setattr(reader_mod, "_map_whole", mapping)
+    monkeypatch.setattr(reader_mod, "_madvise_populate", populate)
+    reread = []
+    real_pread = os.pread
+
+    def counting(fd, n, offset):
+        if offset:
+            reread.append(offset)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", counting)
+    kwargs = {"dtype": torch.float16, "shared": False, "map_source": True, "chunk_bytes": 1_500_000,
+              "concurrency": 3}
+    if flipped:
+        with pytest.raises(CorruptRead):
+            read_files([model_file], **kwargs)
+        return
+    got = read_files([model_file], **kwargs)[0].tensors()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert 2 * checksum.BLOCK_BYTES in reread  # the block that straddles the failing offset: read and hashed
