@@ -68,7 +68,7 @@ class FakeLoader:
     def gate(self, model_id: str) -> threading.Event:
         return self.gates.setdefault(model_id, threading.Event())
 
-    def read(self, key: str, view_path: str, timeout_s: float, digests=None):
+    def read(self, key: str, view_path: str, timeout_s: float, digests=None, hashed=frozenset()):
         model_id = key.split("@")[0]
         if model_id in self.gates:
             assert self.gates[model_id].wait(30), "the test never opened the gate"

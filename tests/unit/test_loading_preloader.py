@@ -255,3 +255,47 @@ def test_map_files_maps_what_needs_no_conversion_and_the_rest_is_converted_once(
         np.testing.assert_array_equal(_image(pipe), _image(reference))
     finally:
         preloader.release("mapped").result(WAIT_S)
+
+
+@pytest.mark.parametrize(("dtype", "convert_here"), [(None, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["mapped", "converted in the child", "converted here"])
+def test_files_the_storage_cache_hashed_for_this_load_are_not_hashed_again_the_others_are(
+    preloader: Preloader, tiny_family: list[Path], tmp_path: Path, dtype: torch.dtype | None, convert_here: bool
+) -> None:
+    """`hashed` names the files the storage-cache copied and hashed for this very load: read_weights (mapped,
+    converted in the child or here) reads them unchecked, and still checks every other file."""
+    from hotslot import checksum
+    from hotslot.errors import CorruptRead
+    from hotslot.loading.layout import read_layout
+    from hotslot.loading.pipeline_loader import read_weights
+
+    if not checksum.available():
+        pytest.skip("xxhash is not installed")
+    root = tmp_path / "model"
+    shutil.copytree(tiny_family[2], root)
+    layout = read_layout(root)
+    weight_files = [p for c in ("unet", "vae", "text_encoder") for p in layout.component(c).weight_files]
+    for path in weight_files:
+        with open(path, "rb") as f:
+            if not checksum.record(path, checksum.of_file(f.fileno())):
+                pytest.skip("the filesystem keeps no user xattrs")
+    unet = layout.component("unet").weight_files[0]
+    with open(unet, "r+b") as f:  # a flipped byte under the recorded checksum
+        f.seek(-10, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([byte ^ 0xFF]))
+    rel = unet.relative_to(root).as_posix()
+
+    def read(hashed: frozenset[str]):
+        return read_weights(preloader, layout, "hashed", "cpu", dtype, map_files=True, convert_here=convert_here,
+                            hashed=hashed)
+
+    with pytest.raises(CorruptRead) as caught:
+        read(frozenset({"vae/diffusion_pytorch_model.safetensors"}))  # another file: the UNet is still checked
+    assert caught.value.path == str(unet)
+    try:
+        weights = read(frozenset({rel}))
+        assert set(weights.components) == {"unet", "vae", "text_encoder"}
+    finally:
+        preloader.release("hashed").result(WAIT_S)

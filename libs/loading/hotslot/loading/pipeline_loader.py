@@ -87,11 +87,12 @@ def _read_components(
     concurrency: int,
     verify: bool = True,
     map_source: bool = False,
+    hashed: frozenset[str] = frozenset(),
 ) -> tuple[list[tuple[str, str, torch.Tensor, tuple]], ReadStats]:
     """Every weight file of `names` read in this process, `concurrency` reads at a time, into private memory
     (nothing crosses a process here, and /dev/shm is often small: 64 MB in Docker). Returns (component, path,
     buffer, specs) per file and the summed stats."""
-    requests = [ReadRequest(p, module_predicate(keep.get(c, ()))) for c in names
+    requests = [ReadRequest(p, module_predicate(keep.get(c, ())), _relative(layout, p) not in hashed) for c in names
                 for p in layout.component(c).weight_files]
     owners = [c for c in names for _ in layout.component(c).weight_files]
     loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
@@ -100,6 +101,11 @@ def _read_components(
     for f in loaded:
         stats.add(f.stats)
     return [(c, str(f.path), f.buffer, f.specs) for c, f in zip(owners, loaded, strict=True)], stats
+
+
+def _relative(layout: PipelineLayout, path: str | Path) -> str:
+    """A file's path relative to the pipeline directory, as manifests and the storage-cache name it."""
+    return Path(path).relative_to(layout.root).as_posix()
 
 
 def _release_if_loaded(preloader: Preloader, key: str, future: Future) -> None:
@@ -135,6 +141,7 @@ def read_weights(
     meanwhile: Callable[[], None] | None = None,
     skip: frozenset[str] = frozenset(),
     verify: bool = True,
+    hashed: frozenset[str] = frozenset(),
 ) -> LoadedWeights:
     """Has the preloader read the weight components of `layout` (but those named in `skip`, which the caller
     holds already) (converted to `dtype`, keeping the modules that
@@ -154,7 +161,10 @@ def read_weights(
     `meanwhile` runs in a thread of its own beside everything this does here (mapping, verifying, converting).
 
     `verify`: files that carry a recorded checksum are checked (the preloader's by its own `verify_reads`; mapped
-    and converted-here files here); a mismatch raises CorruptRead naming the file."""
+    and converted-here files here); a mismatch raises CorruptRead naming the file. `hashed`: files (paths
+    relative to the layout's root) read unchecked all the same, because their bytes were hashed a moment ago: the
+    storage-cache copied them for this load and hashed every byte of the copy (sha256 and the read checksum), so
+    hashing them again here would only pay the same CPU twice."""
     names, keep = plan_weights(layout, dtype)
     names = [n for n in names if n not in skip]
     on_cpu = torch.device(device).type == "cpu"
@@ -175,6 +185,7 @@ def read_weights(
             chunk_bytes=chunk_bytes,
             read_concurrency=read_concurrency,
             variant=variant,
+            hashed=hashed,
         )
     beside = threading.Thread(target=meanwhile, name="hotslot-prefetch", daemon=True) if meanwhile else None
     try:
@@ -183,12 +194,13 @@ def read_weights(
         try:
             mapped_files = [(c, map_safetensors(p)) for c in mapped for p in layout.component(c).weight_files]
             if verify:
-                verify_mapped([f for _, f in mapped_files], read_concurrency or DEFAULT_READ_CONCURRENCY)
+                verify_mapped([f for _, f in mapped_files if _relative(layout, f.path) not in hashed],
+                              read_concurrency or DEFAULT_READ_CONCURRENCY)
             files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
             resident = {f.path for _, f in mapped_files if f.resident}  # verified: hashing faulted them in
             if here:
                 converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
-                                          read_concurrency or DEFAULT_READ_CONCURRENCY, verify, map_files)
+                                          read_concurrency or DEFAULT_READ_CONCURRENCY, verify, map_files, hashed)
                 files += converted.files
                 resident |= converted.resident  # written by this process's threads
         finally:
@@ -217,9 +229,11 @@ def _convert_here(
     concurrency: int,
     verify: bool = True,
     map_source: bool = False,
+    hashed: frozenset[str] = frozenset(),
 ) -> LoadedWeights:
     t0, cpu0 = time.perf_counter(), time.process_time()
-    files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency, verify, map_source)
+    files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency, verify, map_source,
+                                    hashed)
     timings = LoadTimings(read_s=time.perf_counter() - t0, bytes_read=stats.bytes_read, bytes=stats.bytes_out,
                           files=stats.files, cpu_s=time.process_time() - cpu0, reader="executor")
     return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(

@@ -204,6 +204,7 @@ class LoadRequest:
     read_concurrency: int | None = None  # None: the preloader's
     variant: str | None = None
     files: tuple[tuple[str, str], ...] | None = None  # (component, path relative to view_path), e.g. a LoRA's
+    hashed: frozenset[str] = frozenset()  # paths relative to view_path read unchecked: hashed by this load's fill
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,7 @@ class _Child:
         requests, owners = [], []
         if msg.files:  # named files (a LoRA adapter's), not a pipeline layout
             for cname, path in msg.files:
-                requests.append(ReadRequest(Path(view_path) / path, module_predicate(())))
+                requests.append(ReadRequest(Path(view_path) / path, module_predicate(()), path not in msg.hashed))
                 owners.append(cname)
         else:
             layout = read_layout(view_path, variant=msg.variant)
@@ -356,7 +357,8 @@ class _Child:
                     raise NotFound(f"{view_path}: component {cname!r} has no safetensors weights")
                 keep = module_predicate(msg.keep_fp32.get(cname, ()))
                 for weight_path in comp.weight_files:
-                    requests.append(ReadRequest(weight_path, keep))
+                    rel = Path(weight_path).relative_to(layout.root).as_posix()
+                    requests.append(ReadRequest(weight_path, keep, rel not in msg.hashed))
                     owners.append(cname)
         cpu0 = time.process_time()
         t_read = time.perf_counter()
@@ -727,13 +729,15 @@ class Preloader:
         read_concurrency: int | None = None,
         variant: str | None = None,
         files: Sequence[tuple[str, str]] | None = None,
+        hashed: Collection[str] = (),
     ) -> Future[LoadedWeights]:
         """Asks the child to read the weights of the pipeline at `view_path` onto `device` (converted to `dtype`)
         and returns a Future of the LoadedWeights. `components`: which components to read (default: all with
         safetensors); `files`: instead of a pipeline's components, these (component, path relative to
         `view_path`) safetensors files, e.g. a LoRA adapter's; `keep_fp32`: per component, module names kept float32 (skeleton.keep_fp32_modules);
-        `read_bytes_per_s`, `chunk_bytes`, `read_concurrency`: for this load (default: the preloader's). The child
-        holds the weights under
+        `read_bytes_per_s`, `chunk_bytes`, `read_concurrency`: for this load (default: the preloader's); `hashed`: files (paths
+        relative to `view_path`) the child reads without checking them, whose bytes were hashed a moment ago (by
+        the storage-cache's fill of this load: never hash the same bytes twice). The child holds the weights under
         `model_key` until `release(model_key)`."""
         if not request_id:
             raise InvalidArgument.field("request_id", "is required")
@@ -759,6 +763,7 @@ class Preloader:
             read_concurrency=read_concurrency,
             variant=variant,
             files=tuple((str(c), str(p)) for c, p in files) if files else None,
+            hashed=frozenset(hashed),
         )
         return self._submit(request, model_key,
                             meta={"device": str(device), "dtype": DTYPES[dtype_name] if dtype_name else None})

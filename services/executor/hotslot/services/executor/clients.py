@@ -58,6 +58,8 @@ class StorageClient(DownstreamPeer):
             bytes_fetched=reply.bytes_fetched,
             all_local=all(f.source == storage_pb.FILE_SOURCE_LOCAL_HIT for f in reply.files),
             sha256_by_path={f.path: f.sha256 for f in reply.files},
+            fetched=frozenset(f.path for f in reply.files
+                              if f.source in (storage_pb.FILE_SOURCE_FETCHED, storage_pb.FILE_SOURCE_JOINED)),
         )
 
     async def report_corrupt(self, sha256: str, path: str) -> bool:

@@ -23,6 +23,9 @@ class EnsuredView:
     bytes_fetched: int
     all_local: bool  # every file was already in the node-local cache
     sha256_by_path: dict[str, str] = field(default_factory=dict)  # path relative to the view -> its blob's sha256
+    # Paths relative to the view that this call (or a concurrent one it waited for) copied from the share: the
+    # storage-cache hashed every byte of the copy a moment ago, so the read need not hash them again.
+    fetched: frozenset[str] = frozenset()
 
 
 class ModelResolver(Protocol):

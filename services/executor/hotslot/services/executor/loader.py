@@ -154,13 +154,15 @@ class ModelLoader:
         gc.freeze()
         return time.perf_counter() - t0
 
-    def read(self, key: str, view_path: str, timeout_s: float, digests: Mapping[str, str] | None = None) -> ReadResult:
+    def read(self, key: str, view_path: str, timeout_s: float, digests: Mapping[str, str] | None = None,
+             hashed: frozenset[str] = frozenset()) -> ReadResult:
         """Reads every weight file of the view in the preloader child; the tensors arrive as shared memory (CPU,
         zero copy) or CUDA IPC handles. With `map_files` (CPU), components stored in the dtype they are wanted
         in are mapped from the view's files instead (no copy at all) and only the others are read and converted
         by the child. Then the pages are populated in parallel, so the first denoising step takes no page faults.
         Components another held model has byte for byte (`digests`: the manifest's path -> sha256) are not read
-        at all: the model shares them (`ComponentPool`).
+        at all: the model shares them (`ComponentPool`). Files in `hashed` (paths relative to the view) are read
+        without checking them: the storage-cache copied and hashed them for this load a moment ago.
         Skeletons are built in `materialize` (cached per config digest), so this phase measures reading alone."""
         t0 = time.perf_counter()
         layout = read_layout(view_path)
@@ -176,7 +178,7 @@ class ModelLoader:
                                    read_concurrency=self.read_concurrency, map_files=self.map_files,
                                    convert_here=self.convert_here, timeout_s=timeout_s,
                                    meanwhile=lambda: self.prefetch(layout), skip=frozenset(parts),
-                                   verify=self.verify_reads)
+                                   verify=self.verify_reads, hashed=hashed)
         except BaseException:
             for part in parts.values():
                 self.components.release(part, key)

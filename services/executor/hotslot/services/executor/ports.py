@@ -59,9 +59,10 @@ class Loader(Protocol):
         ...
 
     def read(self, key: str, view_path: str, timeout_s: float,
-             digests: Mapping[str, str] | None = None) -> ReadOutcome:
+             digests: Mapping[str, str] | None = None, hashed: frozenset[str] = frozenset()) -> ReadOutcome:
         """Reads a pipeline's weights from the view (`digests`: path -> sha256, so components other held models
-        have byte for byte are shared, not read). Raises CorruptRead when a file fails its read checksum,
+        have byte for byte are shared, not read; `hashed`: paths whose bytes the storage-cache hashed for this very
+        load, read without checking them again). Raises CorruptRead when a file fails its read checksum,
         Unavailable when the preloader died."""
         ...
 

@@ -169,7 +169,9 @@ class Preparations:
                     prep.phase = LoadPhase.READ
                     t0_ns, t0 = time.time_ns(), time.perf_counter()
                     if prep.base is None:  # components other held models have byte for byte are shared, not read
-                        read_fn = functools.partial(self.loader.read, digests=view.sha256_by_path)
+                        # files this Ensure copied were hashed by the storage-cache just now: not hashed again
+                        read_fn = functools.partial(self.loader.read, digests=view.sha256_by_path,
+                                                    hashed=view.fetched)
                     try:
                         read = await self._read_with_retry(key, view.view_path, read_fn)
                         break
