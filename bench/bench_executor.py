@@ -545,6 +545,7 @@ class ColdRow:
     same_png: bool
     file_bytes: int
     out_bytes: int
+    paired: list[float]  # per run, diffusers / hotslot of the two processes run back to back
 
     @property
     def d_first(self) -> float:
@@ -570,6 +571,7 @@ def cold_by_dtype(args: argparse.Namespace, hot: Hotslot, image: Params, started
             warmed.add(model)
         best_d, best_h = None, None
         pngs = set()
+        paired = []
         for r in range(args.repeat):
             # Odd runs put hotslot first: a process that starts right after another freed gigabytes gets pages the
             # guest has just touched, which flatters whichever system runs second.
@@ -595,6 +597,7 @@ def cold_by_dtype(args: argparse.Namespace, hot: Hotslot, image: Params, started
                 prepare_cache(args, weight_files(MODELS / model))
                 d = diffusers_first_image(args, image, model=model, dtype=dtype)
             pngs.add(d["png_sha256"])
+            paired.append((d["load_s"] + d["gen_s"]) / wall)
             if best_d is None or d["load_s"] + d["gen_s"] < best_d["load_s"] + best_d["gen_s"]:
                 best_d = d
             if best_h is None or wall < best_h[1]:
@@ -602,14 +605,15 @@ def cold_by_dtype(args: argparse.Namespace, hot: Hotslot, image: Params, started
         file_bytes = weight_bytes(MODELS / model)
         out_bytes = file_bytes // getattr(torch, file_dtype).itemsize * getattr(torch, dtype).itemsize
         rows.append(ColdRow(file_dtype, dtype, best_d["load_s"], best_d["gen_s"], best_h[1], best_h[0], best_h[2],
-                            len(pngs) == 1, file_bytes, out_bytes))
+                            len(pngs) == 1, file_bytes, out_bytes, paired))
     hot.stop_executor()
     return rows
 
 
 def print_cold_table(rows: list[ColdRow], args: argparse.Namespace, limits: dict[str, float]) -> None:
     """The (d) table: one row per pairing, the limits and hotslot's share of them beside it."""
-    head = ("files -> weights", "diffusers load+1st", "hotslot 1st Generate", "ratio", "hotslot load (read / mat.)",
+    head = ("files -> weights", "diffusers load+1st", "hotslot 1st Generate", "ratio", "paired ratios (median)",
+            "hotslot load (read / mat.)",
             "read GB/s", "limit GB/s", "share", "CPU s/GB ensure / read / executor", "same PNG")
     table = []
     for r in rows:
@@ -623,6 +627,7 @@ def print_cold_table(rows: list[ColdRow], args: argparse.Namespace, limits: dict
         gb = r.out_bytes / GB
         cpu = " / ".join(f"{r.cpu.get(k, 0.0) / gb:.2f}" for k in ("storage-cache", "preloader", "executor"))
         table.append((f"{r.files} -> {r.dtype}", f"{ms(r.d_first)} ({ms(r.d_load)} load)", ms(r.h_wall), f"{r.d_first / r.h_wall:.2f}",
+                      f"{' '.join(f'{x:.2f}' for x in r.paired)} ({statistics.median(r.paired):.2f})",
                       f"{ms(r.h_load)} ({ms(read_s)} / {ms(mat_s)})", f"{rate / GB:.2f}", f"{limit / GB:.2f}",
                       f"{rate / limit:.0%}", cpu, "yes" if r.same_png else "NO"))
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
@@ -863,8 +868,10 @@ def main() -> None:
         limit = ("disk: cat of the same files with the page cache dropped" if args.drop_caches
                  else f"memcpy of the same bytes ({limits['memcpy'] / GB:.1f} GB/s; the files are in the page cache)")
         print(f"(d) cold start by dtype: from_pretrained + first image vs a fresh executor's first Generate, files in "
-              f"the node cache (tier LOCAL_DISK); read GB/s = file bytes / read phase; limit = {limit}; CPU s per "
-              "GB of weights during the first Generate, per process (executor includes denoising)\n")
+              f"the node cache (tier LOCAL_DISK); ratio = best diffusers / best hotslot; paired ratios = each run's "
+              "diffusers / hotslot, the two processes run back to back, order alternating (the median is the "
+              f"estimate least moved by this VM's drift); read GB/s = file bytes / read phase; limit = {limit}; CPU "
+              "s per GB of weights during the first Generate, per process (executor includes denoising)\n")
         print_cold_table(cold_rows, args, limits)
         print()
     if not rows:
