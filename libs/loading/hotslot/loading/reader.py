@@ -991,8 +991,9 @@ def _run_task(task: _Task, buffers: ReadBuffers, device: torch.device, chunk: in
         for p in task.batch or ():  # staged CPU reads always have their batch
             _convert_piece(job.buffer, stage, task.lo, p)
         return
-    # Hash a checksum block, then convert the pieces in it while its bytes are still in the CPU's cache (pieces of a
-    # verified file end on block boundaries), rather than hash the whole range and then read it from memory again.
+    # Hash a checksum block, then convert the pieces in it while its bytes are still in the CPU's cache (a verified
+    # staged file's pieces end on block boundaries; in a range of a mapped file read with pread because its pages
+    # could not be faulted in, blocks cut by the range's ends are left to `check`).
     block, hashed = checksum.BLOCK_BYTES, task.lo
     for p in task.batch or ():
         if p.hi > hashed:
