@@ -299,3 +299,51 @@ def test_files_the_storage_cache_hashed_for_this_load_are_not_hashed_again_the_o
         assert set(weights.components) == {"unet", "vae", "text_encoder"}
     finally:
         preloader.release("hashed").result(WAIT_S)
+
+
+@pytest.mark.parametrize(("dtype", "checksummed"), [(None, False), (None, True), (torch.bfloat16, True)],
+                         ids=["mapped, populated", "mapped, verified", "converted here"])
+def test_a_read_rate_cap_paces_what_the_executor_reads_itself_too(
+    preloader: Preloader, tiny_family: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype | None, checksummed: bool,
+) -> None:
+    """`read_bytes_per_s` used to pace only the preloader child: with the CPU defaults (files mapped, conversions
+    done in the executor) nothing went through the child, so the cap did nothing. Every byte this process reads
+    (populated, verified or converted) is now accounted to the cap, which sleeps when the reads run ahead."""
+    from hotslot import checksum
+    from hotslot.loading import reader as reader_mod
+    from hotslot.loading.layout import read_layout
+    from hotslot.loading.pipeline_loader import read_weights
+
+    root = tmp_path / "model"
+    shutil.copytree(tiny_family[2], root)
+    layout = read_layout(root)
+    weight_files = [p for c in ("unet", "vae", "text_encoder") for p in layout.component(c).weight_files]
+    if checksummed:
+        if not checksum.available():
+            pytest.skip("xxhash is not installed")
+        for path in weight_files:
+            with open(path, "rb") as f:
+                if not checksum.record(path, checksum.of_file(f.fileno())):
+                    pytest.skip("the filesystem keeps no user xattrs")
+    accounted: list[int] = []
+    slept: list[float] = []
+    real = reader_mod._RateCap.account
+
+    def spy(self, nbytes: int) -> float:
+        accounted.append(nbytes)
+        slept.append(real(self, nbytes))
+        return slept[-1]
+
+    monkeypatch.setattr(reader_mod._RateCap, "account", spy)
+    data_bytes = sum(reader_mod.read_header(p).data_bytes for p in weight_files)
+    rate = data_bytes / 0.5  # half a second's worth: the reads run ahead of it, so the cap must sleep
+    weights = read_weights(preloader, layout, "capped", "cpu", dtype, map_files=True, convert_here=True,
+                           read_bytes_per_s=rate)
+    try:
+        assert "capped" not in preloader.held()  # everything was read here, not by the child
+        assert sum(accounted) >= data_bytes
+        assert sum(slept) > 0
+    finally:
+        del weights
+        preloader.release("capped").result(WAIT_S)

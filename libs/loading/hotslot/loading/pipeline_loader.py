@@ -26,6 +26,7 @@ from hotslot.loading.reader import (
     keeps_dtypes,
     map_safetensors,
     module_predicate,
+    populate,
     read_files,
     read_header,
     tensor_views,
@@ -88,6 +89,7 @@ def _read_components(
     verify: bool = True,
     map_source: bool = False,
     hashed: frozenset[str] = frozenset(),
+    read_bytes_per_s: float | None = None,
 ) -> tuple[list[tuple[str, str, torch.Tensor, tuple]], ReadStats]:
     """Every weight file of `names` read in this process, `concurrency` reads at a time, into private memory
     (nothing crosses a process here, and /dev/shm is often small: 64 MB in Docker). Returns (component, path,
@@ -96,7 +98,8 @@ def _read_components(
                 for p in layout.component(c).weight_files]
     owners = [c for c in names for _ in layout.component(c).weight_files]
     loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
-                        shared=False, verify=verify, map_source=map_source) if requests else []
+                        shared=False, verify=verify, map_source=map_source,
+                        read_bytes_per_s=read_bytes_per_s) if requests else []
     stats = ReadStats()
     for f in loaded:
         stats.add(f.stats)
@@ -142,6 +145,7 @@ def read_weights(
     skip: frozenset[str] = frozenset(),
     verify: bool = True,
     hashed: frozenset[str] = frozenset(),
+    read_bytes_per_s: float | None = None,
 ) -> LoadedWeights:
     """Has the preloader read the weight components of `layout` (but those named in `skip`, which the caller
     holds already) (converted to `dtype`, keeping the modules that
@@ -164,7 +168,10 @@ def read_weights(
     and converted-here files here); a mismatch raises CorruptRead naming the file. `hashed`: files (paths
     relative to the layout's root) read unchecked all the same, because their bytes were hashed a moment ago: the
     storage-cache copied them for this load and hashed every byte of the copy (sha256 and the read checksum), so
-    hashing them again here would only pay the same CPU twice."""
+    hashing them again here would only pay the same CPU twice.
+
+    `read_bytes_per_s`: caps the rate of what this process reads (converted here, or mapped and verified), as the
+    preloader's own cap paces the child's reads, so a load beside inference leaves the node's I/O to others."""
     names, keep = plan_weights(layout, dtype)
     names = [n for n in names if n not in skip]
     on_cpu = torch.device(device).type == "cpu"
@@ -195,12 +202,18 @@ def read_weights(
             mapped_files = [(c, map_safetensors(p)) for c in mapped for p in layout.component(c).weight_files]
             if verify:
                 verify_mapped([f for _, f in mapped_files if _relative(layout, f.path) not in hashed],
-                              read_concurrency or DEFAULT_READ_CONCURRENCY)
+                              read_concurrency or DEFAULT_READ_CONCURRENCY, read_bytes_per_s)
+            if read_bytes_per_s:  # capped: the mapped files nobody hashed are read in here, paced, not left to the caller
+                populate([f.buffer for _, f in mapped_files if not f.resident],
+                         read_concurrency or DEFAULT_READ_CONCURRENCY, read_bytes_per_s)
+                for _, f in mapped_files:
+                    f.resident = True
             files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
             resident = {f.path for _, f in mapped_files if f.resident}  # verified: hashing faulted them in
             if here:
                 converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
-                                          read_concurrency or DEFAULT_READ_CONCURRENCY, verify, map_files, hashed)
+                                          read_concurrency or DEFAULT_READ_CONCURRENCY, verify, map_files, hashed,
+                                          read_bytes_per_s)
                 files += converted.files
                 resident |= converted.resident  # written by this process's threads
         finally:
@@ -230,10 +243,11 @@ def _convert_here(
     verify: bool = True,
     map_source: bool = False,
     hashed: frozenset[str] = frozenset(),
+    read_bytes_per_s: float | None = None,
 ) -> LoadedWeights:
     t0, cpu0 = time.perf_counter(), time.process_time()
     files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency, verify, map_source,
-                                    hashed)
+                                    hashed, read_bytes_per_s)
     timings = LoadTimings(read_s=time.perf_counter() - t0, bytes_read=stats.bytes_read, bytes=stats.bytes_out,
                           files=stats.files, cpu_s=time.process_time() - cpu0, reader="executor")
     return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(

@@ -1170,11 +1170,13 @@ _MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in (reading it from disk 
 _POPULATE_RANGE_BYTES = 64 * 1024 * 1024
 
 
-def populate(buffers: Sequence[torch.Tensor], concurrency: int = DEFAULT_READ_CONCURRENCY) -> int:
+def populate(buffers: Sequence[torch.Tensor], concurrency: int = DEFAULT_READ_CONCURRENCY,
+             read_bytes_per_s: float | None = None) -> int:
     """Maps every page of the CPU buffers into this process now, `concurrency` ranges at a time: for a file
     mapping this reads the file in (parallel streams), for shared memory it maps pages the preloader wrote. So the
     first denoising step does not take ~1 page fault per 4 kB (measured +0.35 s on an SD 1.5 UNet's first
-    forward). Uses madvise(MADV_POPULATE_READ), else touches one byte per page. Returns the bytes populated."""
+    forward). Uses madvise(MADV_POPULATE_READ), else touches one byte per page. `read_bytes_per_s` paces it as
+    `read_files` paces reads. Returns the bytes populated."""
     ranges = []
     for buf in buffers:
         if buf.device.type != "cpu" or not buf.numel():
@@ -1183,18 +1185,23 @@ def populate(buffers: Sequence[torch.Tensor], concurrency: int = DEFAULT_READ_CO
         n = flat.numel() * flat.element_size()
         ranges += [flat[lo : lo + _POPULATE_RANGE_BYTES] for lo in range(0, n, _POPULATE_RANGE_BYTES)]
 
+    cap = _RateCap(read_bytes_per_s)
+
     def fault_in(_: int, part: torch.Tensor) -> None:
         if not _madvise_populate(part):
             part[::PAGE_BYTES].sum()  # an older kernel: touch one byte per page
+        cap.account(part.numel())
 
     _on_threads(ranges, concurrency, "hotslot-populate", fault_in)
     return sum(r.numel() for r in ranges)
 
 
-def verify_mapped(files: Sequence[LoadedFile], concurrency: int = DEFAULT_READ_CONCURRENCY) -> int:
+def verify_mapped(files: Sequence[LoadedFile], concurrency: int = DEFAULT_READ_CONCURRENCY,
+                  read_bytes_per_s: float | None = None) -> int:
     """Checks mapped files (`map_safetensors`) that carry a recorded checksum against it, `concurrency` ranges at
-    a time: hashing the mapped pages reads them in, so it also does what `populate` does for them. Raises
-    CorruptRead naming the first file that does not match. Returns the bytes checked."""
+    a time: hashing the mapped pages reads them in, so it also does what `populate` does for them (and is paced
+    by `read_bytes_per_s` as `populate` is). Raises CorruptRead naming the first file that does not match. Returns
+    the bytes checked."""
     checked = [(f, expected) for f in files
                if checksum.available() and (expected := checksum.read_recorded(f.path)) is not None]
     digests: list[dict[int, int]] = []
@@ -1207,6 +1214,7 @@ def verify_mapped(files: Sequence[LoadedFile], concurrency: int = DEFAULT_READ_C
         n = checksum.blocks(f.data_start + f.buffer.numel())
         work_items += [(i, head, k, min(k + per_item, n)) for k in range(0, n, per_item)]
     block = checksum.BLOCK_BYTES
+    cap = _RateCap(read_bytes_per_s)
 
     def hash_blocks(_: int, item: tuple[int, bytes, int, int]) -> None:
         i, head, first, last = item
@@ -1220,6 +1228,7 @@ def verify_mapped(files: Sequence[LoadedFile], concurrency: int = DEFAULT_READ_C
             parts: list[bytes | torch.Tensor] = [head[a:b]] if a < start else []
             parts.append(f.buffer[max(a - start, 0) : max(b - start, 0)])
             digests[i][k] = checksum.block_digest(*parts)
+        cap.account(hi - lo)
 
     _on_threads(work_items, concurrency, "hotslot-verify", hash_blocks)
     for (f, expected), found in zip(checked, digests, strict=True):

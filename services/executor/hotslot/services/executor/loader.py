@@ -123,6 +123,7 @@ class ModelLoader:
         max_pipeline_adapters: int = 8,
         components: ComponentPool | None = None,
         verify_reads: bool = True,
+        read_bytes_per_s: float | None = None,
     ) -> None:
         self.preloader = preloader
         self.device = device
@@ -136,6 +137,9 @@ class ModelLoader:
         self.max_pipeline_adapters = max_pipeline_adapters
         self.components = ComponentPool() if components is None else components
         self.verify_reads = verify_reads
+        # the preloader paces its child's reads itself; this paces what this process reads (converted here,
+        # mapped and verified or populated), so the cap holds whichever reads a load
+        self.read_bytes_per_s = read_bytes_per_s
 
     def warmup(self) -> float:
         """Imports diffusers/transformers and the classes of a Stable Diffusion pipeline once, at start, so the
@@ -178,7 +182,8 @@ class ModelLoader:
                                    read_concurrency=self.read_concurrency, map_files=self.map_files,
                                    convert_here=self.convert_here, timeout_s=timeout_s,
                                    meanwhile=lambda: self.prefetch(layout), skip=frozenset(parts),
-                                   verify=self.verify_reads, hashed=hashed)
+                                   verify=self.verify_reads, hashed=hashed,
+                                   read_bytes_per_s=self.read_bytes_per_s)
         except BaseException:
             for part in parts.values():
                 self.components.release(part, key)
@@ -229,11 +234,11 @@ class ModelLoader:
         if self.map_files and keeps_dtypes(read_header(path), self.dtype, module_predicate(())):
             mapped = map_safetensors(path)
             if self.verify_reads:
-                verify_mapped([mapped], 1)
+                verify_mapped([mapped], 1, self.read_bytes_per_s)
             weights = LoadedWeights(f"here-{uuid.uuid4().hex}", key, self.device, self.dtype, {}, [],
                                     LoadTimings(files=1, reader="executor")).with_files(
                 [(ADAPTER_COMPONENT, str(path), mapped.buffer, mapped.specs)], [str(path)] if mapped.resident else [])
-            populate(weights.to_populate, 1)
+            populate(weights.to_populate, 1, self.read_bytes_per_s)
         else:
             future = self.preloader.load(f"adapter-{uuid.uuid4().hex}", key, view_path, self.device, self.dtype,
                                          files=[(ADAPTER_COMPONENT, name)], chunk_bytes=self.chunk_bytes)

@@ -101,8 +101,9 @@ class ExecutorSettings(ServiceSettings):
     preload_read_bytes_per_s: ByteSize = Field(
         ByteSize(0),
         ge=0,
-        description="Cap on the preloader's read rate in bytes/s, so preloading beside inference does not starve "
-        "other I/O on the node; 0 = no cap.",
+        description="Cap on the read rate of model loads in bytes/s (the preloader's reads and the executor's own: "
+        "files converted in the executor, mapped files verified or populated), so loading beside inference does "
+        "not starve other I/O on the node; 0 = no cap.",
     )
     read_chunk_bytes: ByteSize = Field(
         ByteSize(16 * 1024 * 1024), ge=4096, le=GiB, description="Read size when loading weights (4 KiB to 1 GiB)."

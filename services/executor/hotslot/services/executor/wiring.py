@@ -85,7 +85,8 @@ def build_core(
     loader = ModelLoader(preloader, device=settings.device, dtype=dtype, chunk_bytes=int(settings.read_chunk_bytes),
                          read_concurrency=settings.read_concurrency, map_files=settings.map_view_files,
                          convert_here=settings.convert_in_executor,
-                         max_pipeline_adapters=settings.max_pipeline_adapters, verify_reads=settings.verify_reads)
+                         max_pipeline_adapters=settings.max_pipeline_adapters, verify_reads=settings.verify_reads,
+                         read_bytes_per_s=float(settings.preload_read_bytes_per_s) or None)
 
     security = settings.client_security()
 
