@@ -17,7 +17,6 @@ from hotslot.services.router.core import EvictAnswer, EvictOutcome, Routed, Rout
 from hotslot.services.router.downstream import (
     Evicted,
     ExecutorClient,
-    ExecutorConnector,
     ExecutorUnavailable,
     GenerateCall,
     ModelCatalog,
@@ -27,6 +26,7 @@ from hotslot.services.router.downstream import (
 )
 from hotslot.services.router.membership import ExecutorMembership
 from hotslot.services.router.placement import GIB, ExecutorSnapshot, HeldModel, PlacementReason, Tier
+from tests.support.router_fakes import FakeConnector
 
 # -- fakes ---------------------------------------------------------------------------------------------------
 
@@ -111,14 +111,6 @@ class FakeExecutor(ExecutorClient):
         if not any(m.model_id == model_id for m in self.models):
             raise errors.NotFound(f"model {model_id!r} is not held", reason=errors.Reason.MODEL_NOT_HELD)
         return Evicted(0, 100) if action == "in use" else Evicted(100, 0)
-
-
-class FakeConnector(ExecutorConnector):
-    def __init__(self, executors: list[FakeExecutor]) -> None:
-        self.executors = {executor.address: executor for executor in executors}
-
-    def connect(self, address: str) -> ExecutorClient:
-        return self.executors[address]
 
 
 class FakeCatalog(ModelCatalog):

@@ -19,7 +19,6 @@ from hotslot.services.router.core import RouterCore
 from hotslot.services.router.downstream import (
     Evicted,
     ExecutorClient,
-    ExecutorConnector,
     GenerateCall,
     ModelCatalog,
     ProgressEvent,
@@ -28,6 +27,7 @@ from hotslot.services.router.downstream import (
 )
 from hotslot.services.router.membership import ExecutorMembership
 from hotslot.services.router.placement import ExecutorSnapshot, HeldModel, Tier
+from tests.support.router_fakes import FakeConnector
 
 
 class FakeExecutor(ExecutorClient):
@@ -87,14 +87,6 @@ class FakeExecutor(ExecutorClient):
             raise errors.NotFound(f"model {model_id!r} is not held by executor {self.executor_id}")
         self.publish()
         return Evicted(100, 0)
-
-
-class FakeConnector(ExecutorConnector):
-    def __init__(self, executors: list[FakeExecutor]) -> None:
-        self.executors = {executor.address: executor for executor in executors}
-
-    def connect(self, address: str) -> ExecutorClient:
-        return self.executors[address]
 
 
 class FakeCatalog(ModelCatalog):
