@@ -55,6 +55,12 @@ async def _call_stream_response(behavior: Callable[..., Any], request: Any, cont
         await context.write(response)
 
 
+def split_method(full_method: str) -> tuple[str, str]:
+    """("pkg.Service", "Method") from a gRPC full method name ("/pkg.Service/Method")."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler[Any, Any], around: Around) -> grpc.RpcMethodHandler[Any, Any]:
     """Returns a handler that runs `around(context)` around `handler`, whichever of the four kinds it is. The
     handler's (de)serializers are kept. Handlers may be coroutines, async generators or reader/writer style;

@@ -19,7 +19,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from prometheus_client import CollectorRegistry, start_http_server
 
-from hotslot.bootstrap.interceptors import wrap_handler
+from hotslot.bootstrap.interceptors import split_method, wrap_handler
 from hotslot.bootstrap.settings import format_address
 from hotslot.metering import SECONDS_BUCKETS
 
@@ -104,7 +104,7 @@ class MetricsServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        service, method = split_method(handler_call_details.method)
         labels = {"grpc_service": service, "grpc_method": method}
         requests, duration, in_flight = self._requests, self._duration, self._in_flight
 

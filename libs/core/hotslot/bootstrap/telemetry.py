@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from hotslot.bootstrap.interceptors import wrap_handler
+from hotslot.bootstrap.interceptors import split_method, wrap_handler
 from hotslot.bootstrap.settings import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,8 @@ def _tracer(tracer_provider: trace.TracerProvider | None) -> trace.Tracer:
     return trace.get_tracer(INSTRUMENTATION_NAME, tracer_provider=tracer_provider)
 
 
-def _split_method(full_method: str) -> tuple[str, str]:
-    service, _, method = full_method.lstrip("/").rpartition("/")
-    return service, method
-
-
 def _rpc_attributes(full_method: str) -> dict[str, str]:
-    service, method = _split_method(full_method)
+    service, method = split_method(full_method)
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
@@ -143,7 +138,7 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or _split_method(method)[0] in self._untraced:
+        if handler is None or split_method(method)[0] in self._untraced:
             return handler
         metadata = handler_call_details.invocation_metadata
         tracer = self._tracer
