@@ -57,6 +57,7 @@ from hotslot.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from hotslot.loading.hostpool import HostPool
 from hotslot.manifest import PICKLE_SUFFIXES
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "read_files",
     "read_header",
     "read_safetensors",
+    "set_host_pool",
     "tensor_views",
 ]
 
@@ -399,6 +401,9 @@ def _allocate_untimed(nbytes: int, device: torch.device, shared: bool, shm: str)
         except torch.OutOfMemoryError:
             raise ResourceExhausted(f"{device} has no room for {nbytes} more bytes of weights") from None
     if not shared or nbytes == 0:  # an empty storage cannot be mapped; it has nothing to share either
+        pool = _host_pool
+        if pool is not None and nbytes:
+            return pool.allocate(nbytes)  # memory of dropped weights, already touched
         return torch.empty(nbytes, dtype=torch.uint8)
     if shm == "memfd" and hasattr(os, "memfd_create") and get_sharing_strategy() == "file_descriptor":
         return _allocate_memfd(nbytes)
@@ -414,6 +419,18 @@ def _allocate_untimed(nbytes: int, device: torch.device, shared: bool, shm: str)
     except RuntimeError as err:
         raise ResourceExhausted(f"cannot allocate {nbytes} bytes of shared memory ({err}); {_SHM_ADVICE}") from None
     return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+_host_pool: HostPool | None = None
+
+
+def set_host_pool(pool: HostPool | None) -> HostPool | None:
+    """Private (unshared) CPU buffers of later reads come from `pool` (recycled memory of dropped weights; see
+    hostpool), or from torch again with None. Process-wide, as the executor has one host budget. Returns the
+    previous pool."""
+    global _host_pool
+    previous, _host_pool = _host_pool, pool
+    return previous
 
 
 def _allocate_memfd(nbytes: int) -> torch.Tensor:

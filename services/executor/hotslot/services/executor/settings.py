@@ -129,6 +129,14 @@ class ExecutorSettings(ServiceSettings):
         "threads (read_concurrency of them, GIL released) into private memory instead of in the preloader child's "
         "shared memory: private pages cost ~30% less to fill. Off: the preloader child does it, isolated.",
     )
+    host_pool_bytes: ByteSize = Field(
+        ByteSize(0),
+        ge=0,
+        description="On CPU, keep up to this many bytes of the memory that dropped converted weights (convert_in_"
+        "executor) occupied, and convert the next models into it: pages written before need no page fault and no "
+        "zeroing (an fp16 -> fp32 SD 1.5 UNet: 0.27 s against 0.9 s into fresh memory on a 2-core VM). The "
+        "executor's memory can exceed its budgets by this much. 0 = off: freed weights go back to the kernel.",
+    )
     verify_reads: bool = Field(
         True,
         description="Check each cached weight file against the checksum (XXH3) the storage-cache recorded when it cached it, "

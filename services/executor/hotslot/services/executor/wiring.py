@@ -14,7 +14,9 @@ from hotslot.bootstrap.security import service_channel
 from hotslot.bootstrap.server import ServiceRegistration, run_server, service_resource_name
 from hotslot.executor.v1 import executor_service_pb2 as pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
+from hotslot.loading.hostpool import HostPool
 from hotslot.loading.preloader import Preloader
+from hotslot.loading.reader import set_host_pool
 
 from .clients import RegistryResolver, StorageClient
 from .core import ExecutorCore
@@ -65,6 +67,16 @@ def log_libraries_through_root() -> None:
         library.enable_propagation()
 
 
+def configure_host_pool(settings: ExecutorSettings) -> HostPool | None:
+    """The process's pool of recycled memory for weights converted here (`host_pool_bytes`; CPU only, as only CPU
+    conversions write private host memory), or none."""
+    pool = None
+    if settings.host_pool_bytes and torch.device(settings.device).type == "cpu":
+        pool = HostPool(int(settings.host_pool_bytes))
+    set_host_pool(pool)
+    return pool
+
+
 def build_core(
     settings: ExecutorSettings, port: int, tracer_provider: trace.TracerProvider | None = None,
     metrics: ExecutorMetrics | None = None,
@@ -82,6 +94,7 @@ def build_core(
         verify_reads=settings.verify_reads,
     )
     preloader.start()
+    configure_host_pool(settings)
     loader = ModelLoader(preloader, device=settings.device, dtype=dtype, chunk_bytes=int(settings.read_chunk_bytes),
                          read_concurrency=settings.read_concurrency, map_files=settings.map_view_files,
                          convert_here=settings.convert_in_executor,
