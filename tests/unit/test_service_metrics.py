@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotslot.bootstrap.metrics import MetricsEndpoint
 from hotslot.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from hotslot.loading.hostpool import HostPool
 from hotslot.services.executor.metrics import ExecutorMetrics
 from hotslot.services.executor.slots import Tier, TierUsage
 from hotslot.services.router.metrics import RouterMetrics
@@ -59,6 +60,9 @@ def record_everything(endpoint: MetricsEndpoint, usage: StoreUsage) -> None:
     executor.swapped(0.0001)
     executor.denoised(1.5)
     executor.preloader_restarted()
+    pool = HostPool(0)
+    pool.allocate(1024)  # created, then dropped at once: a pool without room keeps nothing
+    executor.observe_host_pool(pool)
     router = RouterMetrics(endpoint.meter("router"))
     router.placed(PlacementReason.SPREAD)
     router.retried("generate")
@@ -87,6 +91,9 @@ def test_each_recording_appears_under_its_name_with_its_labels(endpoint):
     assert value("hotslot_executor_requests", tier="LOCAL_DISK") == 1
     assert value("hotslot_executor_load_duration_seconds", phase="read", from_tier="LOCAL_DISK") == 1
     assert value("hotslot_executor_preloader_restarts") == 1
+    assert value("hotslot_executor_host_pool_allocations", result="created") == 1
+    assert value("hotslot_executor_host_pool_allocations", result="reused") == 0
+    assert value("hotslot_executor_host_pool_free_bytes") == 0
     assert value("hotslot_router_placements", reason="spread") == 1
     assert value("hotslot_router_refusals", code="RESOURCE_EXHAUSTED", reason="queue_full") == 1
     assert value("hotslot_router_refusals", code="DEADLINE_EXCEEDED", reason="deadline") == 1

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from opentelemetry import metrics
 
+from hotslot.loading.hostpool import HostPool
 from hotslot.metering import SECONDS_BUCKETS, no_meter
 
 from .slots import Tier, TierUsage
@@ -14,10 +15,12 @@ from .slots import Tier, TierUsage
 class ExecutorMetrics:
     """Prometheus names (README "Metrics"): hotslot_executor_queue_depth, _requests_total{tier},
     _load_duration_seconds{phase,from_tier}, _swap_duration_seconds, _denoise_duration_seconds,
-    _tier_bytes{tier}, _tier_budget_bytes{tier}, _preloader_restarts_total."""
+    _tier_bytes{tier}, _tier_budget_bytes{tier}, _preloader_restarts_total, and with a host pool
+    _host_pool_free_bytes, _host_pool_allocations_total{result}."""
 
     def __init__(self, meter: metrics.Meter | None = None) -> None:
         meter = meter or no_meter()
+        self._meter = meter
         self._queue_depth = meter.create_gauge(
             "hotslot_executor_queue_depth", unit="{request}",
             description="Requests on this executor: waiting in its queue or running on the device.",
@@ -80,3 +83,17 @@ class ExecutorMetrics:
 
     def preloader_restarted(self, times: int = 1) -> None:
         self._preloader_restarts.add(times)
+
+    def observe_host_pool(self, pool: HostPool) -> None:
+        """The recycled host memory (`host_pool_bytes`), read from `pool` at each scrape."""
+        self._meter.create_observable_gauge(
+            "hotslot_executor_host_pool_free_bytes", [lambda _options: [metrics.Observation(pool.free_bytes)]],
+            unit="By", description="Bytes of memory that dropped converted weights used, kept for the next ones.",
+        )
+        self._meter.create_observable_counter(
+            "hotslot_executor_host_pool_allocations",
+            [lambda _options: [metrics.Observation(pool.reused, {"result": "reused"}),
+                               metrics.Observation(pool.created, {"result": "created"})]],
+            unit="{buffer}", description="Buffers of converted weights, by whether they reused pooled memory "
+            "(result=reused) or were new (result=created).",
+        )

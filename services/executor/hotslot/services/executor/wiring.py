@@ -94,7 +94,9 @@ def build_core(
         verify_reads=settings.verify_reads,
     )
     preloader.start()
-    configure_host_pool(settings)
+    pool = configure_host_pool(settings)
+    if pool is not None and metrics is not None:
+        metrics.observe_host_pool(pool)
     loader = ModelLoader(preloader, device=settings.device, dtype=dtype, chunk_bytes=int(settings.read_chunk_bytes),
                          read_concurrency=settings.read_concurrency, map_files=settings.map_view_files,
                          convert_here=settings.convert_in_executor,
