@@ -117,6 +117,27 @@ def test_lookahead_preloads_the_next_model_while_the_current_one_computes(stack:
         svc.stop()
 
 
+def test_a_host_pool_converts_the_next_model_into_the_memory_an_evicted_one_used(stack: Stack) -> None:
+    # The tiny family is stored float32: served as bfloat16 every file is converted in the executor, into memory
+    # from the pool once an evicted model has left some there.
+    svc = stack.start_executor("--dtype", "bfloat16", "--host-pool-bytes", "64MB", "--no-lookahead", name="pool")
+    try:
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = executor_stub(channel)
+            first = stub.Generate(generate_request("tiny-sd-0", seed=9), timeout=120)
+            stub.Evict(epb.EvictRequest(model=common_pb2.ModelRef(model_id="tiny-sd-0")), timeout=60)
+            wait_for(lambda: Scrape(svc).value("hotslot_executor_host_pool_free_bytes") > 0,
+                     what="the evicted model's memory in the pool")
+            stub.Generate(generate_request("tiny-sd-1"), timeout=120)
+            scrape = Scrape(svc)
+            assert scrape.value("hotslot_executor_host_pool_allocations_total", result="reused") >= 1
+            stub.Evict(epb.EvictRequest(model=common_pb2.ModelRef(model_id="tiny-sd-1")), timeout=60)
+            again = stub.Generate(generate_request("tiny-sd-0", seed=9), timeout=120)
+            assert again.images[0].data == first.images[0].data  # read into recycled memory: the same image
+    finally:
+        svc.stop()
+
+
 def test_preloader_killed_mid_load_executor_keeps_serving(stack: Stack) -> None:
     # A read-rate cap makes each load last a few seconds, so the kill lands mid-load.
     # Files kept in their dtype would be mapped, not read: this test needs the preloader to read them.
