@@ -46,7 +46,8 @@ class HostPool:
         """A uint8 tensor of `nbytes` over a pooled region (the smallest free one that fits without too much slack),
         else over a new one. Its contents are whatever the region held: the caller overwrites every byte."""
         with self._lock:
-            fits = [r for r in self._free if nbytes <= len(r) <= max(nbytes * _MAX_SLACK, nbytes + REGION_GRANULE_BYTES)]
+            most = max(nbytes * _MAX_SLACK, nbytes + REGION_GRANULE_BYTES)
+            fits = [r for r in self._free if nbytes <= len(r) <= most]
             region = min(fits, key=len) if fits else None
             if region is not None:
                 self._free.remove(region)

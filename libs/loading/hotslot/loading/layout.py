@@ -76,6 +76,10 @@ class PipelineLayout:
             raise KeyError(name)
         return comp
 
+    def relative(self, path: str | Path) -> str:
+        """A path under the pipeline directory as manifests and the storage-cache name it ("unet/x.safetensors")."""
+        return Path(path).relative_to(self.root).as_posix()
+
 
 def _refuse_pickles(directory: Path, rel: str) -> None:
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)

@@ -94,7 +94,7 @@ def _read_components(
     """Every weight file of `names` read in this process, `concurrency` reads at a time, into private memory
     (nothing crosses a process here, and /dev/shm is often small: 64 MB in Docker). Returns (component, path,
     buffer, specs) per file and the summed stats."""
-    requests = [ReadRequest(p, module_predicate(keep.get(c, ())), _relative(layout, p) not in hashed) for c in names
+    requests = [ReadRequest(p, module_predicate(keep.get(c, ())), layout.relative(p) not in hashed) for c in names
                 for p in layout.component(c).weight_files]
     owners = [c for c in names for _ in layout.component(c).weight_files]
     loaded = read_files(requests, device=device, dtype=dtype, chunk_bytes=chunk_bytes, concurrency=concurrency,
@@ -104,11 +104,6 @@ def _read_components(
     for f in loaded:
         stats.add(f.stats)
     return [(c, str(f.path), f.buffer, f.specs) for c, f in zip(owners, loaded, strict=True)], stats
-
-
-def _relative(layout: PipelineLayout, path: str | Path) -> str:
-    """A file's path relative to the pipeline directory, as manifests and the storage-cache name it."""
-    return Path(path).relative_to(layout.root).as_posix()
 
 
 def _release_if_loaded(preloader: Preloader, key: str, future: Future) -> None:
@@ -154,7 +149,8 @@ def read_weights(
 
     `map_files` (CPU only; the view must be on a local disk): components that need no conversion are mapped
     here instead (copy-on-write file mappings: no copy, no allocation, the page cache's pages); only the others
-    go through the preloader. The mapped files are part of the returned weights like the read ones.
+    go through the preloader. The mapped files are part of the returned weights like the read ones, their pages
+    already faulted in here (by hashing them when verified, else by `populate`).
 
     `convert_here` (CPU only): the components that need a conversion are read and converted in this process
     instead of the preloader, `read_concurrency` threads at once, into private memory: a private page costs ~30 %
@@ -170,7 +166,7 @@ def read_weights(
     storage-cache copied them for this load and hashed every byte of the copy (sha256 and the read checksum), so
     hashing them again here would only pay the same CPU twice.
 
-    `read_bytes_per_s`: caps the rate of what this process reads (converted here, or mapped and verified), as the
+    `read_bytes_per_s`: caps the rate of what this process reads (converted here, or mapped), as the
     preloader's own cap paces the child's reads, so a load beside inference leaves the node's I/O to others."""
     names, keep = plan_weights(layout, dtype)
     names = [n for n in names if n not in skip]
@@ -200,16 +196,15 @@ def read_weights(
             beside.start()
         try:
             mapped_files = [(c, map_safetensors(p)) for c in mapped for p in layout.component(c).weight_files]
+            # Mapped files are faulted in here, under the read cap: hashing a verified one does it, the others are
+            # populated.
             if verify:
-                verify_mapped([f for _, f in mapped_files if _relative(layout, f.path) not in hashed],
+                verify_mapped([f for _, f in mapped_files if layout.relative(f.path) not in hashed],
                               read_concurrency or DEFAULT_READ_CONCURRENCY, read_bytes_per_s)
-            if read_bytes_per_s:  # capped: the mapped files nobody hashed are read in here, paced, not left to the caller
-                populate([f.buffer for _, f in mapped_files if not f.resident],
-                         read_concurrency or DEFAULT_READ_CONCURRENCY, read_bytes_per_s)
-                for _, f in mapped_files:
-                    f.resident = True
+            populate([f.buffer for _, f in mapped_files if not f.resident],
+                     read_concurrency or DEFAULT_READ_CONCURRENCY, read_bytes_per_s)
             files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
-            resident = {f.path for _, f in mapped_files if f.resident}  # verified: hashing faulted them in
+            resident = {f.path for _, f in mapped_files}
             if here:
                 converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
                                           read_concurrency or DEFAULT_READ_CONCURRENCY, verify, map_files, hashed,

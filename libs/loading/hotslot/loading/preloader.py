@@ -357,8 +357,7 @@ class _Child:
                     raise NotFound(f"{view_path}: component {cname!r} has no safetensors weights")
                 keep = module_predicate(msg.keep_fp32.get(cname, ()))
                 for weight_path in comp.weight_files:
-                    rel = Path(weight_path).relative_to(layout.root).as_posix()
-                    requests.append(ReadRequest(weight_path, keep, rel not in msg.hashed))
+                    requests.append(ReadRequest(weight_path, keep, layout.relative(weight_path) not in msg.hashed))
                     owners.append(cname)
         cpu0 = time.process_time()
         t_read = time.perf_counter()
@@ -734,11 +733,11 @@ class Preloader:
         """Asks the child to read the weights of the pipeline at `view_path` onto `device` (converted to `dtype`)
         and returns a Future of the LoadedWeights. `components`: which components to read (default: all with
         safetensors); `files`: instead of a pipeline's components, these (component, path relative to
-        `view_path`) safetensors files, e.g. a LoRA adapter's; `keep_fp32`: per component, module names kept float32 (skeleton.keep_fp32_modules);
-        `read_bytes_per_s`, `chunk_bytes`, `read_concurrency`: for this load (default: the preloader's); `hashed`: files (paths
-        relative to `view_path`) the child reads without checking them, whose bytes were hashed a moment ago (by
-        the storage-cache's fill of this load: never hash the same bytes twice). The child holds the weights under
-        `model_key` until `release(model_key)`."""
+        `view_path`) safetensors files, e.g. a LoRA adapter's; `keep_fp32`: per component, module names kept
+        float32 (skeleton.keep_fp32_modules); `read_bytes_per_s`, `chunk_bytes`, `read_concurrency`: for this load
+        (default: the preloader's); `hashed`: files (paths relative to `view_path`) the child reads without
+        checking them, whose bytes were hashed a moment ago (by the storage-cache's fill of this load: never hash
+        the same bytes twice). The child holds the weights under `model_key` until `release(model_key)`."""
         if not request_id:
             raise InvalidArgument.field("request_id", "is required")
         if not model_key:

@@ -686,7 +686,7 @@ class _Job:
         ranges and blocks need not line up. The caller has faulted [lo, hi) in; the tail past `hi` is faulted in
         here, and where that fails its block is left to `check`, which reads it with pread and reports the error
         (touching an unreadable page of a mapping would be a SIGBUS)."""
-        if self.expected is None or self.mapping is None:
+        if self.expected is None or self.mapping is None:  # unverified, or not mapped after all
             return
         block, start = checksum.BLOCK_BYTES, self.header.data_start
         a, b, size = start + lo, start + hi, start + self.header.data_bytes
@@ -780,7 +780,8 @@ def read_files(
     try:
         for request in requests:
             jobs.append(_open_job(Path(request.path), request.keep_fp32, device, dtype, chunk_bytes, shared, cap,
-                                  shm, verify and request.verify, map_source=map_source and device.type == "cpu" and not cap.rate))
+                                  shm, verify and request.verify,
+                                  map_source=map_source and device.type == "cpu" and not cap.rate))
         tasks = _interleave([_tasks(job, device, chunk_bytes) for job in jobs])
         _run(tasks, min(concurrency, max(len(tasks), 1)), buffers, device, chunk_bytes)
         for job in jobs:
@@ -1000,11 +1001,11 @@ def _run_task(task: _Task, buffers: ReadBuffers, device: torch.device, chunk: in
     else:
         stage = buffers.cpu(max(min(chunk, job.header.data_bytes), 1))
         job.source.pread_into(memoryview(stage.numpy())[: task.hi - task.lo], data_start + task.lo)  # type: ignore[arg-type]
-    if job.expected is None or mapped is not None:
+    if mapped is not None:
         # From a mapping: hash the whole range first, then convert it (measured: fewer, larger conversions beat
         # hashing block by block between them, fp32 -> fp16 0.12 CPU s less per 3.4 GB)
-        if mapped is not None:
-            job.hash_mapped(task.lo, task.hi)
+        job.hash_mapped(task.lo, task.hi)
+    if job.expected is None or mapped is not None:
         for p in task.batch or ():  # staged CPU reads always have their batch
             _convert_piece(job.buffer, stage, task.lo, p)
         return

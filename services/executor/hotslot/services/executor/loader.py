@@ -194,7 +194,7 @@ class ModelLoader:
             weights = weights.owned_copy()
         t_populate = time.perf_counter()
         if not self.is_cuda:
-            populate(weights.to_populate, self.read_concurrency)  # verified or converted here: touched already
+            populate(weights.to_populate, self.read_concurrency)  # mapped or converted here: touched already
         populate_s = time.perf_counter() - t_populate
         # On CPU the parent's mapping keeps the shared memory alive, so the child can drop its reference now.
         self.preloader.release(key)
@@ -221,7 +221,7 @@ class ModelLoader:
     def _component_id(self, layout: PipelineLayout, name: str, digests: Mapping[str, str]) -> str | None:
         comp = layout.components[name]
         assert comp is not None
-        directory = comp.directory.relative_to(layout.root).as_posix()
+        directory = layout.relative(comp.directory)
         return component_id(comp.library, comp.class_name, str(self.dtype), self.device, directory, digests)
 
     def read_adapter(self, key: str, view_path: str, timeout_s: float) -> ReadResult:
