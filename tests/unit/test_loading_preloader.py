@@ -257,6 +257,26 @@ def test_map_files_maps_what_needs_no_conversion_and_the_rest_is_converted_once(
         preloader.release("mapped").result(WAIT_S)
 
 
+def _copy_of(model: Path, tmp_path: Path, *, checksummed: bool):
+    """A copy of `model` to change, with the read checksum recorded on its weight files when `checksummed` (as the
+    storage-cache records it); returns its layout and weight files."""
+    from hotslot import checksum
+    from hotslot.loading.layout import read_layout
+
+    root = tmp_path / "model"
+    shutil.copytree(model, root)
+    layout = read_layout(root)
+    weight_files = [p for comp in layout.weight_components().values() for p in comp.weight_files]
+    if checksummed:
+        if not checksum.available():
+            pytest.skip("xxhash is not installed")
+        for path in weight_files:
+            with open(path, "rb") as f:
+                if not checksum.record(path, checksum.of_file(f.fileno())):
+                    pytest.skip("the filesystem keeps no user xattrs")
+    return layout, weight_files
+
+
 @pytest.mark.parametrize(("dtype", "convert_here"), [(None, False), (torch.bfloat16, False), (torch.bfloat16, True)],
                          ids=["mapped", "converted in the child", "converted here"])
 def test_files_the_storage_cache_hashed_for_this_load_are_not_hashed_again_the_others_are(
@@ -264,28 +284,17 @@ def test_files_the_storage_cache_hashed_for_this_load_are_not_hashed_again_the_o
 ) -> None:
     """`hashed` names the files the storage-cache copied and hashed for this very load: read_weights (mapped,
     converted in the child or here) reads them unchecked, and still checks every other file."""
-    from hotslot import checksum
     from hotslot.errors import CorruptRead
-    from hotslot.loading.layout import read_layout
     from hotslot.loading.pipeline_loader import read_weights
 
-    if not checksum.available():
-        pytest.skip("xxhash is not installed")
-    root = tmp_path / "model"
-    shutil.copytree(tiny_family[2], root)
-    layout = read_layout(root)
-    weight_files = [p for c in ("unet", "vae", "text_encoder") for p in layout.component(c).weight_files]
-    for path in weight_files:
-        with open(path, "rb") as f:
-            if not checksum.record(path, checksum.of_file(f.fileno())):
-                pytest.skip("the filesystem keeps no user xattrs")
+    layout, _ = _copy_of(tiny_family[2], tmp_path, checksummed=True)
     unet = layout.component("unet").weight_files[0]
     with open(unet, "r+b") as f:  # a flipped byte under the recorded checksum
         f.seek(-10, os.SEEK_END)
         byte = f.read(1)[0]
         f.seek(-10, os.SEEK_END)
         f.write(bytes([byte ^ 0xFF]))
-    rel = unet.relative_to(root).as_posix()
+    rel = layout.relative(unet)
 
     def read(hashed: frozenset[str]):
         return read_weights(preloader, layout, "hashed", "cpu", dtype, map_files=True, convert_here=convert_here,
@@ -310,22 +319,10 @@ def test_a_read_rate_cap_paces_what_the_executor_reads_itself_too(
     """`read_bytes_per_s` used to pace only the preloader child: with the CPU defaults (files mapped, conversions
     done in the executor) nothing went through the child, so the cap did nothing. Every byte this process reads
     (populated, verified or converted) is now accounted to the cap, which sleeps when the reads run ahead."""
-    from hotslot import checksum
     from hotslot.loading import reader as reader_mod
-    from hotslot.loading.layout import read_layout
     from hotslot.loading.pipeline_loader import read_weights
 
-    root = tmp_path / "model"
-    shutil.copytree(tiny_family[2], root)
-    layout = read_layout(root)
-    weight_files = [p for c in ("unet", "vae", "text_encoder") for p in layout.component(c).weight_files]
-    if checksummed:
-        if not checksum.available():
-            pytest.skip("xxhash is not installed")
-        for path in weight_files:
-            with open(path, "rb") as f:
-                if not checksum.record(path, checksum.of_file(f.fileno())):
-                    pytest.skip("the filesystem keeps no user xattrs")
+    layout, weight_files = _copy_of(tiny_family[2], tmp_path, checksummed=checksummed)
     accounted: list[int] = []
     slept: list[float] = []
     real = reader_mod._RateCap.account
