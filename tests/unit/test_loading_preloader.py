@@ -39,13 +39,14 @@ def test_the_messages_between_the_halves_are_typed_and_survive_the_queue() -> No
     sent = [
         messages.LoadRequest("r1", "m@1", "/views/m", "cpu", "float16", ("unet",), {"unet": ("norm",)},
                              read_bytes_per_s=None, files=(("lora", "a.safetensors"),)),
+        messages.VerifyRequest("r6", (("/views/m/unet/w.safetensors", (66, 1234)),), 2, 1e9),
         messages.ReleaseRequest("r2", "m@1"), messages.HeldQuery("r3"), messages.InfoQuery("r4"),
         messages.DebugFill("r5", "m@1", "unet", "w", 7.0), messages.Stop(), messages.Ready(12),
         messages.Started("r1"), messages.Loaded("r1", b"payload", 1.5), messages.Answered("r3", {"m@1": 10}),
         messages.Failed("r1", "NotFound", "no such file", "Traceback..."),
     ]
     assert [pickle.loads(pickle.dumps(m)) for m in sent] == sent
-    assert {m.kind for m in sent if isinstance(m, messages.Request)} == {"load", "release", "held", "info",
+    assert {m.kind for m in sent if isinstance(m, messages.Request)} == {"load", "verify", "release", "held", "info",
                                                                           "debug_fill"}
 
 
@@ -344,3 +345,95 @@ def test_a_read_rate_cap_paces_what_the_executor_reads_itself_too(
     finally:
         del weights
         preloader.release("capped").result(WAIT_S)
+
+
+def _flip_a_byte(path: Path, from_end: int = 10) -> None:
+    """A flipped byte under the recorded checksum, as a failing disk leaves it."""
+    with open(path, "r+b") as f:
+        f.seek(-from_end, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-from_end, os.SEEK_END)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def test_an_idle_preloader_checks_the_mapped_files_in_its_process_and_catches_a_corrupt_one(
+    preloader: Preloader, tiny_family: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files mapped in this process are hashed by the idle preloader child (its own core, its own interpreter)
+    while this process faults them in: this process hashes nothing, the weights equal the files', and a flipped
+    byte still fails the read with CorruptRead naming the file."""
+    from hotslot.errors import CorruptRead
+    from hotslot.loading import pipeline_loader
+    from hotslot.loading.pipeline_loader import read_weights
+    from hotslot.loading.reader import read_safetensors
+
+    layout, weight_files = _copy_of(tiny_family[2], tmp_path, checksummed=True)
+    hashed_here: list[int] = []
+    real = pipeline_loader.verify_mapped
+    monkeypatch.setattr(pipeline_loader, "verify_mapped", lambda files, *a: hashed_here.append(len(files)) or
+                        real(files, *a))
+    weights = read_weights(preloader, layout, "checked", "cpu", None, map_files=True, convert_here=True)
+    assert weights.timings.mapped_checked_by == "preloader" and hashed_here == []
+    assert "checked" not in preloader.held()  # the child only checked: it holds nothing
+    unet = layout.component("unet").weight_files[0]
+    for name, tensor in read_safetensors(unet).tensors().items():
+        assert torch.equal(weights.components["unet"][name], tensor)
+    del weights
+
+    _flip_a_byte(unet)
+    with pytest.raises(CorruptRead) as caught:
+        read_weights(preloader, layout, "checked", "cpu", None, map_files=True, convert_here=True)
+    assert caught.value.path == str(unet) and hashed_here == []
+    assert preloader.is_alive()
+
+
+@pytest.mark.parametrize("why", ["busy", "child failed"])
+def test_mapped_files_are_checked_here_when_the_preloader_is_busy_or_cannot_check(
+    preloader: Preloader, tiny_family: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    """A check queued behind a load would wait for it, so with a load in the child the files are hashed here;
+    and when the child cannot answer (it died, or a path names another file now) they are hashed here too.
+    Either way a corrupt file is still caught."""
+    from concurrent.futures import Future
+
+    from hotslot.errors import CorruptRead, Unavailable
+    from hotslot.loading.pipeline_loader import read_weights
+
+    layout, _ = _copy_of(tiny_family[2], tmp_path, checksummed=True)
+    if why == "busy":
+        monkeypatch.setattr(preloader, "idle", lambda: False)
+    else:
+        def died(*_a, **_k) -> Future:
+            future: Future = Future()
+            future.set_exception(Unavailable("the preloader died while answering verify"))
+            return future
+
+        monkeypatch.setattr(preloader, "verify", died)
+    weights = read_weights(preloader, layout, "here", "cpu", None, map_files=True, convert_here=True)
+    assert weights.timings.mapped_checked_by == "executor"
+    del weights
+    unet = layout.component("unet").weight_files[0]
+    _flip_a_byte(unet)
+    with pytest.raises(CorruptRead) as caught:
+        read_weights(preloader, layout, "here", "cpu", None, map_files=True, convert_here=True)
+    assert caught.value.path == str(unet)
+
+
+def test_the_child_refuses_to_check_a_path_that_names_another_file_than_the_mapping(
+    preloader: Preloader, tiny_family: list[Path], tmp_path: Path
+) -> None:
+    """The check answers for the bytes the parent mapped: a path replaced since (a corrupt blob refetched into a
+    new file) is refused with FailedPrecondition rather than checked, and the same file passes."""
+    from hotslot.errors import FailedPrecondition
+    from hotslot.loading.reader import map_safetensors
+
+    _, weight_files = _copy_of(tiny_family[2], tmp_path, checksummed=True)
+    path = weight_files[0]
+    mapped = map_safetensors(path)
+    assert preloader.verify([(path, mapped.identity)]).result(WAIT_S) == path.stat().st_size
+    replacement = path.with_suffix(".new")
+    shutil.copy2(path, replacement)
+    os.replace(replacement, path)  # same path and bytes, another file: the mapping still shows the old one
+    with pytest.raises(FailedPrecondition, match="not the file that was mapped"):
+        preloader.verify([(path, mapped.identity)]).result(WAIT_S)
+    assert preloader.is_alive()

@@ -4,7 +4,7 @@ the parent without copying them.
 The child reads each safetensors file into ONE buffer (shared memory on CPU, device memory on CUDA) with
 `reader.read_files` (`read_concurrency` reads in flight across files and ranges), then sends (buffer, tensor
 layout) per file through a torch.multiprocessing queue. The halves talk in small frozen dataclasses (`LoadRequest`,
-`ReleaseRequest`, `HeldQuery`, `InfoQuery`, `DebugFill`, `Stop` down; `Ready`, `Started`, `Loaded`, `Answered`,
+`VerifyRequest`, `ReleaseRequest`, `HeldQuery`, `InfoQuery`, `DebugFill`, `Stop` down; `Ready`, `Started`, `Loaded`, `Answered`,
 `Failed` up).
 torch's reductions turn each buffer into a handle (a file descriptor passed over a Unix socket for CPU shared
 memory, a CUDA IPC handle on GPU), so the message is a few kB whatever the model size, and the parent builds the
@@ -59,6 +59,7 @@ from hotslot.loading.reader import (
     module_predicate,
     read_files,
     tensor_views,
+    verify_paths,
 )
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "Ready",
     "Started",
     "Stop",
+    "VerifyRequest",
     "LoadTimings",
     "LoadedWeights",
     "PreloadFailed",
@@ -118,6 +120,9 @@ class LoadTimings:
     wire_bytes: int = 0  # size of the message that crossed the queue: small unless tensors were pickled
     cpu_s: float = 0.0  # CPU time spent reading and converting (all the reading threads)
     reader: str = "preloader"  # who read the files: "preloader" (the child) or "executor" (mapped / converted here)
+    # who checked the files mapped in the executor against their checksums: "preloader" (an idle child, in its own
+    # process), "executor", or "" (none to check)
+    mapped_checked_by: str = ""
 
 
 @dataclass
@@ -208,6 +213,20 @@ class LoadRequest:
 
 
 @dataclass(frozen=True)
+class VerifyRequest:
+    """Parent -> child: check files the parent has mapped against their recorded checksums (`reader.verify_paths`),
+    so the hashing runs in this process, on another core and outside the parent's interpreter; answered with the
+    bytes checked, or Failed (CorruptRead naming the file; FailedPrecondition when a path names another file than
+    the parent's mapping now)."""
+
+    kind: ClassVar[str] = "verify"
+    rid: str
+    files: tuple[tuple[str, tuple[int, int] | None], ...]  # (path, (st_dev, st_ino) of the parent's mapping)
+    read_concurrency: int | None = None  # None: the preloader's
+    read_bytes_per_s: float | None = None
+
+
+@dataclass(frozen=True)
 class ReleaseRequest:
     """Parent -> child: drop the references to `model_key`'s buffers; answered with the bytes it held."""
 
@@ -249,7 +268,7 @@ class Stop:
     """Parent -> child: exit."""
 
 
-Request = LoadRequest | ReleaseRequest | HeldQuery | InfoQuery | DebugFill
+Request = LoadRequest | VerifyRequest | ReleaseRequest | HeldQuery | InfoQuery | DebugFill
 
 
 @dataclass(frozen=True)
@@ -321,6 +340,9 @@ class _Child:
                     self.send(Started(msg.rid))
                     self.load(msg)
                     return
+                case VerifyRequest():
+                    result = verify_paths(msg.files, msg.read_concurrency or self.settings["read_concurrency"],
+                                          msg.read_bytes_per_s)
                 case ReleaseRequest():
                     result = self.release(msg.model_key)
                 case HeldQuery():
@@ -769,6 +791,22 @@ class Preloader:
 
     async def load_async(self, request_id: str, model_key: str, view_path: str | Path, **kwargs: Any) -> LoadedWeights:
         return await asyncio.wrap_future(self.load(request_id, model_key, view_path, **kwargs))
+
+    def verify(self, files: Sequence[tuple[str | Path, tuple[int, int] | None]], *,
+               read_concurrency: int | None = None, read_bytes_per_s: float | None = None) -> Future[int]:
+        """Asks the child to check files this process has mapped (path, (st_dev, st_ino) of the mapping, e.g.
+        `LoadedFile.identity`) against the checksums recorded on them; the Future gives the bytes checked, or raises
+        CorruptRead naming the first file that does not match, or FailedPrecondition when a path names another file
+        now. The child takes requests one at a time: see `idle`."""
+        request = VerifyRequest(self._next_id("verify"), tuple((str(p), i) for p, i in files), read_concurrency,
+                                read_bytes_per_s)
+        return self._submit(request, "")
+
+    def idle(self) -> bool:
+        """The child is running and has no load to do (sent or started): a request now is taken at once."""
+        with self._lock:
+            busy = any(p.kind == "load" for p in self._pending.values())
+        return not busy and self.is_alive()
 
     def release(self, model_key: str) -> Future[int]:
         """The child drops its references to `model_key`'s weights; the Future gives the bytes it held."""

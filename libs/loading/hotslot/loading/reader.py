@@ -51,6 +51,7 @@ from hotslot import checksum
 from hotslot.errors import (
     CorruptRead,
     DataLoss,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Reason,
@@ -72,6 +73,7 @@ __all__ = [
     "TensorSpec",
     "keeps_dtypes",
     "verify_mapped",
+    "verify_paths",
     "load_file",
     "map_safetensors",
     "module_predicate",
@@ -199,6 +201,7 @@ class LoadedFile:
     stats: ReadStats = field(default_factory=ReadStats)
     data_start: int = 0  # where the buffer's bytes start in the file (mapped files: their data section)
     resident: bool = False  # every page is already in this process's page tables: `populate` would add nothing
+    identity: tuple[int, int] | None = None  # mapped files: (st_dev, st_ino) of the file this mapping is of
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return tensor_views(self.buffer, self.specs)
@@ -1170,6 +1173,7 @@ def map_safetensors(path: str | Path) -> LoadedFile:
     stats = ReadStats(files=1)
     with _open(path) as f:
         header = _parse_header(path, f)
+        st = os.fstat(f.fileno())
         if header.data_bytes == 0:
             buffer = torch.empty(0, dtype=torch.uint8)
         else:
@@ -1181,7 +1185,8 @@ def map_safetensors(path: str | Path) -> LoadedFile:
             buffer = torch.frombuffer(mapped, dtype=torch.uint8)[header.data_start :]
     specs = tuple(TensorSpec(e.name, e.dtype, e.shape, e.begin, e.nbytes) for e in header.tensors)
     stats.bytes_out = header.data_bytes
-    return LoadedFile(str(path), buffer, specs, header.metadata, stats, data_start=header.data_start)
+    return LoadedFile(str(path), buffer, specs, header.metadata, stats, data_start=header.data_start,
+                      identity=(st.st_dev, st.st_ino))
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in (reading it from disk if needed) in one call
@@ -1254,6 +1259,23 @@ def verify_mapped(files: Sequence[LoadedFile], concurrency: int = DEFAULT_READ_C
             raise CorruptRead.of(f.path)
         f.resident = True  # hashing faulted every page in
     return sum(f.data_start + f.buffer.numel() for f, _ in checked)
+
+
+def verify_paths(files: Sequence[tuple[str, tuple[int, int] | None]], concurrency: int = DEFAULT_READ_CONCURRENCY,
+                 read_bytes_per_s: float | None = None) -> int:
+    """`verify_mapped` for files another process has mapped (the preloader checks the executor's mapped files, so
+    the hashing runs on another core, outside the executor's interpreter): maps each (path, identity) here and
+    checks it. `identity` is the (st_dev, st_ino) the other process mapped: a path that names another file now
+    (a corrupt blob replaced by its refetch in between) raises FailedPrecondition, since checking that file would
+    say nothing of the bytes the other process holds. Raises CorruptRead as verify_mapped does. Returns the bytes
+    checked."""
+    mapped = []
+    for path, identity in files:
+        f = map_safetensors(path)
+        if identity is not None and f.identity != tuple(identity):
+            raise FailedPrecondition(f"{path} is not the file that was mapped (replaced since); check it there")
+        mapped.append(f)
+    return verify_mapped(mapped, concurrency, read_bytes_per_s)
 
 
 @functools.cache
