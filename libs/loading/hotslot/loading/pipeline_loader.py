@@ -154,7 +154,7 @@ def read_weights(
     `map_files` (CPU only; the view must be on a local disk): components that need no conversion are mapped
     here instead (copy-on-write file mappings: no copy, no allocation, the page cache's pages); only the others
     go through the preloader. The mapped files are part of the returned weights like the read ones, their pages
-    already faulted in here (by hashing them when verified, else by `populate`).
+    already faulted in here (by `populate`, or by hashing them when this process checks them).
 
     `convert_here` (CPU only): the components that need a conversion are read and converted in this process
     instead of the preloader, `read_concurrency` threads at once, into private memory: a private page costs ~30 %
@@ -164,8 +164,9 @@ def read_weights(
 
     `meanwhile` runs in a thread of its own beside everything this does here (mapping, verifying, converting).
 
-    `verify`: files that carry a recorded checksum are checked (the preloader's by its own `verify_reads`; mapped
-    and converted-here files here); a mismatch raises CorruptRead naming the file. `hashed`: files (paths
+    `verify`: files that carry a recorded checksum are checked (the preloader's by its own `verify_reads`;
+    converted-here files here; mapped files by the preloader when it has no load to do, in its own process while
+    this one populates them, else here); a mismatch raises CorruptRead naming the file. `hashed`: files (paths
     relative to the layout's root) read unchecked all the same, because their bytes were hashed a moment ago: the
     storage-cache copied them for this load and hashed every byte of the copy (sha256 and the read checksum), so
     hashing them again here would only pay the same CPU twice.

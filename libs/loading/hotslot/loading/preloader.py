@@ -4,8 +4,9 @@ the parent without copying them.
 The child reads each safetensors file into ONE buffer (shared memory on CPU, device memory on CUDA) with
 `reader.read_files` (`read_concurrency` reads in flight across files and ranges), then sends (buffer, tensor
 layout) per file through a torch.multiprocessing queue. The halves talk in small frozen dataclasses (`LoadRequest`,
-`VerifyRequest`, `ReleaseRequest`, `HeldQuery`, `InfoQuery`, `DebugFill`, `Stop` down; `Ready`, `Started`, `Loaded`, `Answered`,
-`Failed` up).
+`VerifyRequest`, `ReleaseRequest`, `HeldQuery`, `InfoQuery`, `DebugFill`, `Stop` down; `Ready`, `Started`,
+`Loaded`, `Answered`, `Failed` up). `VerifyRequest` has the child check files the parent mapped itself, so their
+hashing runs beside the parent's work, in another process.
 torch's reductions turn each buffer into a handle (a file descriptor passed over a Unix socket for CPU shared
 memory, a CUDA IPC handle on GPU), so the message is a few kB whatever the model size, and the parent builds the
 tensors as views of the same memory (`reader.tensor_views`). One handle per file, not per tensor: a tensor-per-
