@@ -107,10 +107,14 @@ def test_a_budget_holds_more_fine_tunes_when_they_share_components() -> None:
 
 
 class _NoChild:
-    """The loader maps files stored in the wanted dtype (CPU, map_files) and reads nothing through a child."""
+    """The loader maps files stored in the wanted dtype (CPU, map_files) and reads nothing through a child; with no
+    child to hand it to, it checks the mapped files itself."""
 
     def release(self, key: str) -> None:
         pass
+
+    def idle(self) -> bool:
+        return False
 
 
 @pytest.fixture(scope="module")
