@@ -1120,23 +1120,30 @@ def _read_staged_cuda(
     stream = buffers.stream(device)
     events = [torch.cuda.Event(), torch.cuda.Event()]
     used = [False, False]
-    with torch.cuda.stream(stream):
-        for i, (start, end, batch) in enumerate(_batches(pieces, chunk)):
-            slot = i % 2
-            if used[slot]:
-                events[slot].synchronize()  # the copy out of this pinned buffer two batches ago must be done
-            pinned = buffers.pinned(slot, chunk)
-            staging = buffers.device(device, slot, chunk)
-            job.source.pread_into(memoryview(pinned.numpy())[: end - start], data_start + start)  # type: ignore[arg-type]
-            job.feed(pinned[: end - start])
-            staging[: end - start].copy_(pinned[: end - start], non_blocking=True)
-            for p in batch:
-                _convert_piece(out, staging, start, p)
-            events[slot].record(stream)
-            used[slot] = True
-    # Everything was queued on the side stream; wait here so the buffer is complete before anyone (the parent via
-    # IPC included) reads it on another stream.
-    stream.synchronize()
+    # `out` and the staging buffers were allocated on the current stream: the side stream writes them only after
+    # what is queued there (a previous user of those blocks) is done.
+    stream.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(stream):
+            for i, (start, end, batch) in enumerate(_batches(pieces, chunk)):
+                slot = i % 2
+                if used[slot]:
+                    events[slot].synchronize()  # the copy out of this pinned buffer two batches ago must be done
+                pinned = buffers.pinned(slot, chunk)
+                staging = buffers.device(device, slot, chunk)
+                job.source.pread_into(memoryview(pinned.numpy())[: end - start],  # type: ignore[arg-type]
+                                      data_start + start)
+                job.feed(pinned[: end - start])
+                staging[: end - start].copy_(pinned[: end - start], non_blocking=True)
+                for p in batch:
+                    _convert_piece(out, staging, start, p)
+                events[slot].record(stream)
+                used[slot] = True
+    finally:
+        # Everything was queued on the side stream; wait here so the buffer is complete before anyone (the parent
+        # via IPC included) reads it on another stream, and, when a read failed part way, so no queued copy lands
+        # in `out` after it is freed and handed to another allocation.
+        stream.synchronize()
 
 
 # --------------------------------------------------------------------------------------------------------------
