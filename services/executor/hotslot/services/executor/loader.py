@@ -177,6 +177,7 @@ class ModelLoader:
             held = self.components.take(ids[name], key)
             if held is not None:
                 parts[name] = held
+        weights = None
         try:
             weights = read_weights(self.preloader, layout, key, self.device, self.dtype, chunk_bytes=self.chunk_bytes,
                                    read_concurrency=self.read_concurrency, map_files=self.map_files,
@@ -184,14 +185,16 @@ class ModelLoader:
                                    meanwhile=lambda: self.prefetch(layout), skip=frozenset(parts),
                                    verify=self.verify_reads, hashed=hashed,
                                    read_bytes_per_s=self.read_bytes_per_s)
+            if self.is_cuda and weights.files:
+                # IPC memory belongs to the child and dies with it: own a copy so a preloader crash cannot take the
+                # weights of held models with it. This runs beside inference, never on the request path.
+                weights = weights.owned_copy()
         except BaseException:
             for part in parts.values():
                 self.components.release(part, key)
+            if weights is not None:  # the copy failed (device memory full): the child must not keep them either
+                self.preloader.release(key)
             raise
-        if self.is_cuda and weights.files:
-            # IPC memory belongs to the child and dies with it: own a copy so a preloader crash cannot take the
-            # weights of held models with it. This runs beside inference, never on the request path.
-            weights = weights.owned_copy()
         t_populate = time.perf_counter()
         if not self.is_cuda:
             populate(weights.to_populate, self.read_concurrency)  # mapped or converted here: touched already
