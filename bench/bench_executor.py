@@ -841,6 +841,11 @@ def main() -> None:
             b_load, switch_rows = section_bc(args, hot, work, started)
             rows += switch_rows
         if args.pairings:
+            if rows:  # (d) takes minutes: what (a)-(c) measured is out before it, in case the run is cut short
+                print("(a)-(c), printed before (d) runs:\n")
+                print_rows(rows)
+                print(flush=True)
+                rows = []
             limits["memcpy"] = memcpy_bytes_per_s(2 * model_bytes)
             if args.drop_caches:
                 for model, file_dtype in FILE_DTYPES.items():
@@ -881,8 +886,12 @@ def main() -> None:
               "s per GB of weights during the first Generate, per process (executor includes denoising)\n")
         print_cold_table(cold_rows, args, limits)
         print()
-    if not rows:
-        return
+    if rows:
+        print_rows(rows)
+
+
+def print_rows(rows: list[tuple[str, str, str, str]]) -> None:
+    """The main table of (a)-(c): measure, value, ratio, goal."""
     width = max(len(r[0]) for r in rows)
     vw = max(len(r[1]) for r in rows)
     print(f"| {'measure'.ljust(width)} | {'value'.ljust(vw)} | ratio | goal    |")

@@ -75,7 +75,7 @@ def throughput(tmp: Path, device: str, size_mb: int, out: dict) -> None:
     """Reader vs safetensors.torch.load_file on one synthetic file (page cache warm for both: read it once)."""
     from safetensors.torch import load_file, save_file
 
-    from hotslot.loading.reader import read_safetensors
+    from hotslot.loading.reader import DEFAULT_READ_CONCURRENCY, read_safetensors
 
     n_tensors = 64
     per = size_mb * 1024 * 1024 // 4 // n_tensors
@@ -104,8 +104,10 @@ def throughput(tmp: Path, device: str, size_mb: int, out: dict) -> None:
         limit = best(lambda: dst.copy_(src, non_blocking=True))
         del src, dst
         torch.cuda.empty_cache()
-    ours = best(lambda: read_safetensors(path, device=device))
-    ours16 = best(lambda: read_safetensors(path, device=device, dtype=torch.float16))
+    # as the executor reads: DEFAULT_READ_CONCURRENCY ranges in flight
+    ours = best(lambda: read_safetensors(path, device=device, concurrency=DEFAULT_READ_CONCURRENCY))
+    ours16 = best(lambda: read_safetensors(path, device=device, dtype=torch.float16,
+                                           concurrency=DEFAULT_READ_CONCURRENCY))
     ref = best(lambda: load_file(str(path), device=device))
     ref16 = best(lambda: {k: v.to(torch.float16) for k, v in load_file(str(path), device=device).items()})
     out["throughput"] = {
