@@ -325,7 +325,9 @@ class ModelLoader:
             return
         for part in host.parts.values():
             if part.on_device and part.pipelines == 0:
-                self._move(part, [buf.to("cpu").pin_memory() for _, _, buf, _ in part.files])
+                # one copy, device -> pinned (`.to("cpu").pin_memory()` would copy twice through pageable memory)
+                self._move(part, [torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True).copy_(buf)
+                                  for _, _, buf, _ in part.files])
                 part.module = None
                 part.on_device = False
 
