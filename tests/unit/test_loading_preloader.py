@@ -17,6 +17,7 @@ from hotslot.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from hotslot.loading import preloader as messages
 from hotslot.loading.pipeline_loader import load_pipeline
 from hotslot.loading.preloader import Preloader
+from tests.support.corruption import flip_byte, record_checksum
 from tests.support.waiting import wait_for
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -261,7 +262,6 @@ def test_map_files_maps_what_needs_no_conversion_and_the_rest_is_converted_once(
 def _copy_of(model: Path, tmp_path: Path, *, checksummed: bool):
     """A copy of `model` to change, with the read checksum recorded on its weight files when `checksummed` (as the
     storage-cache records it); returns its layout and weight files."""
-    from hotslot import checksum
     from hotslot.loading.layout import read_layout
 
     root = tmp_path / "model"
@@ -269,12 +269,8 @@ def _copy_of(model: Path, tmp_path: Path, *, checksummed: bool):
     layout = read_layout(root)
     weight_files = [p for comp in layout.weight_components().values() for p in comp.weight_files]
     if checksummed:
-        if not checksum.available():
-            pytest.skip("xxhash is not installed")
         for path in weight_files:
-            with open(path, "rb") as f:
-                if not checksum.record(path, checksum.of_file(f.fileno())):
-                    pytest.skip("the filesystem keeps no user xattrs")
+            record_checksum(path)
     return layout, weight_files
 
 
@@ -290,11 +286,7 @@ def test_files_the_storage_cache_hashed_for_this_load_are_not_hashed_again_the_o
 
     layout, _ = _copy_of(tiny_family[2], tmp_path, checksummed=True)
     unet = layout.component("unet").weight_files[0]
-    with open(unet, "r+b") as f:  # a flipped byte under the recorded checksum
-        f.seek(-10, os.SEEK_END)
-        byte = f.read(1)[0]
-        f.seek(-10, os.SEEK_END)
-        f.write(bytes([byte ^ 0xFF]))
+    flip_byte(unet)  # a flipped byte under the recorded checksum
     rel = layout.relative(unet)
 
     def read(hashed: frozenset[str]):
@@ -347,15 +339,6 @@ def test_a_read_rate_cap_paces_what_the_executor_reads_itself_too(
         preloader.release("capped").result(WAIT_S)
 
 
-def _flip_a_byte(path: Path, from_end: int = 10) -> None:
-    """A flipped byte under the recorded checksum, as a failing disk leaves it."""
-    with open(path, "r+b") as f:
-        f.seek(-from_end, os.SEEK_END)
-        byte = f.read(1)[0]
-        f.seek(-from_end, os.SEEK_END)
-        f.write(bytes([byte ^ 0xFF]))
-
-
 def test_an_idle_preloader_checks_the_mapped_files_in_its_process_and_catches_a_corrupt_one(
     preloader: Preloader, tiny_family: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,7 +363,7 @@ def test_an_idle_preloader_checks_the_mapped_files_in_its_process_and_catches_a_
         assert torch.equal(weights.components["unet"][name], tensor)
     del weights
 
-    _flip_a_byte(unet)
+    flip_byte(unet)
     with pytest.raises(CorruptRead) as caught:
         read_weights(preloader, layout, "checked", "cpu", None, map_files=True, convert_here=True)
     assert caught.value.path == str(unet) and hashed_here == []
@@ -413,7 +396,7 @@ def test_mapped_files_are_checked_here_when_the_preloader_is_busy_or_cannot_chec
     assert weights.timings.mapped_checked_by == "executor"
     del weights
     unet = layout.component("unet").weight_files[0]
-    _flip_a_byte(unet)
+    flip_byte(unet)
     with pytest.raises(CorruptRead) as caught:
         read_weights(preloader, layout, "here", "cpu", None, map_files=True, convert_here=True)
     assert caught.value.path == str(unet)

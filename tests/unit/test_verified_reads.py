@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from hotslot import checksum
 from hotslot.errors import CorruptRead, DataLoss
 from hotslot.loading.reader import map_safetensors, read_files, verify_mapped
+from tests.support.corruption import flip_byte, record_checksum
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_xxhash = pytest.mark.skipif(not checksum.available(), reason="xxhash is not installed")
@@ -27,29 +28,13 @@ MODES = {
 }
 
 
-def _record(path: Path) -> None:
-    with open(path, "rb") as f:
-        value = checksum.of_file(f.fileno())
-    if not checksum.record(path, value):
-        pytest.skip(f"the filesystem of {path} keeps no user xattrs")
-
-
-def _flip(path: Path, offset_from_end: int) -> None:
-    """Flips one byte of the data section in place, keeping the recorded checksum (what a bad disk does)."""
-    with open(path, "r+b") as f:
-        f.seek(-offset_from_end, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-offset_from_end, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
 @pytest.fixture
 def model_file(tmp_path: Path) -> Path:
     g = torch.Generator().manual_seed(1)
     path = tmp_path / "unet.safetensors"
     # ~6 MB: several 1 MiB checksum blocks, tensors that straddle them, an odd size at the end
     save_file({f"layer{i}.weight": torch.randn(256, 511, generator=g) for i in range(12)}, str(path))
-    _record(path)
+    record_checksum(path)
     return path
 
 
@@ -85,7 +70,7 @@ def test_an_intact_file_with_a_recorded_checksum_reads_as_before(model_file: Pat
 @pytest.mark.parametrize("where", [1, 30_000, 3_000_000])
 def test_a_flipped_byte_fails_the_read_with_corrupt_read_naming_the_file(model_file: Path, mode: str,
                                                                           where: int) -> None:
-    _flip(model_file, where)
+    flip_byte(model_file, where)
     with pytest.raises(CorruptRead) as caught:
         read_files([model_file], chunk_bytes=8192, concurrency=4, **MODES[mode])
     assert caught.value.path == str(model_file)
@@ -95,14 +80,14 @@ def test_a_flipped_byte_fails_the_read_with_corrupt_read_naming_the_file(model_f
 
 @needs_xxhash
 def test_verify_off_reads_a_corrupted_file_without_noticing(model_file: Path) -> None:
-    _flip(model_file, 1)
+    flip_byte(model_file, 1)
     read_files([model_file], verify=False)
 
 
 @needs_xxhash
 def test_a_file_without_a_recorded_checksum_is_read_unchecked(model_file: Path) -> None:
     os.removexattr(model_file, checksum.XATTR)
-    _flip(model_file, 1)
+    flip_byte(model_file, 1)
     read_files([model_file])
 
 
@@ -110,10 +95,10 @@ def test_a_file_without_a_recorded_checksum_is_read_unchecked(model_file: Path) 
 def test_a_corrupted_mapped_file_is_caught_when_its_pages_are_checksummed(model_file: Path, tmp_path: Path) -> None:
     good = tmp_path / "vae.safetensors"
     save_file({"w": torch.ones(1000)}, str(good))
-    _record(good)
+    record_checksum(good)
     mapped = [map_safetensors(good), map_safetensors(model_file)]
     assert verify_mapped(mapped, 2) == good.stat().st_size + model_file.stat().st_size
-    _flip(model_file, 5)
+    flip_byte(model_file, 5)
     with pytest.raises(CorruptRead) as caught:
         verify_mapped([map_safetensors(good), map_safetensors(model_file)], 2)
     assert caught.value.path == str(model_file)
@@ -129,7 +114,7 @@ def test_corrupt_read_keeps_its_path_across_a_process_boundary() -> None:
 @needs_xxhash
 def test_cuda_reads_are_checked_too(model_file: Path) -> None:
     read_files([model_file], device="cuda", dtype=torch.float16)
-    _flip(model_file, 1)
+    flip_byte(model_file, 1)
     with pytest.raises(CorruptRead):
         read_files([model_file], device="cuda", dtype=torch.float16, chunk_bytes=8192)
 
@@ -156,7 +141,7 @@ def test_reads_end_on_checksum_blocks_so_no_block_is_read_twice(model_file: Path
 def test_the_preloader_child_checks_what_it_reads_unless_told_not_to(model_file: Path, verify_reads: bool) -> None:
     from hotslot.loading.preloader import Preloader
 
-    _flip(model_file, 1)
+    flip_byte(model_file, 1)
     with Preloader(verify_reads=verify_reads) as preloader:
         future = preloader.load("r1", "m", model_file.parent, files=[("unet", model_file.name)])
         if not verify_reads:
@@ -235,7 +220,7 @@ def test_a_mapped_conversion_leaves_blocks_it_cannot_fault_in_to_pread_and_still
 
     expected = read_files([model_file], dtype=torch.float16, shared=False, verify=False)[0].tensors()
     if flipped:
-        _flip(model_file, model_file.stat().st_size - bad_from - 100)  # just past where faulting in fails
+        flip_byte(model_file, model_file.stat().st_size - bad_from - 100)  # just past where faulting in fails
     monkeypatch.setattr(reader_mod, "_map_whole", mapping)
     monkeypatch.setattr(reader_mod, "_madvise_populate", populate)
     reread = []
