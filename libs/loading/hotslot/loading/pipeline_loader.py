@@ -195,6 +195,7 @@ def read_weights(
             variant=variant,
             hashed=hashed,
         )
+    threads = read_concurrency or DEFAULT_READ_CONCURRENCY  # of this process's own reads
     beside = threading.Thread(target=meanwhile, name="hotslot-prefetch", daemon=True) if meanwhile else None
     try:
         if beside is not None:
@@ -209,20 +210,18 @@ def read_weights(
                 if future is None else None
             checked_by = "preloader" if checking is not None else "executor" if to_check else ""
             if checking is None and to_check:  # hashing a mapped file here faults it in too (under the read cap)
-                verify_mapped(to_check, read_concurrency or DEFAULT_READ_CONCURRENCY, read_bytes_per_s)
-            populate([f.buffer for _, f in mapped_files if not f.resident],
-                     read_concurrency or DEFAULT_READ_CONCURRENCY, read_bytes_per_s)
+                verify_mapped(to_check, threads, read_bytes_per_s)
+            populate([f.buffer for _, f in mapped_files if not f.resident], threads, read_bytes_per_s)
             files = [(c, f.path, f.buffer, f.specs) for c, f in mapped_files]
             resident = {f.path for _, f in mapped_files}
             if here:
-                converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes,
-                                          read_concurrency or DEFAULT_READ_CONCURRENCY, verify, map_files, hashed,
-                                          read_bytes_per_s)
+                converted = _convert_here(layout, model_key, device, dtype, here, keep, chunk_bytes, threads, verify,
+                                          map_files, hashed, read_bytes_per_s)
                 files += converted.files
                 resident |= converted.resident  # written by this process's threads
             if checking is not None and not _checked_in_child(checking, timeout_s):
                 checked_by = "executor"
-                verify_mapped(to_check, read_concurrency or DEFAULT_READ_CONCURRENCY, read_bytes_per_s)
+                verify_mapped(to_check, threads, read_bytes_per_s)
         finally:
             if beside is not None:
                 beside.join()
