@@ -138,6 +138,21 @@ def test_a_host_pool_converts_the_next_model_into_the_memory_an_evicted_one_used
         svc.stop()
 
 
+def test_a_reserved_host_pool_is_made_before_the_executor_serves_and_takes_its_first_conversions(
+        stack: Stack) -> None:
+    svc = stack.start_executor("--dtype", "bfloat16", "--host-pool-bytes", "64MiB", "--host-pool-reserve",
+                               "--no-lookahead", name="reserve")
+    try:
+        assert Scrape(svc).value("hotslot_executor_host_pool_free_bytes") == 64 * 1024 * 1024  # before any load
+        with grpc.insecure_channel(svc.address) as channel:
+            executor_stub(channel).Generate(generate_request("tiny-sd-0", seed=9), timeout=120)
+        scrape = Scrape(svc)
+        assert scrape.value("hotslot_executor_host_pool_allocations_total", result="reused") >= 1
+        assert scrape.value("hotslot_executor_host_pool_allocations_total", result="created") == 0
+    finally:
+        svc.stop()
+
+
 def test_preloader_killed_mid_load_executor_keeps_serving(stack: Stack) -> None:
     # A read-rate cap makes each load last a few seconds, so the kill lands mid-load.
     # Files kept in their dtype would be mapped, not read: this test needs the preloader to read them.

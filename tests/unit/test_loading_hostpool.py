@@ -1,6 +1,6 @@
-"""The host pool recycles the private memory of dropped converted weights: a region goes back to the pool only once
-no tensor views it, is handed to a later allocation that fits it, and is returned to the kernel beyond the pool's
-limit; reads into recycled memory (which holds the previous weights' bytes) are bit-identical to fresh reads."""
+"""The host pool recycles the private memory of dropped converted weights: an extent goes back to the pool only once
+no tensor views it, is carved for later allocations of any size (from a reservation made up front too), and is
+returned to the kernel beyond the pool's limit; reads into recycled memory (which holds the previous weights' bytes) are bit-identical to fresh reads."""
 from __future__ import annotations
 
 import gc
@@ -33,15 +33,54 @@ def test_a_region_returns_to_the_pool_only_when_no_tensor_views_it_and_is_then_r
     assert pool.free_bytes == 0
 
 
-def test_a_region_much_larger_than_the_request_is_kept_for_a_request_it_fits() -> None:
+def test_a_larger_free_extent_is_split_and_the_rest_stays_free_for_another_allocation() -> None:
     pool = HostPool(256 * MIB)
     big = pool.allocate(64 * MIB)
+    base = big.data_ptr()
     del big
     gc.collect()
     small = pool.allocate(MIB)
-    assert pool.created == 2 and pool.reused == 0  # 64 MiB for 1 MiB would idle 63 MiB
-    assert pool.free_bytes == 64 * MIB
-    del small
+    rest = pool.allocate(60 * MIB)
+    assert (pool.created, pool.reused) == (1, 2)  # both carved out of the first allocation's memory
+    assert small.data_ptr() == base and rest.data_ptr() == base + REGION_GRANULE_BYTES
+    assert pool.free_bytes == 64 * MIB - REGION_GRANULE_BYTES - 60 * MIB
+    del small, rest
+    gc.collect()
+    whole = pool.allocate(64 * MIB)  # the freed extents merged back into one
+    assert whole.data_ptr() == base and pool.created == 1
+
+
+def test_a_reserved_pool_serves_the_first_allocations_of_any_size_from_its_reservation() -> None:
+    pool = HostPool(32 * MIB)
+    pool.reserve()
+    assert pool.reserved_bytes == 32 * MIB and pool.free_bytes == 32 * MIB
+    a = pool.allocate(5 * MIB)
+    b = pool.allocate(20 * MIB + 1)
+    assert (pool.created, pool.reused) == (0, 2)
+    assert b.data_ptr() == a.data_ptr() + 6 * MIB  # side by side in the one reserved arena
+    assert pool.free_bytes == 32 * MIB - 6 * MIB - 22 * MIB
+    too_big = pool.allocate(8 * MIB)  # 4 MiB are left: a new arena
+    assert pool.created == 1
+    del a, b, too_big
+    gc.collect()
+    assert pool.free_bytes == 32 * MIB  # the extra arena went back to the kernel, the reservation stayed
+
+
+def test_trimming_an_arena_in_use_gives_its_free_pages_back_and_keeps_them_as_cold_extents() -> None:
+    pool = HostPool(64 * MIB)
+    pool.reserve(8 * REGION_GRANULE_BYTES)
+    held = pool.allocate(2 * REGION_GRANULE_BYTES)
+    scratch = pool.allocate(6 * REGION_GRANULE_BYTES)
+    scratch.fill_(7)
+    del scratch
+    gc.collect()
+    assert pool.trim(2 * REGION_GRANULE_BYTES) == 4 * REGION_GRANULE_BYTES
+    assert pool.free_bytes == 2 * REGION_GRANULE_BYTES
+    warm = pool.allocate(REGION_GRANULE_BYTES)  # a faulted-in extent is preferred
+    assert warm.data_ptr() == held.data_ptr() + 2 * REGION_GRANULE_BYTES and bool((warm == 7).all())
+    cold = pool.allocate(3 * REGION_GRANULE_BYTES)  # no warm extent fits: a cold one, its pages given back (zeros)
+    assert cold.data_ptr() == held.data_ptr() + 4 * REGION_GRANULE_BYTES
+    assert int(cold.count_nonzero()) == 0 and pool.created == 0
 
 
 def test_beyond_its_limit_the_pool_returns_regions_to_the_kernel_oldest_first() -> None:

@@ -81,6 +81,7 @@ __all__ = [
     "read_files",
     "read_header",
     "read_safetensors",
+    "host_pool",
     "set_host_pool",
     "tensor_views",
 ]
@@ -425,6 +426,11 @@ def _allocate_untimed(nbytes: int, device: torch.device, shared: bool, shm: str)
 
 
 _host_pool: HostPool | None = None
+
+
+def host_pool() -> HostPool | None:
+    """The pool `set_host_pool` installed, if any."""
+    return _host_pool
 
 
 def set_host_pool(pool: HostPool | None) -> HostPool | None:

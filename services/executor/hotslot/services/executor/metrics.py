@@ -88,7 +88,8 @@ class ExecutorMetrics:
         """The recycled host memory (`host_pool_bytes`), read from `pool` at each scrape."""
         self._meter.create_observable_gauge(
             "hotslot_executor_host_pool_free_bytes", [lambda _options: [metrics.Observation(pool.free_bytes)]],
-            unit="By", description="Bytes of memory that dropped converted weights used, kept for the next ones.",
+            unit="By", description="Free memory of the host pool, kept for the next conversions: what dropped converted "
+            "weights used, and what --host-pool-reserve made at start.",
         )
         self._meter.create_observable_counter(
             "hotslot_executor_host_pool_allocations",

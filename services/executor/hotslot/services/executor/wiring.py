@@ -2,6 +2,8 @@
 clients, core, servicer, and the gRPC server around them."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 
 import torch
@@ -16,7 +18,7 @@ from hotslot.executor.v1 import executor_service_pb2 as pb
 from hotslot.executor.v1 import executor_service_pb2_grpc as pb_grpc
 from hotslot.loading.hostpool import HostPool
 from hotslot.loading.preloader import Preloader
-from hotslot.loading.reader import set_host_pool
+from hotslot.loading.reader import host_pool, set_host_pool
 
 from .clients import RegistryResolver, StorageClient
 from .core import ExecutorCore
@@ -26,6 +28,8 @@ from .metrics import ExecutorMetrics
 from .servicer import ExecutorServicer
 from .settings import ExecutorSettings
 from .slots import SlotManager
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "executor"
 AUTO_BATCH_IMAGES_CUDA = 8  # max_batch_images = 0 on CUDA
@@ -75,6 +79,17 @@ def configure_host_pool(settings: ExecutorSettings) -> HostPool | None:
         pool = HostPool(int(settings.host_pool_bytes))
     set_host_pool(pool)
     return pool
+
+
+async def start_core(core: ExecutorCore, pool: HostPool | None, settings: ExecutorSettings) -> None:
+    """Starts `core` (imports the pipeline classes); with `host_pool_reserve`, makes the host pool's memory meanwhile
+    in another thread (the kernel faulting pages in on one core while the imports run on another). Both happen
+    before health says SERVING."""
+    if pool is None or not settings.host_pool_reserve:
+        await core.start()
+        return
+    took, _ = await asyncio.gather(asyncio.to_thread(pool.reserve), core.start())
+    log.info("host pool: reserved %d bytes, faulted in, in %.2f s", pool.reserved_bytes, took)
 
 
 def build_core(
@@ -165,11 +180,12 @@ async def serve(settings: ExecutorSettings) -> None:
     endpoint = MetricsEndpoint(service_resource_name(settings, SERVICE_NAME))
     core, preloader, clients = build_core(settings, settings.port,
                                           metrics=ExecutorMetrics(endpoint.meter(__name__)))
+    pool = host_pool()
 
     async def started(port: int) -> None:
         # The id and advertised address name the bound port, known only now (port 0 picks one).
         core.identify(*identity(settings, port))
-        await core.start()
+        await start_core(core, pool, settings)
 
     async def stopping() -> None:
         await core.drain()
