@@ -553,6 +553,7 @@ class ColdRow:
     file_bytes: int
     out_bytes: int
     paired: list[float]  # per run, diffusers / hotslot of the two processes run back to back
+    starts: list[float]  # per run, the executor's start (process, preloader, host pool, SERVING), not counted
 
     @property
     def d_first(self) -> float:
@@ -578,7 +579,7 @@ def cold_by_dtype(args: argparse.Namespace, hot: Hotslot, image: Params, started
             warmed.add(model)
         best_d, best_h = None, None
         pngs = set()
-        paired = []
+        paired, starts = [], []
         for r in range(args.repeat):
             # Odd runs put hotslot first: a process that starts right after another freed gigabytes gets pages the
             # guest has just touched, which flatters whichever system runs second.
@@ -588,7 +589,7 @@ def cold_by_dtype(args: argparse.Namespace, hot: Hotslot, image: Params, started
             if first == "diffusers":
                 prepare_cache(args, weight_files(MODELS / model))
                 d = diffusers_first_image(args, image, model=model, dtype=dtype)
-            hot.start_executor(f"{model}-{dtype}-{r}", dtype=dtype)
+            starts.append(hot.start_executor(f"{model}-{dtype}-{r}", dtype=dtype))
             pids = {"storage-cache": hot.storage.pid, "executor": hot.executor.pid}
             for child in child_pids(hot.executor.pid):  # the preloader; not multiprocessing's resource tracker
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
@@ -612,7 +613,7 @@ def cold_by_dtype(args: argparse.Namespace, hot: Hotslot, image: Params, started
         file_bytes = weight_bytes(MODELS / model)
         out_bytes = file_bytes // getattr(torch, file_dtype).itemsize * getattr(torch, dtype).itemsize
         rows.append(ColdRow(file_dtype, dtype, best_d["load_s"], best_d["gen_s"], best_h[1], best_h[0], best_h[2],
-                            len(pngs) == 1, file_bytes, out_bytes, paired))
+                            len(pngs) == 1, file_bytes, out_bytes, paired, starts))
     hot.stop_executor()
     return rows
 
@@ -621,7 +622,7 @@ def print_cold_table(rows: list[ColdRow], args: argparse.Namespace, limits: dict
     """The (d) table: one row per pairing, the limits and hotslot's share of them beside it."""
     head = ("files -> weights", "diffusers load+1st", "hotslot 1st Generate", "ratio", "paired ratios (median)",
             "hotslot load (read / mat.)",
-            "read GB/s", "limit GB/s", "share", "CPU s/GB ensure / read / executor", "same PNG")
+            "read GB/s", "limit GB/s", "share", "CPU s/GB ensure / read / executor", "executor start", "same PNG")
     table = []
     for r in rows:
         t = r.reply.timings
@@ -636,7 +637,8 @@ def print_cold_table(rows: list[ColdRow], args: argparse.Namespace, limits: dict
         table.append((f"{r.files} -> {r.dtype}", f"{ms(r.d_first)} ({ms(r.d_load)} load)", ms(r.h_wall), f"{r.d_first / r.h_wall:.2f}",
                       f"{' '.join(f'{x:.2f}' for x in r.paired)} ({statistics.median(r.paired):.2f})",
                       f"{ms(r.h_load)} ({ms(read_s)} / {ms(mat_s)})", f"{rate / GB:.2f}", f"{limit / GB:.2f}",
-                      f"{rate / limit:.0%}", cpu, "yes" if r.same_png else "NO"))
+                      f"{rate / limit:.0%}", cpu, f"{min(r.starts):.1f}-{max(r.starts):.1f} s",
+                      "yes" if r.same_png else "NO"))
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -870,6 +872,8 @@ def main() -> None:
           f"waits in its queue; time per request = wall time of the run / requests")
     print(f"(a), (d) best of {args.repeat} runs each, every run in a fresh process; (c) same-model and alternating "
           f"runs interleaved in {max(1, args.rounds)} blocks each; executor read_concurrency {args.read_concurrency}")
+    if args.executor_flag:
+        print(f"executor flags: {' '.join(args.executor_flag)}")
     if starts:
         print(f"executor start (not counted): {min(starts):.1f}-{max(starts):.1f} s")
     if b_load is not None:
@@ -883,7 +887,8 @@ def main() -> None:
               f"the node cache (tier LOCAL_DISK); ratio = best diffusers / best hotslot; paired ratios = each run's "
               "diffusers / hotslot, the two processes run back to back, order alternating (the median is the "
               f"estimate least moved by this VM's drift); read GB/s = file bytes / read phase; limit = {limit}; CPU "
-              "s per GB of weights during the first Generate, per process (executor includes denoising)\n")
+              "s per GB of weights during the first Generate, per process (executor includes denoising); executor start = "
+              "its process start to SERVING (preloader, host pool reservation), not counted\n")
         print_cold_table(cold_rows, args, limits)
         print()
     if rows:
