@@ -10,6 +10,7 @@ import torch
 from opentelemetry import trace
 
 from hotslot.bootstrap.channels import downstream_options
+from hotslot.bootstrap.logging import configure_logging
 from hotslot.bootstrap.metrics import MetricsEndpoint
 from hotslot.bootstrap.registry_client import RegistryClient
 from hotslot.bootstrap.security import service_channel
@@ -177,6 +178,8 @@ def identity(settings: ExecutorSettings, port: int) -> tuple[str, str]:
 
 
 async def serve(settings: ExecutorSettings) -> None:
+    # Before run_server (which configures it again): building the core (device check, preloader) logs too.
+    configure_logging(SERVICE_NAME, settings.log_level, settings.log_format)
     endpoint = MetricsEndpoint(service_resource_name(settings, SERVICE_NAME))
     core, preloader, clients = build_core(settings, settings.port,
                                           metrics=ExecutorMetrics(endpoint.meter(__name__)))
