@@ -49,8 +49,11 @@ def settings_command(cls: type[ServiceSettings], run: Callable[[Any], None], doc
         except ValidationError as error:
             # One line per bad setting, naming both the flag and the variable, instead of a pydantic traceback.
             for problem in error.errors():
-                name = str(problem["loc"][0]) if problem["loc"] else "settings"
                 message = problem["msg"].removeprefix("Value error, ")
+                if not problem["loc"]:  # a check across settings (model_validator): its message names them
+                    typer.echo(f"INVALID_ARGUMENT: settings: {message}", err=True)
+                    continue
+                name = str(problem["loc"][0])
                 typer.echo(
                     f"INVALID_ARGUMENT: setting {name} (--{name.replace('_', '-')} or {prefix}{name.upper()}): "
                     f"{message} (got {problem.get('input')!r})",
