@@ -117,10 +117,13 @@ def test_lookahead_preloads_the_next_model_while_the_current_one_computes(stack:
         svc.stop()
 
 
-def test_a_host_pool_converts_the_next_model_into_the_memory_an_evicted_one_used(stack: Stack) -> None:
+@pytest.mark.parametrize("size", ["64MB", None], ids=["sized", "auto (the default)"])
+def test_a_host_pool_converts_the_next_model_into_the_memory_an_evicted_one_used(stack: Stack, size: str | None) -> None:
     # The tiny family is stored float32: served as bfloat16 every file is converted in the executor, into memory
-    # from the pool once an evicted model has left some there.
-    svc = stack.start_executor("--dtype", "bfloat16", "--host-pool-bytes", "64MB", "--no-lookahead", name="pool")
+    # from the pool once an evicted model has left some there. Sized automatically, the pool keeps as much as the
+    # first model's conversion took.
+    flags = ["--host-pool-bytes", size] if size else []
+    svc = stack.start_executor("--dtype", "bfloat16", *flags, "--no-lookahead", name=f"pool-{size or 'auto'}")
     try:
         with grpc.insecure_channel(svc.address) as channel:
             stub = executor_stub(channel)

@@ -4,6 +4,7 @@ returned to the kernel beyond the pool's limit; reads into recycled memory (whic
 from __future__ import annotations
 
 import gc
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hotslot.loading.hostpool import REGION_GRANULE_BYTES, HostPool
 from hotslot.loading.reader import read_files, set_host_pool
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 def test_a_region_returns_to_the_pool_only_when_no_tensor_views_it_and_is_then_reused() -> None:
@@ -137,13 +139,39 @@ def test_a_conversion_into_recycled_memory_equals_one_into_fresh_memory(two_file
         set_host_pool(previous)
 
 
-def test_the_executor_setting_installs_the_pool_its_conversions_use(two_files: tuple[Path, Path]) -> None:
+def test_an_automatically_sized_pool_keeps_as_much_as_the_largest_load_fitted_and_never_more_than_its_cap() -> None:
+    pool = HostPool(0, grow_up_to=20 * MIB)
+    before = [pool.allocate(3 * MIB), pool.allocate(MIB)]
+    del before
+    gc.collect()
+    assert pool.free_bytes == 0  # no load fitted yet: a limit of 0 gives everything back
+    load = [pool.allocate(3 * MIB), pool.allocate(MIB)]
+    assert pool.fit(t.numel() for t in load) == 6 * MIB  # in granules: 4 + 2 MiB
+    del load
+    gc.collect()
+    assert pool.free_bytes == 6 * MIB
+    again = [pool.allocate(3 * MIB), pool.allocate(MIB)]
+    assert pool.reused == 2 and pool.free_bytes == 0
+    assert pool.fit([64 * MIB]) == 20 * MIB  # a larger load: up to the cap, not beyond
+    assert pool.fit([MIB]) == 20 * MIB  # a smaller one never shrinks it
+    assert HostPool(8 * MIB).fit([64 * MIB]) == 8 * MIB  # a fixed size does not grow
+    del again
+
+
+def test_the_executor_setting_installs_the_pool_its_conversions_use(two_files: tuple[Path, Path],
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     from hotslot.services.executor.settings import ExecutorSettings
     from hotslot.services.executor.wiring import configure_host_pool
 
     first, _ = two_files
+    caplog.set_level(logging.INFO, logger="hotslot.services.executor.wiring")
     try:
-        assert configure_host_pool(ExecutorSettings(device="cpu")) is None  # default: off
+        for off in ({"host_pool_bytes": 0}, {"device": "cuda"}, {"convert_in_executor": False}):
+            assert configure_host_pool(ExecutorSettings(**{"device": "cpu", **off})) is None, off
+        auto = configure_host_pool(ExecutorSettings(device="cpu", host_budget_bytes="8GiB"))  # the default: auto
+        assert auto is not None and (auto.limit_bytes, auto.grow_up_to) == (0, 4 * GIB)
+        assert f"as much as the largest model converted here, up to {4 * GIB} bytes" in caplog.text
+        assert "--host-pool-bytes auto" in caplog.text
         pool = configure_host_pool(ExecutorSettings(device="cpu", host_pool_bytes="64MiB"))
         assert pool is not None and pool.limit_bytes == 64 * MIB
         held = read_files([first], dtype=torch.float32, shared=False)[0]

@@ -2,6 +2,7 @@
 reports load errors without dying, is noticed when it dies (kill -9) and can be restarted."""
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import shutil
@@ -337,6 +338,35 @@ def test_a_read_rate_cap_paces_what_the_executor_reads_itself_too(
     finally:
         del weights
         preloader.release("capped").result(WAIT_S)
+
+
+def test_a_conversion_here_sizes_the_automatic_host_pool_and_the_next_one_reuses_that_memory(
+    preloader: Preloader, tiny_family: list[Path], tmp_path: Path
+) -> None:
+    from hotslot.loading.hostpool import HostPool
+    from hotslot.loading.pipeline_loader import read_weights
+    from hotslot.loading.reader import set_host_pool
+
+    layout, _ = _copy_of(tiny_family[2], tmp_path, checksummed=False)
+    pool = HostPool(0, grow_up_to=1 << 40)
+    previous = set_host_pool(pool)
+    try:
+        weights = read_weights(preloader, layout, "pooled", "cpu", torch.bfloat16, map_files=True, convert_here=True)
+        converted = weights.timings.bytes
+        tensors = {c: {k: v.clone() for k, v in sd.items()} for c, sd in weights.components.items()}
+        assert converted > 0 and pool.limit_bytes >= converted  # the pool keeps room for this model
+        assert pool.created > 0 and pool.reused == 0
+        del weights
+        gc.collect()
+        assert pool.free_bytes >= converted  # its memory stayed in the pool when it was dropped
+        created = pool.created
+        again = read_weights(preloader, layout, "pooled", "cpu", torch.bfloat16, map_files=True, convert_here=True)
+        assert pool.created == created and pool.reused > 0  # converted into that memory: nothing new made
+        for c, sd in again.components.items():
+            assert all(torch.equal(v, tensors[c][k]) for k, v in sd.items())
+        del again
+    finally:
+        set_host_pool(previous)
 
 
 def test_an_idle_preloader_checks_the_mapped_files_in_its_process_and_catches_a_corrupt_one(

@@ -74,3 +74,38 @@ def test_executor_limits_that_were_constants_are_bounded_settings() -> None:
                 {"max_load_attempts": 0}, {"max_guidance": 0}, {"active_budget_bytes": 0}, {"read_chunk_bytes": 1}):
         with pytest.raises(ValidationError):
             ExecutorSettings(**bad)
+
+
+def test_the_host_pool_is_a_byte_size_or_auto_grown_to_the_largest_conversion_within_half_the_host_budget() -> None:
+    assert ExecutorSettings().host_pool_sizing() == (0, 16 * 1024**3)  # auto, of the 32 GiB default host budget
+    assert ExecutorSettings(host_budget_bytes="8GiB").host_pool_sizing() == (0, 4 * 1024**3)
+    assert ExecutorSettings(convert_in_executor=False).host_pool_sizing() == (0, 0)  # auto: nothing to pool
+    assert ExecutorSettings(host_pool_bytes="512MiB").host_pool_sizing() == (512 * 1024**2, 0)
+    assert ExecutorSettings(host_pool_bytes=0).host_pool_sizing() == (0, 0)
+    for bad in ("-1", "lots", "-4GiB"):
+        with pytest.raises(ValidationError, match=r"give a byte size \(4GiB, 512MiB; 0 = off\) or auto"):
+            ExecutorSettings(host_pool_bytes=bad)
+
+
+def test_a_reserved_host_pool_needs_a_size_and_the_command_says_so_in_one_line() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from hotslot.bootstrap.settings_command import settings_command
+
+    ran = []
+    app = typer.Typer()
+    app.command()(settings_command(ExecutorSettings, ran.append, "executor"))
+    result = CliRunner().invoke(app, ["--host-pool-reserve"])
+    assert result.exit_code == 2 and ran == []
+    assert result.output.strip().splitlines() == [
+        "INVALID_ARGUMENT: settings: host_pool_reserve makes the whole pool at start, so it needs a size: give "
+        "host_pool_bytes (about one model's converted weights, e.g. 5GiB for SD 1.5 as fp32)"]
+    bad = CliRunner().invoke(app, ["--host-pool-bytes", "lots"])
+    assert bad.exit_code == 2 and bad.output.strip().splitlines() == [
+        "INVALID_ARGUMENT: setting host_pool_bytes (--host-pool-bytes or HOTSLOT_EXECUTOR_HOST_POOL_BYTES): give a "
+        "byte size (4GiB, 512MiB; 0 = off) or auto (got 'lots')"]
+    with pytest.raises(ValidationError, match="no pool to reserve"):
+        ExecutorSettings(host_pool_bytes=0, host_pool_reserve=True)
+    assert CliRunner().invoke(app, ["--host-pool-bytes", "64MiB", "--host-pool-reserve"]).exit_code == 0
+    assert ran[0].host_pool_sizing() == (64 * 1024**2, 0)

@@ -20,6 +20,10 @@ Triton's `--pinned-memory-pool-byte-size` does.
 Beyond `limit_bytes` of free memory the pool gives pages back to the kernel: an arena with nothing in use is
 unmapped, smallest first; otherwise free extents are released with `MADV_DONTNEED` and stay in the arena as cold
 extents (handed out only when no warm one fits, and paying the first touch again).
+
+Sized automatically (`grow_up_to`), the pool starts with a limit of 0 and `fit()` raises it to the size of each
+load converted into it, up to `grow_up_to`: it keeps about one model's converted weights, the largest seen, which is
+what the next miss needs, without the operator knowing the models' sizes.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import mmap
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,8 +62,9 @@ def _granules(nbytes: int) -> int:
 class HostPool:
     """Private anonymous memory, recycled once its tensors are gone; thread-safe."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, grow_up_to: int = 0) -> None:
         self.limit_bytes = limit_bytes
+        self.grow_up_to = grow_up_to  # > 0: fit() raises limit_bytes to the largest load, up to this
         self._arenas: list[_Arena] = []  # oldest first; arenas with free extents or live ones
         self._lock = threading.Lock()
         self.reused = 0  # allocations served from memory the pool held
@@ -84,6 +90,14 @@ class HostPool:
             self._arenas.append(_Arena(region, size, free=[(0, size, True)]))
             self.reserved_bytes += size
         return time.perf_counter() - t0
+
+    def fit(self, sizes: Iterable[int]) -> int:
+        """Automatic sizing: the buffers of one load (their sizes in bytes) were allocated from the pool, so keep
+        as much free memory as that load took, when it is more than now and within `grow_up_to`. Returns the limit."""
+        want = min(sum(_granules(n) for n in sizes if n), self.grow_up_to)
+        with self._lock:
+            self.limit_bytes = max(self.limit_bytes, want)
+            return self.limit_bytes
 
     def allocate(self, nbytes: int) -> torch.Tensor:
         """A uint8 tensor of `nbytes` over the smallest free extent that fits (faulted-in ones first), else over a

@@ -25,6 +25,7 @@ from hotslot.loading.reader import (
     LoadedFile,
     ReadRequest,
     ReadStats,
+    host_pool,
     keeps_dtypes,
     map_safetensors,
     module_predicate,
@@ -280,6 +281,9 @@ def _convert_here(
     t0, cpu0 = time.perf_counter(), time.process_time()
     files, stats = _read_components(layout, names, keep, device, dtype, chunk_bytes, concurrency, verify, map_source,
                                     hashed, read_bytes_per_s)
+    pool = host_pool()
+    if pool is not None:  # an automatically sized pool keeps room for the largest model converted here
+        pool.fit(buffer.nbytes for _, _, buffer, _ in files)
     timings = LoadTimings(read_s=time.perf_counter() - t0, bytes_read=stats.bytes_read, bytes=stats.bytes_out,
                           files=stats.files, cpu_s=time.process_time() - cpu0, reader="executor")
     return LoadedWeights(f"here-{uuid.uuid4().hex}", model_key, device, dtype, {}, [], timings).with_files(

@@ -1,7 +1,16 @@
 """Settings of the executor (environment variables HOTSLOT_EXECUTOR_*)."""
 from __future__ import annotations
 
-from pydantic import ByteSize, Field
+from typing import Annotated, Literal
+
+from pydantic import (
+    ByteSize,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from hotslot.bootstrap.settings import ServiceSettings, metrics_port_field
@@ -12,6 +21,8 @@ GiB = 1024**3
 # Reads in flight per load (the reader's DEFAULT_READ_CONCURRENCY; not imported, it would pull torch into the CLI).
 DEFAULT_READ_CONCURRENCY = 4
 MAX_READ_CONCURRENCY = 64
+# host_pool_bytes=auto: the pool grows to the largest model converted, up to host_budget_bytes / this.
+HOST_POOL_AUTO_DIVISOR = 2
 
 
 class ExecutorSettings(ServiceSettings):
@@ -129,19 +140,21 @@ class ExecutorSettings(ServiceSettings):
         "threads (read_concurrency of them, GIL released) into private memory instead of in the preloader child's "
         "shared memory: private pages cost ~30% less to fill. Off: the preloader child does it, isolated.",
     )
-    host_pool_bytes: ByteSize = Field(
-        ByteSize(0),
-        ge=0,
+    host_pool_bytes: Annotated[ByteSize, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
         description="On CPU, keep up to this many bytes of the memory that dropped converted weights (convert_in_"
         "executor) occupied, and convert the next models into it: pages written before need no page fault and no "
         "zeroing (an fp16 -> fp32 SD 1.5 UNet: 0.27 s against 0.9 s into fresh memory on a 2-core VM). The "
-        "executor's memory can exceed its budgets by this much. 0 = off: freed weights go back to the kernel.",
+        "executor's memory can exceed its budgets by this much. auto = as much as the largest model converted so "
+        "far (about one model), up to half of host_budget_bytes, when convert_in_executor is on; 0 = off: freed "
+        "weights go back to the kernel.",
     )
     host_pool_reserve: bool = Field(
         False,
-        description="Make the whole host pool (host_pool_bytes) at start, faulted in, before the executor serves: "
-        "the first conversions of a fresh executor then write to memory touched before too (~0.35 s per GiB moved "
-        "from the first loads to the start). The executor holds host_pool_bytes from its start.",
+        description="Make the whole host pool (host_pool_bytes, a size: not auto) at start, faulted in, before the "
+        "executor serves: the first conversions of a fresh executor then write to memory touched before too "
+        "(~0.35 s per GiB moved from the first loads to the start). The executor holds host_pool_bytes from its "
+        "start.",
     )
     verify_reads: bool = Field(
         True,
@@ -179,3 +192,28 @@ class ExecutorSettings(ServiceSettings):
         "model evicted between its load and its turn (tier budgets too small for the traffic) is loaded again, but "
         "not forever."
     )
+
+    @field_validator("host_pool_bytes", mode="wrap")
+    @classmethod
+    def _one_error_for_host_pool_bytes(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """One message instead of the union's two (the byte size's and the literal's)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("give a byte size (4GiB, 512MiB; 0 = off) or auto") from None
+
+    @model_validator(mode="after")
+    def _reserve_needs_a_size(self) -> ExecutorSettings:
+        if self.host_pool_reserve and self.host_pool_bytes == "auto":
+            raise ValueError("host_pool_reserve makes the whole pool at start, so it needs a size: give host_pool_bytes "
+                             "(about one model's converted weights, e.g. 5GiB for SD 1.5 as fp32)")
+        if self.host_pool_reserve and not self.host_pool_bytes:
+            raise ValueError("host_pool_reserve with host_pool_bytes 0: there is no pool to reserve")
+        return self
+
+    def host_pool_sizing(self) -> tuple[int, int]:
+        """(limit, grow_up_to) of the host pool (hostpool.HostPool): a fixed size is (size, 0); auto is (0, half the
+        host budget), grown to the largest model converted; (0, 0) = no pool. Only CPU executors make one."""
+        if self.host_pool_bytes == "auto":
+            return (0, int(self.host_budget_bytes) // HOST_POOL_AUTO_DIVISOR) if self.convert_in_executor else (0, 0)
+        return int(self.host_pool_bytes), 0

@@ -76,8 +76,12 @@ def configure_host_pool(settings: ExecutorSettings) -> HostPool | None:
     """The process's pool of recycled memory for weights converted here (`host_pool_bytes`; CPU only, as only CPU
     conversions write private host memory), or none."""
     pool = None
-    if settings.host_pool_bytes and torch.device(settings.device).type == "cpu":
-        pool = HostPool(int(settings.host_pool_bytes))
+    limit, grow_up_to = settings.host_pool_sizing()
+    if (limit or grow_up_to) and torch.device(settings.device).type == "cpu":
+        pool = HostPool(limit, grow_up_to=grow_up_to)
+        size = f"as much as the largest model converted here, up to {grow_up_to}" if grow_up_to else f"up to {limit}"
+        log.info("host pool: keeps %s bytes of the memory of dropped converted weights for the next conversions "
+                 "(--host-pool-bytes %s; 0 turns it off)", size, settings.host_pool_bytes)
     set_host_pool(pool)
     return pool
 
