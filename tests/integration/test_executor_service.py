@@ -117,13 +117,12 @@ def test_lookahead_preloads_the_next_model_while_the_current_one_computes(stack:
         svc.stop()
 
 
-@pytest.mark.parametrize("size", ["64MB", None], ids=["sized", "auto (the default)"])
-def test_a_host_pool_converts_the_next_model_into_the_memory_an_evicted_one_used(stack: Stack, size: str | None) -> None:
+def test_a_host_pool_converts_the_next_model_into_the_memory_an_evicted_one_used(stack: Stack) -> None:
     # The tiny family is stored float32: served as bfloat16 every file is converted in the executor, into memory
-    # from the pool once an evicted model has left some there. Sized automatically, the pool keeps as much as the
-    # first model's conversion took.
-    flags = ["--host-pool-bytes", size] if size else []
-    svc = stack.start_executor("--dtype", "bfloat16", *flags, "--no-lookahead", name=f"pool-{size or 'auto'}")
+    # from the pool once an evicted model has left some there. The pool is on by default, sized automatically: it
+    # keeps as much as the first model's conversion took. (A pool of a given size: the reserve test below, and
+    # tests/unit/test_loading_hostpool.py.)
+    svc = stack.start_executor("--dtype", "bfloat16", "--no-lookahead", name="pool")
     try:
         with grpc.insecure_channel(svc.address) as channel:
             stub = executor_stub(channel)
