@@ -1,6 +1,7 @@
 """The host pool recycles the private memory of dropped converted weights: an extent goes back to the pool only once
 no tensor views it, is carved for later allocations of any size (from a reservation made up front too), and is
-returned to the kernel beyond the pool's limit; reads into recycled memory (which holds the previous weights' bytes) are bit-identical to fresh reads."""
+returned to the kernel beyond the pool's limit; reads into recycled memory (which holds the previous weights'
+bytes) are bit-identical to fresh reads."""
 from __future__ import annotations
 
 import gc
@@ -88,6 +89,7 @@ def test_trimming_an_arena_in_use_gives_its_free_pages_back_and_keeps_them_as_co
 def test_beyond_its_limit_the_pool_returns_regions_to_the_kernel_oldest_first() -> None:
     pool = HostPool(REGION_GRANULE_BYTES * 2)
     a, b, c = (pool.allocate(REGION_GRANULE_BYTES) for _ in range(3))
+    kept = {b.data_ptr(), c.data_ptr()}
     del a
     gc.collect()
     del b
@@ -95,6 +97,10 @@ def test_beyond_its_limit_the_pool_returns_regions_to_the_kernel_oldest_first() 
     del c
     gc.collect()
     assert pool.free_bytes == 2 * REGION_GRANULE_BYTES  # the oldest free region went back to the kernel
+    again = [pool.allocate(REGION_GRANULE_BYTES) for _ in range(2)]
+    assert {t.data_ptr() for t in again} == kept and pool.reused == 2  # the two newer ones stayed
+    del again
+    gc.collect()
     assert pool.trim(0) == 2 * REGION_GRANULE_BYTES and pool.free_bytes == 0
 
 
